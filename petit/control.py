@@ -1,0 +1,216 @@
+"""The control port: one ASCII command in, one JSON document out, then close.
+
+The wire format is the original product's, so existing scripts keep working:
+``echo -ne "STOP\\x03" | nc 127.0.0.1 3016``. A command ends at ETX (0x03), or at EOF for
+clients that close without one. Every peer read has a deadline and a size limit, and a
+failing handler costs only its own connection, never the server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, TypeAlias
+
+import trio
+
+from petit.errors import ConfigError, PetitError
+
+ETX: Final = b"\x03"
+MAX_COMMAND: Final = 4096  # bytes before ETX
+MAX_REPLY: Final = 1024 * 1024
+COMMAND_TIMEOUT: Final = 10.0  # seconds a peer gets to send its command
+REPLY_TIMEOUT: Final = 10.0  # seconds a peer gets to take the reply
+LINGER_TIMEOUT: Final = 1.0  # seconds we read leftovers, so closing does not reset the reply
+MAX_LINGER_BYTES: Final = 64 * 1024
+
+Handler: TypeAlias = Callable[[str, list[str]], Awaitable[dict[str, object]]]
+"""(verb upper-cased, arguments) -> the JSON reply. Unknown verbs are the handler's to reject."""
+
+_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+logger = logging.getLogger("petit.control")
+
+
+class ControlError(PetitError):
+    """The control port could not be reached or gave an unreadable answer."""
+
+
+async def serve_control(
+    handler: Handler,
+    *,
+    host: str,
+    port: int,
+    allow: Sequence[str],
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control port forever; ``task_status.started`` gets the bound port.
+
+    ``allow`` lists the IPs or CIDR networks that may connect; others get an error reply.
+    """
+    networks = _parse_allow(allow)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0:
+        # Each address of a multi-address host would get its own random port: keep one.
+        for extra_listener in listeners[1:]:
+            await extra_listener.aclose()
+        listeners = listeners[:1]
+    bound_port: int = listeners[0].socket.getsockname()[1]
+    task_status.started(bound_port)
+    await trio.serve_listeners(partial(_serve_connection, handler, networks), listeners)
+
+
+async def send_control(host: str, port: int, command: str) -> dict[str, object]:
+    """Send one command and return the JSON reply. The caller puts a timeout around it."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        if _is_refused(exc):
+            raise ControlError(f"nothing is listening on the control port {host}:{port}") from None
+        raise ControlError(f"cannot connect to the control port {host}:{port}: {exc}") from None
+    async with stream:
+        try:
+            await stream.send_all(command.encode("utf-8") + ETX)
+            await stream.send_eof()
+            reply = await _receive_until_eof(stream, MAX_REPLY)
+        except trio.BrokenResourceError as exc:
+            raise ControlError(
+                f"the control port {host}:{port} dropped the connection: {exc.__cause__ or exc}"
+            ) from None
+    if reply is None:
+        raise ControlError(f"the control port {host}:{port} sent more than {MAX_REPLY} bytes")
+    try:
+        document = json.loads(reply)
+    except ValueError:  # also covers a reply that is not UTF-8
+        raise ControlError(
+            f"the control port {host}:{port} did not answer with JSON: {reply[:80]!r}"
+        ) from None
+    if not isinstance(document, dict):
+        raise ControlError(f"the control port {host}:{port} answered with a non-object JSON")
+    return document
+
+
+def _parse_allow(allow: Sequence[str]) -> list[_Network]:
+    networks = []
+    for entry in allow:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"control allow entry {entry!r} is not an IP address or CIDR network"
+            ) from None
+    return networks
+
+
+def _normalise_address(host: str) -> _Address:
+    """The peer's IP, with IPv4-mapped IPv6 (``::ffff:a.b.c.d``) unwrapped to IPv4."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+async def _serve_connection(
+    handler: Handler, networks: list[_Network], stream: trio.SocketStream
+) -> None:
+    """One connection, start to close; every failure stays inside it."""
+    async with stream:
+        try:
+            reply = await _reply_to_peer(handler, networks, stream)
+            with trio.move_on_after(REPLY_TIMEOUT) as send_scope:
+                await stream.send_all(reply)
+            if not send_scope.cancelled_caught:
+                await _linger(stream)
+        except (trio.BrokenResourceError, OSError) as exc:
+            logger.debug("control connection lost: %s", exc)
+
+
+async def _reply_to_peer(
+    handler: Handler, networks: list[_Network], stream: trio.SocketStream
+) -> bytes:
+    peer = _normalise_address(stream.socket.getpeername()[0])
+    if not any(peer in network for network in networks):
+        logger.warning("control connection from %s refused: not in the allow list", peer)
+        return _encode_error(f"not allowed from {peer}")
+    command = await _receive_command(stream)
+    if isinstance(command, _Rejected):
+        return _encode_error(command.reason)
+    try:
+        text = command.decode("utf-8")
+    except UnicodeDecodeError:
+        return _encode_error("command is not UTF-8")
+    words = text.split()
+    if not words:
+        return _encode_error("empty command")
+    verb, args = words[0].upper(), words[1:]
+    try:
+        return json.dumps(await handler(verb, args)).encode("utf-8")
+    except Exception:
+        logger.exception("control command %s from %s failed", verb, peer)
+        return _encode_error("internal error")
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """Why a command could not be read."""
+
+    reason: str
+
+
+async def _receive_command(stream: trio.SocketStream) -> bytes | _Rejected:
+    """Read up to ETX, or EOF after some bytes, within the deadline and the size limit."""
+    buffer = bytearray()
+    with trio.move_on_after(COMMAND_TIMEOUT):
+        while True:
+            end = buffer.find(ETX)
+            if end != -1:
+                return bytes(buffer[:end])
+            if len(buffer) > MAX_COMMAND:
+                return _Rejected("command too long")
+            chunk = await stream.receive_some(MAX_COMMAND + 1 - len(buffer))
+            if not chunk:
+                return bytes(buffer) if buffer else _Rejected("empty command")
+            buffer += chunk
+    return _Rejected(f"no command within {COMMAND_TIMEOUT:g} s")
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then read what the peer still sends until it closes too (bounded).
+
+    Closing with unread input makes the kernel send a reset, which can destroy the reply
+    before the peer reads it (e.g. after a refused or too-long command).
+    """
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_TIMEOUT):
+        drained = 0
+        while drained < MAX_LINGER_BYTES:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return
+            drained += len(chunk)
+
+
+async def _receive_until_eof(stream: trio.SocketStream, limit: int) -> bytes | None:
+    """Everything the peer sends until it closes; None if it sends more than ``limit``."""
+    buffer = bytearray()
+    while chunk := await stream.receive_some():
+        buffer += chunk
+        if len(buffer) > limit:
+            return None
+    return bytes(buffer)
+
+
+def _encode_error(message: str) -> bytes:
+    return json.dumps({"success": False, "error": message}).encode("utf-8")
+
+
+def _is_refused(exc: OSError) -> bool:
+    """Did every connection attempt (trio tries each resolved address) get refused?"""
+    attempts = exc.__cause__ if isinstance(exc.__cause__, ExceptionGroup) else None
+    errors = attempts.exceptions if attempts is not None else (exc,)
+    return all(isinstance(error, ConnectionRefusedError) for error in errors)
