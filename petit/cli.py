@@ -1,0 +1,205 @@
+"""Click plumbing shared by ``petit-client`` and ``petit-server``.
+
+Library errors stay click-free and are translated here, in one place, into one line on
+stderr and a documented exit code. Daemons run in the foreground under ``run_service``, which
+turns SIGINT/SIGTERM into a graceful stop and exit 0; ``start`` without ``--foreground``
+spawns that same foreground command detached and waits until it reports ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import click
+import trio
+
+from petit.control import ControlError, send_control
+from petit.errors import AuthError, ConfigError, PetitError
+from petit.lockfile import AlreadyRunningError, PidInfo, read_pid
+
+START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
+STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit status of petit-client and petit-server (part of the interface)."""
+
+    OK = 0  # success, including a graceful stop on SIGINT/SIGTERM/STOP
+    FAILURE = 1  # anything else that went wrong (click's own errors use 1 too)
+    USAGE = 2  # bad command line (click's UsageError)
+    CONFIG = 3  # config or state file missing, unreadable or invalid
+    AUTH = 4  # an identity was refused
+    UNAVAILABLE = 5  # server unreachable, port in use, or the daemon is not running
+    RUNNING = 6  # the daemon is already running
+
+
+class CliError(click.ClickException):
+    """A failure reported as one line on stderr with a specific exit code."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
+
+    def show(self, file: object = None) -> None:
+        """Print ``error: <message>`` on stderr (no usage banner, no traceback)."""
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """Turn petit errors reaching the CLI into one-line messages and exit codes."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise CliError(str(exc), ExitCode.CONFIG) from None
+    except AuthError as exc:
+        raise CliError(str(exc), ExitCode.AUTH) from None
+    except AlreadyRunningError as exc:
+        raise CliError(str(exc), ExitCode.RUNNING) from None
+    except ControlError as exc:
+        raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
+    except PetitError as exc:
+        raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
+    except OSError as exc:
+        raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
+
+
+def configure_logging(level: str, *, verbose: bool) -> None:
+    """Log to stderr (the background start sends it to the log file)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_service(service: Callable[[trio.Event], Awaitable[None]]) -> None:
+    """Run ``service(stop_event)`` until it returns; SIGINT/SIGTERM set the stop event.
+
+    A second signal cancels at once. The service owns its graceful shutdown.
+    """
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        if stop.is_set():
+                            nursery.cancel_scope.cancel()
+                            return
+                        logging.getLogger("petit").info(
+                            "%s received, shutting down", signal.Signals(signum).name
+                        )
+                        stop.set()
+
+            nursery.start_soon(watch_signals)
+            await service(stop)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def start_in_background(argv: list[str], directory: Path, name: str, log_file: Path) -> PidInfo:
+    """Spawn ``argv`` (a ``start --foreground`` command) detached and wait until it is ready.
+
+    Ready means its pid file says so. If the daemon exits first, the last line it logged
+    becomes the error.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    async def wait_ready() -> PidInfo:
+        with trio.move_on_after(START_TIMEOUT):
+            while process.poll() is None:
+                info = read_pid(directory, name)
+                if info is not None and info.pid == process.pid and info.extra.get("ready"):
+                    return info
+                await trio.sleep(0.05)
+        if process.poll() is None:
+            process.terminate()
+            raise CliError(f"{name} did not become ready; see {log_file}", ExitCode.FAILURE)
+        raise CliError(_last_line(log_file) or f"{name} exited; see {log_file}", ExitCode.FAILURE)
+
+    return trio.run(wait_ready)
+
+
+def _last_line(log_file: Path) -> str:
+    lines = log_file.read_text(errors="replace").strip().splitlines()
+    if not lines:
+        return ""
+    last = lines[-1]
+    return last.split(": ", 1)[1] if last.startswith("error: ") else last
+
+
+def running_daemon(directory: Path, name: str) -> PidInfo:
+    """The live daemon's pid info, or a CliError saying it is not running."""
+    info = read_pid(directory, name)
+    if info is None:
+        raise CliError(f"{name.capitalize()} is not running.", ExitCode.UNAVAILABLE)
+    return info
+
+
+def control_command(host: str, port: int, command: str) -> dict[str, object]:
+    """Send one control command to a local daemon and return its JSON reply."""
+
+    async def ask() -> dict[str, object]:
+        with trio.fail_after(STOP_TIMEOUT):
+            return await send_control(host, port, command)
+
+    try:
+        return trio.run(ask)
+    except trio.TooSlowError:
+        raise CliError(f"no answer to {command} on {host}:{port}", ExitCode.UNAVAILABLE) from None
+
+
+def stop_daemon(directory: Path, name: str, host: str) -> str:
+    """Stop a daemon with STOP on its control port, falling back to SIGTERM; say how."""
+    info = running_daemon(directory, name)
+    with exit_codes():
+        try:
+            control_command(host, info.listen, "STOP")
+        except (ControlError, CliError):
+            os.kill(info.pid, signal.SIGTERM)
+            _wait_gone(directory, name)
+            return f"{name.capitalize()} is stopped with SIGTERM."
+    if not _wait_gone(directory, name):
+        os.kill(info.pid, signal.SIGTERM)
+        if not _wait_gone(directory, name):
+            raise CliError(f"Unable to stop {name} on pid {info.pid}.", ExitCode.FAILURE)
+        return f"{name.capitalize()} is stopped with SIGTERM."
+    return f"{name.capitalize()} stopped."
+
+
+def _wait_gone(directory: Path, name: str) -> bool:
+    async def wait() -> bool:
+        with trio.move_on_after(STOP_TIMEOUT):
+            while read_pid(directory, name) is not None:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    return trio.run(wait)
+
+
+def verbose_option(function: Callable[..., None]) -> Callable[..., None]:
+    """``-v/--verbose``: debug logging."""
+    return click.option("-v", "--verbose", is_flag=True, help="Print debug output.")(function)

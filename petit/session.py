@@ -1,0 +1,585 @@
+"""The one trio driver of the sans-IO ``TunnelConnection``: a session over one carrier.
+
+# Theory of operation
+
+- One session = one nursery holding three kinds of task: the reader (``_read_loop``), the
+  writer (``_write_loop``), the keepalive, plus (client side) one handler task per stream the
+  server opens. When the reader ends, the nursery is cancelled and every stream is broken.
+- The reader never awaits a consumer. It feeds bytes into per-stream buffers without
+  blocking; memory stays bounded because a stream's buffer never exceeds the receive window
+  we granted, and credit is only handed back when the application *consumed* bytes.
+- Only the writer task awaits ``carrier.send``. Everyone else queues frames on the
+  connection (synchronously) and wakes the writer, which sends whatever accumulated in one
+  carrier message. The reader therefore never blocks on a send (two peers blocked sending to
+  each other would deadlock), and frames from many streams are batched for free. The
+  writer's backlog is bounded by the send windows, so queuing never needs to wait.
+- Liveness: any bytes received count. The keepalive pings every ``ping_interval`` and
+  declares the tunnel dead once nothing arrived for 1.5 intervals (checked every quarter
+  interval), so a dead tunnel is detected within two intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from petit.connection import TunnelConnection
+from petit.errors import ErrorCode, LocalProtocolError, PetitError, RemoteProtocolError
+from petit.events import (
+    ChallengeReceived,
+    ConnectionTerminated,
+    DataReceived,
+    GoAwayReceived,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    TunnelEvent,
+    Welcomed,
+    WindowUpdated,
+)
+
+log = logging.getLogger("petit.session")
+
+MAX_CARRIER_MESSAGE = 256 * 1024  # bytes per carrier message; frames may span messages
+RECEIVE_CHUNK = 64 * 1024  # bytes handed to a reader per receive_some by default
+
+
+class Carrier(Protocol):
+    """A reliable, ordered byte transport for frames (a WebSocket, or any trio stream)."""
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes; raise trio.BrokenResourceError if the transport died."""
+
+    async def receive(self) -> bytes:
+        """Return the next bytes; ``b""`` means the peer closed the transport."""
+
+    async def aclose(self) -> None:
+        """Close the transport."""
+
+
+class StreamCarrier:
+    """A carrier over any trio stream (used over in-memory streams in tests)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes on the stream."""
+        await self._stream.send_all(data)
+
+    async def receive(self) -> bytes:
+        """Receive bytes; a broken stream reads as EOF."""
+        try:
+            return bytes(await self._stream.receive_some(RECEIVE_CHUNK))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def aclose(self) -> None:
+        """Close the stream."""
+        await self._stream.aclose()
+
+
+class SessionClosedError(trio.BrokenResourceError):
+    """The tunnel session ended while a stream or an open was in progress."""
+
+
+class StreamRefusedError(PetitError):
+    """The client could not reach its local target (or refused the stream)."""
+
+    def __init__(self, code: ErrorCode) -> None:
+        super().__init__(f"stream refused by the client ({code.name})")
+        self.code = code
+
+
+class KeepaliveTimeoutError(PetitError):
+    """Nothing arrived from the peer for too long: the tunnel is half-open or dead."""
+
+
+StreamHandler = Callable[["TunnelStream", str], Awaitable[None]]
+
+
+class TunnelSession:
+    """Runs one ``TunnelConnection`` over one ``Carrier``.
+
+    Do the handshake with ``handshake_as_server`` / ``handshake_as_client``, then
+    ``await nursery.start(session.serve)``. The client passes ``stream_handler``, called in
+    its own task for every stream the server opens; it must ``accept()`` or ``refuse()``.
+    """
+
+    def __init__(
+        self,
+        connection: TunnelConnection,
+        carrier: Carrier,
+        *,
+        ping_interval: float,
+        stream_handler: StreamHandler | None = None,
+    ) -> None:
+        self.connection = connection
+        self._carrier = carrier
+        self._ping_interval = ping_interval
+        self._stream_handler = stream_handler
+        self._streams: dict[int, TunnelStream] = {}
+        self._pending_events: deque[TunnelEvent] = deque()
+        self._send_needed = trio.Event()
+        self._streams_changed = trio.Event()
+        self._handler_nursery: trio.Nursery | None = None
+        self._last_received = trio.current_time()
+        self.closed = trio.Event()
+        self.going_away: GoAwayReceived | None = None
+        self.close_reason = ""
+
+    # ---------------------------------------------------------------- handshake phase
+
+    async def _send_queued_now(self) -> None:
+        if data := self.connection.data_to_send():
+            await self._carrier.send(data)
+
+    async def _next_event(self) -> TunnelEvent:
+        while not self._pending_events:
+            data = await self._carrier.receive()
+            try:
+                self._pending_events.extend(self.connection.receive_data(data))
+            except RemoteProtocolError:
+                await self._send_queued_now()
+                raise
+        return self._pending_events.popleft()
+
+    async def handshake_as_server(
+        self, nonce: bytes, check_hello: Callable[[bytes], bytes]
+    ) -> None:
+        """Challenge the client and open the session if ``check_hello`` accepts its hello.
+
+        ``check_hello`` returns the WELCOME payload or raises (AuthError for a failed proof);
+        on any failure a GOAWAY with the reason is sent before the error propagates.
+        """
+        self.connection.send_challenge(nonce)
+        await self._send_queued_now()
+        event = await self._next_event()
+        if not isinstance(event, HelloReceived):
+            raise RemoteProtocolError(f"expected a hello, got {type(event).__name__}")
+        try:
+            welcome = check_hello(event.payload)
+        except PetitError as exc:
+            self.connection.close(_error_code(exc), str(exc))
+            await self._send_queued_now()
+            raise
+        self.connection.send_welcome(welcome)
+        await self._send_queued_now()
+
+    async def handshake_as_client(self, make_hello: Callable[[bytes], bytes]) -> bytes:
+        """Answer the server's challenge with ``make_hello(nonce)``; return the WELCOME payload.
+
+        Raises:
+            RemoteProtocolError: the server refused (its GOAWAY reason is in the message) or
+                broke the protocol.
+        """
+        event = await self._next_event()
+        if not isinstance(event, ChallengeReceived):
+            raise RemoteProtocolError(_refusal(event, "a challenge"))
+        self.connection.send_hello(make_hello(event.nonce))
+        await self._send_queued_now()
+        event = await self._next_event()
+        if not isinstance(event, Welcomed):
+            raise RemoteProtocolError(_refusal(event, "a welcome"))
+        return event.payload
+
+    # ---------------------------------------------------------------- running
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until the peer closes (returns) or the tunnel fails (raises).
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol (a GOAWAY was sent).
+            KeepaliveTimeoutError: the peer went silent.
+        """
+        self._last_received = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._handler_nursery = nursery
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._keepalive)
+                task_status.started()
+                await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._end_all_streams()
+            with trio.move_on_after(1, shield=True):
+                await self._flush_and_close_carrier()
+
+    async def _read_loop(self) -> None:
+        while True:
+            while self._pending_events:
+                if not self._dispatch(self._pending_events.popleft()):
+                    return
+            data = await self._carrier.receive()
+            self._last_received = trio.current_time()
+            try:
+                self._pending_events.extend(self.connection.receive_data(data))
+            except RemoteProtocolError as exc:
+                self.close_reason = f"peer broke the protocol: {exc}"
+                raise
+
+    def _dispatch(self, event: TunnelEvent) -> bool:
+        """Apply one event without blocking; False once the connection has terminated."""
+        match event:
+            case DataReceived(stream_id=sid, data=data):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._feed(data)
+            case WindowUpdated(stream_id=sid):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._wake_sender()
+            case StreamOpened(stream_id=sid, target=target):
+                self._start_handler(sid, target)
+            case StreamAccepted(stream_id=sid):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._mark_accepted()
+            case StreamEnded(stream_id=sid):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._feed_eof()
+            case StreamReset(stream_id=sid, code=code):
+                if (stream := self._streams.get(sid)) is not None:
+                    stream._abort(code)
+            case PingReceived():
+                self.schedule_send()
+            case PongReceived():
+                pass
+            case GoAwayReceived():
+                self.going_away = event
+                self.close_reason = f"peer is going away ({event.code.name}) {event.reason}"
+            case ConnectionTerminated():
+                self.close_reason = self.close_reason or "peer closed the tunnel"
+                return False
+            case ChallengeReceived() | HelloReceived() | Welcomed():
+                raise AssertionError("the connection refuses handshake frames once open")
+        return True
+
+    def _start_handler(self, stream_id: int, target: str) -> None:
+        stream = TunnelStream(self, stream_id)
+        self._streams[stream_id] = stream
+        if self._stream_handler is None or self._handler_nursery is None:
+            stream.refuse(ErrorCode.REFUSED)
+            return
+        self._handler_nursery.start_soon(self._run_handler, stream, target)
+
+    async def _run_handler(self, stream: TunnelStream, target: str) -> None:
+        assert self._stream_handler is not None
+        try:
+            await self._stream_handler(stream, target)
+        except Exception:  # per-stream boundary: one bad stream never ends the session
+            log.exception("stream %d handler failed", stream.stream_id)
+        finally:
+            await stream.aclose()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._send_needed.wait()
+            self._send_needed = trio.Event()
+            data = self.connection.data_to_send()
+            for start in range(0, len(data), MAX_CARRIER_MESSAGE):
+                await self._carrier.send(data[start : start + MAX_CARRIER_MESSAGE])
+
+    async def _keepalive(self) -> None:
+        tick = self._ping_interval / 4
+        last_ping = trio.current_time()
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if now - self._last_received > 1.5 * self._ping_interval:
+                self.close_reason = f"no traffic for {now - self._last_received:.1f}s"
+                self.connection.close(ErrorCode.TIMEOUT, "keepalive timeout")
+                raise KeepaliveTimeoutError(self.close_reason)
+            if now - last_ping >= self._ping_interval:
+                last_ping = now
+                self.connection.ping(secrets.token_bytes(8))
+                self.schedule_send()
+
+    def _end_all_streams(self) -> None:
+        for stream in list(self._streams.values()):
+            stream._abort(None)
+        self._streams.clear()
+        self.closed.set()
+        self._streams_changed.set()
+
+    async def _flush_and_close_carrier(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._send_queued_now()
+        await self._carrier.aclose()
+
+    # ---------------------------------------------------------------- for streams and owners
+
+    def schedule_send(self) -> None:
+        """Wake the writer: frames are queued on the connection."""
+        self._send_needed.set()
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._streams_changed.set()
+        self._streams_changed = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no stream is in flight (or the session ended)."""
+        while self._streams and not self.closed.is_set():
+            await self._streams_changed.wait()
+
+    @property
+    def active_streams(self) -> int:
+        """How many streams are live on this session."""
+        return len(self._streams)
+
+    async def open_stream(self, target: str) -> TunnelStream:
+        """(server) Open a stream towards registration ``target``; wait for the client's answer.
+
+        Raises:
+            StreamRefusedError: the client could not reach its local target.
+            SessionClosedError: the session ended or is draining.
+        """
+        if self.closed.is_set() or self.going_away is not None:
+            raise SessionClosedError("the tunnel session is closed")
+        try:
+            stream_id = self.connection.open_stream(target)
+        except LocalProtocolError as exc:
+            raise SessionClosedError(str(exc)) from None
+        stream = TunnelStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.schedule_send()
+        try:
+            await stream._wait_accepted()
+        except BaseException:
+            stream._close_locally()
+            raise
+        return stream
+
+    def go_away(self, reason: str) -> None:
+        """Tell the peer we are draining: nothing new opens; in-flight streams go on."""
+        self.going_away = GoAwayReceived(ErrorCode.SHUTDOWN, reason)
+        self.connection.go_away(ErrorCode.SHUTDOWN, reason)
+        self.schedule_send()
+
+
+class _ConflictDetector:
+    """Raise trio.BusyResourceError when two tasks use one direction of a stream at once."""
+
+    def __init__(self, operation: str) -> None:
+        self._operation = operation
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(f"another task is already {self._operation}")
+        self._held = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held = False
+
+
+class TunnelStream(trio.abc.HalfCloseableStream):
+    """One stream of a tunnel session, as a trio stream.
+
+    Errors follow trio's contract: BrokenResourceError when the stream was reset or the
+    session died, ClosedResourceError after our own ``aclose()``.
+    """
+
+    def __init__(self, session: TunnelSession, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._buffer: deque[bytes] = deque()  # bounded by the receive window we granted
+        self._eof = False
+        self._accepted = False
+        self._reset_code: ErrorCode | None = None
+        self._broken = False
+        self._closed = False
+        self._sent_eof = False
+        self._changed = trio.Event()  # data, eof, window, accept or abort
+        self._send_conflict = _ConflictDetector("sending on this stream")
+        self._receive_conflict = _ConflictDetector("receiving on this stream")
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()
+
+    # Called by the session's reader, never blocking.
+    def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._notify()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._notify()
+
+    def _wake_sender(self) -> None:
+        self._notify()
+
+    def _mark_accepted(self) -> None:
+        self._accepted = True
+        self._notify()
+
+    def _abort(self, code: ErrorCode | None) -> None:
+        self._broken = True
+        self._reset_code = code
+        self._notify()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._broken:
+            if self._reset_code is None:
+                raise SessionClosedError(self._session.close_reason or "the tunnel closed")
+            raise trio.BrokenResourceError(f"stream reset by peer ({self._reset_code.name})")
+
+    async def _wait_accepted(self) -> None:
+        while not self._accepted:
+            if self._broken and self._reset_code is not None:
+                raise StreamRefusedError(self._reset_code)
+            self._check_usable()
+            await self._wait_for_change()
+
+    # Client side: answer an OPEN.
+    def accept(self) -> None:
+        """Tell the server the local target is reached; data may flow."""
+        self._session.connection.accept_stream(self.stream_id)
+        self._accepted = True
+        self._session.schedule_send()
+
+    def refuse(self, code: ErrorCode = ErrorCode.REFUSED) -> None:
+        """Tell the server the local target cannot be reached."""
+        self._session.connection.reset_stream(self.stream_id, code)
+        self._session.schedule_send()
+        self._closed = True
+        self._session._forget(self.stream_id)
+
+    # trio.abc.HalfCloseableStream
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, waiting for flow-control credit as needed."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._sent_eof:
+                raise trio.ClosedResourceError("send_eof() was already called")
+            view = memoryview(data)
+            while view:
+                self._check_usable()
+                try:
+                    sent = self._session.connection.send_data(self.stream_id, view)
+                except LocalProtocolError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from None
+                if sent:
+                    view = view[sent:]
+                    self._session.schedule_send()
+                else:
+                    await self._wait_for_change()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until there is send credit."""
+        while True:
+            self._check_usable()
+            if self._session.connection.send_window(self.stream_id) > 0:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._wait_for_change()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads EOF after the data already sent."""
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            self._check_usable()
+            if self._sent_eof:
+                return
+            self._sent_eof = True
+            try:
+                self._session.connection.end_stream(self.stream_id)
+            except LocalProtocolError as exc:
+                raise trio.BrokenResourceError(str(exc)) from None
+            self._session.schedule_send()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return up to ``max_bytes`` bytes; ``b""`` after the peer's END."""
+        limit = RECEIVE_CHUNK if max_bytes is None else max_bytes
+        if limit < 1:
+            raise ValueError("max_bytes must be at least 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not self._buffer:
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                self._check_usable()
+                await self._wait_for_change()
+            chunk = self._buffer.popleft()
+            if len(chunk) > limit:
+                self._buffer.appendleft(chunk[limit:])
+                chunk = chunk[:limit]
+            self._session.connection.acknowledge_received_data(self.stream_id, len(chunk))
+            self._session.schedule_send()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return chunk
+
+    def _close_locally(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._broken:
+            self._session.connection.reset_stream(self.stream_id, ErrorCode.CANCEL)
+            self._session.schedule_send()
+        self._session._forget(self.stream_id)
+        self._notify()
+
+    async def aclose(self) -> None:
+        """Close the stream: a RESET(CANCEL) unless both sides already ended it."""
+        if self._sent_eof and self._eof and not self._buffer:
+            self._broken = True  # fully closed cleanly: nothing to reset
+        self._close_locally()
+        await trio.lowlevel.checkpoint()
+
+
+async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> None:
+    """Copy bytes both ways until both directions reached EOF, passing half-closes on.
+
+    If either side breaks, both directions stop (the caller closes both streams).
+    """
+
+    async def pump(
+        source: trio.abc.HalfCloseableStream,
+        sink: trio.abc.HalfCloseableStream,
+        cancel_scope: trio.CancelScope,
+    ) -> None:
+        try:
+            while chunk := await source.receive_some(RECEIVE_CHUNK):
+                await sink.send_all(chunk)
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, a, b, nursery.cancel_scope)
+        nursery.start_soon(pump, b, a, nursery.cancel_scope)
+
+
+def _error_code(exc: PetitError) -> ErrorCode:
+    from petit.errors import AuthError, ProtocolError
+
+    if isinstance(exc, AuthError):
+        return ErrorCode.AUTH
+    if isinstance(exc, ProtocolError):
+        return exc.code
+    return ErrorCode.INTERNAL
+
+
+def _refusal(event: TunnelEvent, expected: str) -> str:
+    if isinstance(event, GoAwayReceived):
+        return f"the server refused the tunnel ({event.code.name}): {event.reason}"
+    if isinstance(event, ConnectionTerminated):
+        return "the server closed the connection during the handshake"
+    return f"expected {expected}, got {type(event).__name__}"

@@ -1,0 +1,108 @@
+"""The client's configuration: ``[client]``, ``[client.local]`` and ``[client.vitae]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.transport import ServerAddress
+
+DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalTarget:
+    """The private service a registration's streams are spliced to."""
+
+    host: str = "localhost"
+    port: int = 8080
+    tls: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port} ({'tls' if self.tls else 'plain'})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Everything the client needs; paths are absolute."""
+
+    path: Path
+    server: ServerAddress
+    ca: Path | None  # None: the system trust store
+    listen_addr: str = "127.0.0.1"
+    listen_port: int = 3015
+    ping_interval: float = 15.0
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    reconnect_max_delay: float = 5.0
+    log_level: str = "info"
+    local: LocalTarget = field(default_factory=LocalTarget)
+    vitae: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        """The config directory: tenants, keys, lock, pid and logs live here."""
+        return self.path.parent
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    """Read and validate the client config; ConfigError names the offending key."""
+    path = path.expanduser().resolve()
+    document = load_toml(path, init_hint=f"petit-client init -c {path}")
+    client = root_table(document, "client", path)
+    local = client.table("local")
+    config = ClientConfig(
+        path=path,
+        server=ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014)),
+        ca=client.optional_path("ca"),
+        listen_addr=client.string("listenAddr", "127.0.0.1"),
+        listen_port=client.port("listenPort", 3015),
+        ping_interval=client.number("pingInterval", 15.0, low=0.05, high=3600),
+        handshake_timeout=client.number("handshakeTimeout", 10.0, low=0.1, high=600),
+        connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
+        reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
+        log_level=client.choice("logLevel", "info", LOG_LEVELS),
+        local=LocalTarget(
+            host=local.string("host", "localhost"),
+            port=local.integer("port", 8080, low=1, high=65535),
+            tls=local.boolean("tls", False),
+        ),
+        vitae=client.scalars("vitae"),
+    )
+    local.finish()
+    client.finish()
+    return config
+
+
+def default_config_text(*, host: str, port: int, ca: str | None) -> str:
+    """The commented config ``petit-client init`` writes (the original's layout)."""
+    ca_line = f'ca = "{ca}"' if ca else '# ca = "./ca.crt"'
+    return f"""\
+# petit client configuration. Relative paths are relative to this file's directory.
+[client]
+# The petit server's tunnel endpoint: wss://host:backPort/petit/v1
+host = "{host}"
+backPort = {port}
+# CA that signed the server certificate (pinned at init); without it the system
+# trust store is used. Verification is never off.
+{ca_line}
+# Control port (STOP, STATUS, PING terminated by \\x03), loopback only.
+listenAddr = "127.0.0.1"
+listenPort = 3015
+# Seconds between keepalive pings; a tunnel silent for two intervals is re-dialled.
+pingInterval = 15
+# Longest wait between reconnection attempts, in seconds.
+reconnectMaxDelay = 5
+# debug, info, warning or error
+logLevel = "info"
+
+[client.vitae]
+brand = "ce"
+
+# The private service the server's callers reach.
+[client.local]
+host = "localhost"
+port = 8080
+tls = false
+"""

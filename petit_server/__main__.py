@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from petit_server.cli import main
+
+main()

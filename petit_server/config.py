@@ -1,0 +1,112 @@
+"""The server's configuration: the ``[server]`` table of its TOML file, read strictly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petit.config import LOG_LEVELS, load_toml, root_table
+
+DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Everything ``petit-server start`` needs; paths are absolute."""
+
+    path: Path
+    bind_addr: str = "0.0.0.0"  # noqa: S104 - the tunnel endpoint and ingress are public by design
+    back_port: int = 3014
+    proxy_port: int = 8090
+    listen_addr: str = "127.0.0.1"
+    listen_port: int = 3016
+    listen_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    registry_file: Path
+    certificate: Path
+    key: Path
+    first_port: int = 11081
+    ping_interval: float = 15.0
+    handshake_timeout: float = 10.0
+    open_timeout: float = 15.0
+    shutdown_grace: float = 5.0
+    header_timeout: float = 10.0
+    log_level: str = "info"
+    vitae: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        """The config directory, where lock, pid and log files live."""
+        return self.path.parent
+
+    def endpoint_for(self, registration_id: str) -> str:
+        """The public URL template filled in for one registration."""
+        return self.vitae.get("endpoint", "http://REGID.localhost:8090").replace(
+            "REGID", registration_id
+        )
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Read and validate the server config; ConfigError names the offending key."""
+    path = path.expanduser().resolve()
+    document = load_toml(path, init_hint=f"petit-server init -c {path}")
+    server = root_table(document, "server", path)
+    config = ServerConfig(
+        path=path,
+        bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
+        back_port=server.port("backPort", 3014),
+        proxy_port=server.port("proxyPort", 8090),
+        listen_addr=server.string("listenAddr", "127.0.0.1"),
+        listen_port=server.port("listenPort", 3016),
+        listen_allow=tuple(server.string_list("listenAllow", ["127.0.0.1", "::1"])),
+        registry_file=server.path("registryfile", "./registry.json"),
+        certificate=server.path("certificate", "./certificates/server.crt"),
+        key=server.path("key", "./certificates/server.key"),
+        first_port=server.port("firstPort", 11081),
+        ping_interval=server.number("pingInterval", 15.0, low=0.05, high=3600),
+        handshake_timeout=server.number("handshakeTimeout", 10.0, low=0.1, high=600),
+        open_timeout=server.number("openTimeout", 15.0, low=0.1, high=600),
+        shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
+        header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
+        log_level=server.choice("logLevel", "info", LOG_LEVELS),
+        vitae=server.scalars("vitae"),
+    )
+    server.finish()
+    return config
+
+
+def default_config_text(*, hostname: str) -> str:
+    """The commented config ``petit-server init`` writes."""
+    return f"""\
+# petit server configuration. Relative paths are relative to this file's directory.
+[server]
+# Address the tunnel endpoint and the HTTP ingress listen on.
+bindAddr = "0.0.0.0"
+# Tunnel endpoint: clients dial wss://{hostname}:3014/petit/v1
+backPort = 3014
+# HTTP ingress, routed by Host: <ID>.<domain>, <ID>-anything.<domain>, or an alias.
+proxyPort = 8090
+# Control port (STOP, STATUS, PING terminated by \\x03); loopback only by default.
+listenAddr = "127.0.0.1"
+listenPort = 3016
+listenAllow = ["127.0.0.1", "::1"]
+# Registrations (IDs, public keys, ports), written atomically.
+registryfile = "./registry.json"
+# TLS certificate (may include the intermediate chain) and key of the tunnel endpoint.
+certificate = "./certificates/server.crt"
+key = "./certificates/server.key"
+# First raw TCP port handed to a registration.
+firstPort = 11081
+# Seconds between keepalive pings; a tunnel silent for two intervals is dropped.
+pingInterval = 15
+# Seconds a public request waits for the client to reach its local service.
+openTimeout = 15
+# Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
+shutdownGrace = 5
+# debug, info, warning or error
+logLevel = "info"
+
+[server.vitae]
+environment = "local"
+# Public URL of a registration; REGID is replaced by its ID.
+endpoint = "http://REGID.localhost:8090"
+"""

@@ -1,0 +1,93 @@
+"""Which live tunnel sessions serve which registration.
+
+Plain data, synchronous methods (trio switches tasks only at ``await``). Several sessions
+may serve one registration; new streams go round-robin to the ones not draining.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from petit.session import TunnelSession
+
+
+@dataclass(slots=True)
+class Attachment:
+    """One session's claim on the registrations it proved."""
+
+    session: TunnelSession
+    registration_ids: list[str]
+    remote: str
+    vitae: dict[str, str]
+    since: float = field(default_factory=time.time)
+
+
+class Hub:
+    """Registration ID → sessions currently serving it."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, list[Attachment]] = {}
+        self._attachments: list[Attachment] = []
+        self._turn = itertools.count()
+        self.changed = trio.Event()
+
+    def attach(self, attachment: Attachment) -> None:
+        """Route the attachment's registrations to its session."""
+        self._attachments.append(attachment)
+        for rid in attachment.registration_ids:
+            self._by_id.setdefault(rid, []).append(attachment)
+        self._notify()
+
+    def detach(self, attachment: Attachment) -> None:
+        """Stop routing to a session that ended (at once, so callers get 503, not a hang)."""
+        if attachment in self._attachments:
+            self._attachments.remove(attachment)
+        for rid in attachment.registration_ids:
+            serving = self._by_id.get(rid, [])
+            if attachment in serving:
+                serving.remove(attachment)
+            if not serving:
+                self._by_id.pop(rid, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def session_for(self, registration_id: str) -> TunnelSession | None:
+        """A live, non-draining session serving this registration, or None (offline)."""
+        candidates = [
+            a.session
+            for a in self._by_id.get(registration_id, [])
+            if a.session.going_away is None and not a.session.closed.is_set()
+        ]
+        if not candidates:
+            return None
+        return candidates[next(self._turn) % len(candidates)]
+
+    def is_online(self, registration_id: str) -> bool:
+        """True if a session serves this registration."""
+        return self.session_for(registration_id) is not None
+
+    def attachments(self) -> list[Attachment]:
+        """Every live attachment."""
+        return list(self._attachments)
+
+    def go_away_all(self, reason: str) -> None:
+        """Ask every client to drain: no new streams, in-flight ones finish."""
+        for attachment in self._attachments:
+            attachment.session.go_away(reason)
+
+    async def wait_idle(self) -> None:
+        """Return once no session has a stream in flight."""
+        for attachment in self.attachments():
+            await attachment.session.wait_idle()
+
+    @property
+    def active_streams(self) -> int:
+        """Streams in flight over all sessions."""
+        return sum(a.session.active_streams for a in self._attachments)

@@ -1,0 +1,381 @@
+"""Public HTTP ingress: parse each request with h11, route it by Host, carry it through a tunnel.
+
+# Theory of operation
+
+- Each public connection is one task. Each request on it is routed on its own Host (an
+  alias, ``<ID>-anything.<domain>`` or ``<ID>.<domain>``), so a keep-alive connection can
+  never be steered to another customer by its first request.
+- The request goes upstream as a fresh HTTP/1.1 message written by a second h11 connection
+  over a tunnel stream; the client splices that stream to its private service. The upstream
+  stream is reused while consecutive requests go to the same registration and both sides
+  keep the connection alive.
+- Bodies stream both ways with back-pressure: nothing is buffered whole. The request body
+  and the response are pumped concurrently, so a backend that answers before reading the
+  whole body (413, 401) does not deadlock the proxy.
+- Framing is h11's: smuggling shapes (Content-Length with Transfer-Encoding, duplicate
+  lengths, bad chunks) are refused with 400 before anything reaches a tunnel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import h11
+import trio
+
+from petit.session import SessionClosedError, StreamRefusedError, TunnelSession, TunnelStream
+
+log = logging.getLogger("petit.ingress")
+
+MAX_HEADER_BYTES: Final = 32 * 1024
+READ_CHUNK: Final = 64 * 1024  # bytes
+UNAVAILABLE_BODY: Final = b'{"g2c":"unavailable"}'
+MAX_DISCARDED_BODY: Final = 1024 * 1024  # bytes read and dropped to keep a connection alive
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+    }
+)
+
+
+def registration_id_for_host(host: str) -> str | None:
+    """The original petit's routing rule: the digits before the first ``-`` or ``.``."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        return None
+    name = name.split(":", 1)[0]
+    for separator in ("-", "."):
+        head, found, _ = name.partition(separator)
+        if found and head.isdigit() and not head.startswith("0"):
+            return head
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """What the ingress needs from the server: who is registered and which session serves it."""
+
+    is_registered: Callable[[str], bool]
+    session_for: Callable[[str], TunnelSession | None]
+    open_timeout: float
+    header_timeout: float
+    idle_timeout: float = 75.0
+
+
+class _Upstream:
+    """One tunnel stream to one registration's private service, with its own h11 client."""
+
+    def __init__(self, registration_id: str, stream: TunnelStream) -> None:
+        self.registration_id = registration_id
+        self.stream = stream
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self.http.next_event()
+            if event is h11.NEED_DATA:
+                self.http.receive_data(await self.stream.receive_some(READ_CHUNK))
+                continue
+            assert isinstance(event, h11.Event), "h11 pauses only between cycles"
+            return event
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.http.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    @property
+    def reusable(self) -> bool:
+        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+
+
+class _UpstreamFailedError(Exception):
+    """The tunnel or the private service failed before a response began."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class IngressConnection:
+    """Serves one public connection until either side closes it."""
+
+    def __init__(self, stream: trio.SocketStream, routing: Routing, peer_ip: str) -> None:
+        self._stream = stream
+        self._routing = routing
+        self._peer_ip = peer_ip
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._upstream: _Upstream | None = None
+
+    async def run(self) -> None:
+        """Serve requests until the connection should close."""
+        try:
+            while True:
+                request = await self._read_request_head()
+                if request is None:
+                    return
+                await self._handle(request)
+                if self._http.our_state is h11.MUST_CLOSE or self._http.their_state is not h11.DONE:
+                    return
+                self._http.start_next_cycle()
+        finally:
+            await self._drop_upstream()
+
+    async def _receive_into_http(self) -> None:
+        try:
+            data = await self._stream.receive_some(READ_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        self._http.receive_data(data)
+
+    async def _next_public_event(self) -> h11.Event:
+        while True:
+            event = self._http.next_event()
+            if event is h11.NEED_DATA:
+                await self._receive_into_http()
+                continue
+            assert isinstance(event, h11.Event), "h11 pauses only between cycles"
+            return event
+
+    async def _read_request_head(self) -> h11.Request | None:
+        """The next request head, or None when the caller is gone or misbehaved (answered)."""
+        idle = self._http.trailing_data[0] == b""
+        deadline = self._routing.idle_timeout if idle else self._routing.header_timeout
+        with trio.move_on_after(deadline):
+            try:
+                event = await self._next_public_event()
+            except h11.RemoteProtocolError as exc:
+                await self._send_simple(exc.error_status_hint, f"bad request: {exc}".encode())
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            return None
+        if self._http.their_state is h11.SEND_BODY or self._bytes_pending():
+            await self._send_simple(408, b"request header timeout")
+        return None
+
+    def _bytes_pending(self) -> bool:
+        return bool(self._http.trailing_data[0])
+
+    async def _handle(self, request: h11.Request) -> None:
+        headers = request.headers
+        names = [name for name, _ in headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            await self._send_simple(400, b"both Content-Length and Transfer-Encoding")
+            return
+        host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "")
+        registration_id = registration_id_for_host(host)
+        if registration_id is None or not self._routing.is_registered(registration_id):
+            await self._refuse(404)
+            return
+        if self._http.they_are_waiting_for_100_continue:
+            await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
+        try:
+            upstream = await self._upstream_for(registration_id)
+            await self._proxy(request, upstream, host)
+        except _UpstreamFailedError as failure:
+            await self._drop_upstream()
+            await self._refuse(failure.status)
+
+    async def _upstream_for(self, registration_id: str) -> _Upstream:
+        if self._upstream is not None and self._upstream.registration_id == registration_id:
+            return self._upstream
+        await self._drop_upstream()
+        session = self._routing.session_for(registration_id)
+        if session is None:
+            raise _UpstreamFailedError(503)
+        try:
+            with trio.fail_after(self._routing.open_timeout):
+                stream = await session.open_stream(registration_id)
+        except StreamRefusedError:
+            raise _UpstreamFailedError(502) from None
+        except trio.TooSlowError:
+            raise _UpstreamFailedError(504) from None
+        except SessionClosedError:
+            raise _UpstreamFailedError(503) from None
+        self._upstream = _Upstream(registration_id, stream)
+        return self._upstream
+
+    async def _drop_upstream(self) -> None:
+        if self._upstream is not None:
+            await self._upstream.stream.aclose()
+            self._upstream = None
+
+    async def _proxy(self, request: h11.Request, upstream: _Upstream, host: str) -> None:
+        forwarded = h11.Request(
+            method=request.method,
+            target=request.target,
+            headers=self._upstream_headers(request, host),
+        )
+        try:
+            await upstream.send(forwarded)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _UpstreamFailedError(502) from None
+        response_started = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_request_body, upstream)
+            try:
+                response_started = await self._pump_response(upstream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                nursery.cancel_scope.cancel()
+                if not response_started:
+                    raise _UpstreamFailedError(502) from None
+                raise  # the caller already has part of a response: only closing is left
+            if self._http.their_state is not h11.DONE:
+                nursery.cancel_scope.cancel()  # answered before the body ended: close after
+        if upstream.reusable:
+            upstream.http.start_next_cycle()
+        else:
+            await self._drop_upstream()
+
+    def _upstream_headers(self, request: h11.Request, host: str) -> list[tuple[bytes, bytes]]:
+        named_in_connection = _connection_tokens(request.headers)
+        headers = [
+            (name, value)
+            for name, value in request.headers
+            if name not in HOP_BY_HOP
+            and name not in named_in_connection
+            and not name.startswith(b"x-forwarded-")
+        ]
+        if any(n == b"transfer-encoding" for n, _ in request.headers):
+            headers.append((b"transfer-encoding", b"chunked"))
+        prior = [v for n, v in request.headers if n == b"x-forwarded-for"]
+        chain = b", ".join([*prior, self._peer_ip.encode()])
+        headers += [
+            (b"x-forwarded-for", chain),
+            (b"x-forwarded-proto", b"http"),
+            (b"x-forwarded-host", host.encode("latin-1")),
+        ]
+        return headers
+
+    async def _pump_request_body(self, upstream: _Upstream) -> None:
+        while True:
+            event = await self._next_public_event()
+            if isinstance(event, h11.Data):
+                await upstream.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await upstream.send(h11.EndOfMessage())
+                return
+            else:
+                raise h11.RemoteProtocolError("connection closed during the request body")
+
+    async def _pump_response(self, upstream: _Upstream) -> bool:
+        """Relay the upstream response; True once its head was sent to the caller."""
+        started = False
+        while True:
+            event = await upstream.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code != 100:
+                    await self._send_public(event)
+            elif isinstance(event, h11.Response):
+                await self._send_public(
+                    h11.Response(
+                        status_code=event.status_code,
+                        headers=_response_headers(event.headers),
+                        reason=event.reason,
+                    )
+                )
+                started = True
+            elif isinstance(event, h11.Data):
+                await self._send_public(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_public(h11.EndOfMessage())
+                return started
+            else:
+                raise trio.BrokenResourceError("the private service closed mid-response")
+
+    async def _send_public(self, event: h11.Event) -> None:
+        data = self._http.send(event)
+        if data:
+            await self._stream.send_all(data)
+
+    async def _refuse(self, status: int) -> None:
+        await self._discard_request_body()
+        await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
+
+    async def _discard_request_body(self) -> None:
+        discarded = 0
+        while self._http.their_state is h11.SEND_BODY and discarded <= MAX_DISCARDED_BODY:
+            event = await self._next_public_event()
+            if isinstance(event, h11.Data):
+                discarded += len(event.data)
+            elif not isinstance(event, h11.EndOfMessage):
+                return
+
+    async def _send_simple(
+        self, status: int, body: bytes, *, content_type: bytes = b"text/plain"
+    ) -> None:
+        if self._http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if self._http.their_state is not h11.DONE:
+            headers.append((b"connection", b"close"))
+        try:
+            await self._send_public(h11.Response(status_code=status, headers=headers))
+            await self._send_public(h11.Data(data=body))
+            await self._send_public(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            return
+
+
+def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+
+
+def _response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    named_in_connection = _connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in named_in_connection
+    ]
+
+
+async def handle_public_connection(stream: trio.SocketStream, *, routing: Routing) -> None:
+    """Serve one public connection; a failure here never reaches other connections."""
+    try:
+        peer = stream.socket.getpeername()
+        peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        await IngressConnection(stream, routing, peer_ip).run()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("public connection dropped: %s", exc)
+    except Exception:  # per-connection boundary: log the bug, keep serving others
+        log.exception("bug while serving a public connection")
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_ingress(
+    routing: Routing,
+    *,
+    host: str,
+    port: int,
+    handler_nursery: trio.Nursery,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen for public HTTP; report the bound port; handlers run in ``handler_nursery``."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    task_status.started(bound)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_public_connection(stream, routing=routing)
+
+    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
