@@ -1,0 +1,46 @@
+"""The demo's private service: answers GET with a greeting and echoes POST bodies.
+
+Run: python demo/backend.py PORT  (listens on 127.0.0.1 only)
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import sys
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """A tiny HTTP/1.1 keep-alive backend."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _reply(self, body: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        """Greet, showing what the tunnel forwarded."""
+        facts = {
+            "hello": "from the private service behind petit",
+            "path": self.path,
+            "x-forwarded-for": self.headers.get("X-Forwarded-For"),
+            "x-forwarded-host": self.headers.get("X-Forwarded-Host"),
+        }
+        self._reply(json.dumps(facts, indent=2).encode() + b"\n", "application/json")
+
+    def do_POST(self) -> None:  # noqa: N802
+        """Echo the body back."""
+        length = int(self.headers.get("Content-Length", "0"))
+        self._reply(self.rfile.read(length), "application/octet-stream")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Stay quiet."""
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
