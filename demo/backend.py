@@ -22,7 +22,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         """Greet, showing what the tunnel forwarded."""
         facts = {
             "hello": "from the private service behind petit",
@@ -32,7 +32,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         }
         self._reply(json.dumps(facts, indent=2).encode() + b"\n", "application/json")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         """Echo the body back."""
         length = int(self.headers.get("Content-Length", "0"))
         self._reply(self.rfile.read(length), "application/octet-stream")
