@@ -1,0 +1,73 @@
+"""A client and a server ``TunnelConnection`` wired back to back, so tests read like a dialogue."""
+
+from __future__ import annotations
+
+from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
+from petit.events import (
+    ChallengeReceived,
+    HelloReceived,
+    StreamAccepted,
+    StreamOpened,
+    TunnelEvent,
+    Welcomed,
+)
+from petit.frames import MAX_PAYLOAD, Frame, decode_all, encode_frame
+
+NONCE = bytes(range(32))
+HELLO = b'{"client": "c1"}'
+WELCOME = b'{"session": "s1"}'
+
+
+class ConnectionPair:
+    """A client and a server; ``deliver(to=...)`` moves the other side's queued bytes across."""
+
+    def __init__(
+        self,
+        *,
+        initial_window: int = DEFAULT_WINDOW,
+        max_payload: int = MAX_PAYLOAD,
+        handshake: bool = True,
+    ) -> None:
+        self.client = TunnelConnection(
+            Role.CLIENT, initial_window=initial_window, max_payload=max_payload
+        )
+        self.server = TunnelConnection(
+            Role.SERVER, initial_window=initial_window, max_payload=max_payload
+        )
+        if handshake:
+            self.handshake()
+
+    def connection(self, role: Role) -> TunnelConnection:
+        return self.client if role is Role.CLIENT else self.server
+
+    def deliver(self, to: Role) -> list[TunnelEvent]:
+        """Feed the bytes the other side queued to ``to``; [] if it queued none (not an EOF)."""
+        sender = self.connection(Role.SERVER if to is Role.CLIENT else Role.CLIENT)
+        data = sender.data_to_send()
+        return self.connection(to).receive_data(data) if data else []
+
+    def handshake(self) -> None:
+        self.server.send_challenge(NONCE)
+        assert self.deliver(to=Role.CLIENT) == [ChallengeReceived(NONCE)]
+        self.client.send_hello(HELLO)
+        assert self.deliver(to=Role.SERVER) == [HelloReceived(HELLO)]
+        self.server.send_welcome(WELCOME)
+        assert self.deliver(to=Role.CLIENT) == [Welcomed(WELCOME)]
+
+    def open_stream(self, target: str = "reg-1") -> int:
+        """Open a stream from the server and accept it on the client; return its id."""
+        stream_id = self.server.open_stream(target)
+        assert self.deliver(to=Role.CLIENT) == [StreamOpened(stream_id, target)]
+        self.client.accept_stream(stream_id)
+        assert self.deliver(to=Role.SERVER) == [StreamAccepted(stream_id)]
+        return stream_id
+
+
+def inject(connection: TunnelConnection, *frames: Frame) -> list[TunnelEvent]:
+    """Feed hand-made frames to ``connection``, as a misbehaving peer would."""
+    return connection.receive_data(b"".join(map(encode_frame, frames)))
+
+
+def sent_frames(connection: TunnelConnection) -> list[Frame]:
+    """Drain and decode what ``connection`` queued."""
+    return decode_all(connection.data_to_send())
