@@ -448,7 +448,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     # Client side: answer an OPEN.
     def accept(self) -> None:
-        """Tell the server the local target is reached; data may flow."""
+        """Tell the server the local target is reached; data may flow.
+
+        Raises:
+            trio.BrokenResourceError: the server gave up on the stream meanwhile.
+        """
+        self._check_usable()
         self._session.connection.accept_stream(self.stream_id)
         self._accepted = True
         self._session.schedule_send()

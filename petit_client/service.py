@@ -218,8 +218,10 @@ class ClientService:
             log.warning("unable to connect to local %s for %s: %s", local, target, exc)
             stream.refuse(ErrorCode.REFUSED)
             return
-        stream.accept()
         try:
+            stream.accept()
             await splice(stream, backend)
+        except trio.BrokenResourceError as exc:
+            log.debug("stream %d for %s ended early: %s", stream.stream_id, target, exc)
         finally:
             await trio.aclose_forcefully(backend)
