@@ -130,7 +130,8 @@ class Table:
     def finish(self) -> None:
         """Reject keys nobody asked for: they are typos or options from another version."""
         if unknown := sorted(set(self._data) - self._seen):
-            raise ConfigError(f"{self._dotted}: unknown key(s) {', '.join(unknown)}")
+            names = ", ".join(f"{self._dotted}.{key}" for key in unknown)
+            raise ConfigError(f"unknown key(s) {names}")
 
 
 def root_table(document: Mapping[str, object], section: str, path: Path) -> Table:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -211,6 +212,10 @@ class TunnelSession:
                 task_status.started()
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
+        except ExceptionGroup as group:
+            # The reader, writer and keepalive stop together: raise the failure that stopped
+            # them, not a group, so owners can catch KeepaliveTimeoutError and the rest.
+            raise _first_failure(group) from None
         finally:
             self._end_all_streams()
             with trio.move_on_after(1, shield=True):
@@ -381,6 +386,11 @@ class _ConflictDetector:
     def __exit__(self, *exc_info: object) -> None:
         self._held = False
 
+    @property
+    def held(self) -> bool:
+        """Whether a task is inside the operation right now."""
+        return self._held
+
 
 class TunnelStream(trio.abc.HalfCloseableStream):
     """One stream of a tunnel session, as a trio stream.
@@ -470,8 +480,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Send all of ``data``, waiting for flow-control credit as needed."""
         with self._send_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
-            if self._sent_eof:
+            if self._sent_eof and not self._closed:
                 raise trio.ClosedResourceError("send_eof() was already called")
+            self._check_usable()  # even for b"": a closed stream refuses every send
             view = memoryview(data)
             while view:
                 self._check_usable()
@@ -488,12 +499,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until there is send credit."""
-        while True:
-            self._check_usable()
-            if self._session.connection.send_window(self.stream_id) > 0:
-                await trio.lowlevel.checkpoint()
-                return
-            await self._wait_for_change()
+        with self._send_conflict:
+            while True:
+                self._check_usable()
+                if self._session.connection.send_window(self.stream_id) > 0:
+                    await trio.lowlevel.checkpoint()
+                    return
+                await self._wait_for_change()
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads EOF after the data already sent."""
@@ -511,12 +523,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return up to ``max_bytes`` bytes; ``b""`` after the peer's END."""
-        limit = RECEIVE_CHUNK if max_bytes is None else max_bytes
+        limit = RECEIVE_CHUNK if max_bytes is None else operator.index(max_bytes)
         if limit < 1:
             raise ValueError("max_bytes must be at least 1")
         with self._receive_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
             while not self._buffer:
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed")
                 if self._eof:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
@@ -535,6 +549,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        self._buffer.clear()  # nobody may read it any more
         if not self._broken:
             self._session.connection.reset_stream(self.stream_id, ErrorCode.CANCEL)
             self._session.schedule_send()
@@ -542,7 +557,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._notify()
 
     async def aclose(self) -> None:
-        """Close the stream: a RESET(CANCEL) unless both sides already ended it."""
+        """Close the stream gracefully, as closing a socket does.
+
+        The peer reads what we sent, then EOF (an END, unless a send was interrupted); a
+        RESET(CANCEL) follows unless both sides already ended the stream, so the peer's
+        sends fail instead of waiting for credit we will never grant.
+        """
+        graceful = self._accepted and not self._send_conflict.held
+        if graceful and not (self._closed or self._broken or self._sent_eof):
+            self._sent_eof = True
+            with contextlib.suppress(LocalProtocolError):  # the connection already closed
+                self._session.connection.end_stream(self.stream_id)
+                self._session.schedule_send()
         if self._sent_eof and self._eof and not self._buffer:
             self._broken = True  # fully closed cleanly: nothing to reset
         self._close_locally()
@@ -570,6 +596,13 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump, a, b, nursery.cancel_scope)
         nursery.start_soon(pump, b, a, nursery.cancel_scope)
+
+
+def _first_failure(group: ExceptionGroup[Exception]) -> Exception:
+    failure: Exception = group
+    while isinstance(failure, ExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure
 
 
 def _error_code(exc: PetitError) -> ErrorCode:

@@ -114,13 +114,20 @@ class FileRegistry:
             self.save()
         except BaseException:
             del self._registrations[registration.registration_id]
+            self._next_id -= 1
             raise
         return registration
 
     def unregister(self, registration_id: str) -> None:
         """Remove a registration (the caller has checked the proof)."""
-        if self._registrations.pop(registration_id, None) is not None:
+        registration = self._registrations.pop(registration_id, None)
+        if registration is None:
+            return
+        try:
             self.save()
+        except BaseException:
+            self._registrations[registration_id] = registration
+            raise
 
 
 def _registration_from_json(rid: str, entry: object) -> Registration:

@@ -1,0 +1,160 @@
+"""Handshaken client/server ``TunnelSession`` pairs over in-memory streams.
+
+The handshake is the real one (Ed25519 hello over a fixed nonce), so the sessions under test
+went through exactly the states the services drive them through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import trio
+import trio.testing
+
+from petit.auth import (
+    Hello,
+    accepted_ids,
+    decode_hello,
+    encode_hello,
+    generate_key,
+    hello_transcript,
+    public_key_raw,
+    sign,
+)
+from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
+from petit.errors import AuthError
+from petit.session import StreamCarrier, StreamHandler, TunnelSession, TunnelStream
+
+NONCE = bytes(range(32))
+FINGERPRINT = hashlib.sha256(b"the test server certificate").digest()
+REGISTRATION_ID = "1001"
+QUIET_PING_INTERVAL = 3600.0  # seconds: no keepalive traffic during a (real-time) test
+
+_KEY = generate_key()
+_PUBLIC_KEYS = {REGISTRATION_ID: public_key_raw(_KEY)}
+
+
+def make_hello(nonce: bytes) -> bytes:
+    """The client's side of the handshake: claim REGISTRATION_ID with its key."""
+    transcript = hello_transcript(nonce, FINGERPRINT, [REGISTRATION_ID])
+    return encode_hello(Hello(claims={REGISTRATION_ID: sign(_KEY, transcript)}))
+
+
+def check_hello(payload: bytes) -> bytes:
+    """The server's side of the handshake: verify the claims as the gateway does."""
+    ids = accepted_ids(decode_hello(payload), NONCE, FINGERPRINT, _PUBLIC_KEYS.get)
+    if not ids:
+        raise AuthError("no claimed registration could be verified")
+    return json.dumps({"accepted": ids}).encode()
+
+
+class StallableCarrier(StreamCarrier):
+    """A StreamCarrier that can stop delivering: ``stalled`` makes ``receive`` hang forever.
+
+    This is a half-open tunnel as the keepalive sees it: sends succeed, nothing arrives.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        super().__init__(stream)
+        self.stalled = False
+
+    async def receive(self) -> bytes:
+        if self.stalled:
+            await trio.sleep_forever()
+        return await super().receive()
+
+
+class Acceptor:
+    """A client stream handler that accepts every stream and hands it to the test.
+
+    The handler task then waits forever: its return would close the stream, and the test
+    owns the stream from now on.
+    """
+
+    def __init__(self) -> None:
+        self._send, self.streams = trio.open_memory_channel[TunnelStream](math.inf)
+        self.targets: list[str] = []
+
+    async def __call__(self, stream: TunnelStream, target: str) -> None:
+        stream.accept()
+        self.targets.append(target)
+        self._send.send_nowait(stream)
+        await trio.sleep_forever()
+
+
+class Served:
+    """One session's ``serve()`` in a task of its own; the outcome is kept for assertions."""
+
+    def __init__(self, session: TunnelSession) -> None:
+        self.session = session
+        self.cancel_scope = trio.CancelScope()
+        self.finished = trio.Event()
+        self.error: Exception | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.cancel_scope:
+            try:
+                await self.session.serve(task_status=task_status)
+            except Exception as exc:  # noqa: BLE001 - kept for the test to assert on
+                self.error = exc
+        self.finished.set()
+
+
+async def handshake(client: TunnelSession, server: TunnelSession) -> None:
+    """Run both halves of the handshake concurrently."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handshake_as_server, NONCE, check_hello)
+        nursery.start_soon(client.handshake_as_client, make_hello)
+
+
+@dataclass
+class SessionPair:
+    """Two handshaken sessions, both serving."""
+
+    client: Served
+    server: Served
+    acceptor: Acceptor | None
+    client_transport: trio.abc.Stream  # what the client's carrier runs over
+
+    async def open_stream_pair(
+        self, target: str = REGISTRATION_ID
+    ) -> tuple[TunnelStream, TunnelStream]:
+        """Open a stream from the server; return (server end, client end)."""
+        assert self.acceptor is not None, "the pair was built with a custom handler"
+        server_stream = await self.server.session.open_stream(target)
+        client_stream = await self.acceptor.streams.receive()
+        return server_stream, client_stream
+
+
+async def session_pair(
+    nursery: trio.Nursery,
+    *,
+    handler: StreamHandler | None = None,
+    initial_window: int = DEFAULT_WINDOW,
+    ping_interval: float = QUIET_PING_INTERVAL,
+) -> SessionPair:
+    """Handshake a pair and start both ``serve()`` in ``nursery``.
+
+    Without ``handler`` the client accepts every stream (see ``Acceptor``).
+    """
+    acceptor = Acceptor() if handler is None else None
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = TunnelSession(
+        TunnelConnection(Role.CLIENT, initial_window=initial_window),
+        StreamCarrier(client_stream),
+        ping_interval=ping_interval,
+        stream_handler=handler or acceptor,
+    )
+    server = TunnelSession(
+        TunnelConnection(Role.SERVER, initial_window=initial_window),
+        StreamCarrier(server_stream),
+        ping_interval=ping_interval,
+    )
+    await handshake(client, server)
+    pair = SessionPair(Served(client), Served(server), acceptor, client_stream)
+    await nursery.start(pair.server.run)
+    await nursery.start(pair.client.run)
+    return pair

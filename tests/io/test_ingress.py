@@ -1,0 +1,341 @@
+"""The public HTTP ingress in memory: routing by Host, error statuses, header rewriting.
+
+Each registration is served by a real, handshaken TunnelSession pair whose client handler
+speaks HTTP/1.1 itself (h11) over the tunnel stream, standing in for the private service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from petit.errors import ErrorCode
+from petit.session import TunnelSession, TunnelStream
+from petit_server.ingress import (
+    UNAVAILABLE_BODY,
+    IngressConnection,
+    Routing,
+    registration_id_for_host,
+)
+
+from .helpers import session_pair
+
+TIMEOUT = 10  # seconds bounding each test
+PEER_IP = "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("1001.localhost", "1001"),
+        ("1001-x.example.com", "1001"),
+        ("1001.localhost:8090", "1001"),
+        ("1001-app.localhost:8090", "1001"),
+        ("  1001.LOCALHOST ", "1001"),
+        ("[::1]:8090", None),
+        ("abc.localhost", None),
+        ("0123.x", None),
+        ("1001", None),
+        ("localhost:1001", None),
+        ("", None),
+    ],
+)
+def test_registration_id_for_host(host: str, expected: str | None) -> None:
+    assert registration_id_for_host(host) == expected
+
+
+# In-memory ingress.
+
+
+async def next_http_event(http: h11.Connection, stream: trio.abc.ReceiveStream) -> h11.Event:
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            http.receive_data(bytes(await stream.receive_some()))
+            continue
+        assert isinstance(event, h11.Event)
+        return event
+
+
+async def send_http(
+    http: h11.Connection, stream: trio.abc.SendStream, events: Iterable[h11.Event]
+) -> None:
+    for event in events:
+        if data := http.send(event):
+            await stream.send_all(data)
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """A request as the private service received it."""
+
+    backend: str
+    target: str  # the registration the tunnel stream was opened for
+    method: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+@dataclass
+class HttpBackend:
+    """A client stream handler that is the private service: it answers HTTP on the stream."""
+
+    name: str
+    seen: list[SeenRequest] = field(default_factory=list)
+
+    async def __call__(self, stream: TunnelStream, target: str) -> None:
+        stream.accept()
+        http = h11.Connection(h11.SERVER)
+        with contextlib.suppress(trio.BrokenResourceError):
+            while isinstance(request := await next_http_event(http, stream), h11.Request):
+                body = bytearray()
+                while isinstance(event := await next_http_event(http, stream), h11.Data):
+                    body += event.data
+                self.seen.append(
+                    SeenRequest(
+                        self.name,
+                        target,
+                        request.method,
+                        request.target,
+                        list(request.headers),
+                        bytes(body),
+                    )
+                )
+                reply = self.name.encode() + b" " + request.target + b" " + bytes(body)
+                await send_http(
+                    http,
+                    stream,
+                    [
+                        h11.Response(
+                            status_code=200,
+                            headers=[
+                                (b"content-length", str(len(reply)).encode()),
+                                (b"connection", b"keep-alive, x-backend-hop"),
+                                (b"x-backend-hop", b"dropped"),
+                            ],
+                        ),
+                        h11.Data(data=reply),
+                        h11.EndOfMessage(),
+                    ],
+                )
+                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                    return
+                http.start_next_cycle()
+
+
+async def refuse(stream: TunnelStream, target: str) -> None:
+    stream.refuse(ErrorCode.REFUSED)
+
+
+@dataclass
+class Site:
+    """Registrations 1001 and 1002 served by their own backends; 1003 registered but offline;
+    1004 served by a client that cannot reach its private service."""
+
+    routing: Routing
+    backends: dict[str, HttpBackend]
+
+    @property
+    def all_seen(self) -> list[SeenRequest]:
+        return [seen for backend in self.backends.values() for seen in backend.seen]
+
+
+async def start_site(nursery: trio.Nursery) -> Site:
+    backends = {"1001": HttpBackend("A"), "1002": HttpBackend("B")}
+    sessions: dict[str, TunnelSession] = {}
+    for rid, backend in backends.items():
+        sessions[rid] = (await session_pair(nursery, handler=backend)).server.session
+    sessions["1004"] = (await session_pair(nursery, handler=refuse)).server.session
+    registered = {"1001", "1002", "1003", "1004"}
+    routing = Routing(
+        is_registered=registered.__contains__,
+        session_for=sessions.get,
+        open_timeout=5,
+        header_timeout=5,
+    )
+    return Site(routing, backends)
+
+
+async def connect(nursery: trio.Nursery, site: Site) -> trio.abc.Stream:
+    """A caller's connection to the ingress; the ingress closes it when done, as in service."""
+    caller, public = trio.testing.memory_stream_pair()
+
+    async def serve_public() -> None:
+        try:
+            await IngressConnection(public, site.routing, PEER_IP).run()  # type: ignore[arg-type]
+        finally:
+            await trio.aclose_forcefully(public)
+
+    nursery.start_soon(serve_public)
+    return caller
+
+
+class Caller:
+    """An HTTP/1.1 client on one public connection."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.http = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self,
+        host: str,
+        path: bytes = b"/",
+        *,
+        method: bytes = b"GET",
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        body: bytes = b"",
+    ) -> tuple[h11.Response, bytes]:
+        if self.http.our_state is h11.DONE:
+            self.http.start_next_cycle()
+        all_headers = [(b"host", host.encode()), *headers]
+        if body:
+            all_headers.append((b"content-length", str(len(body)).encode()))
+        events: list[h11.Event] = [h11.Request(method=method, target=path, headers=all_headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        await send_http(self.http, self.stream, [*events, h11.EndOfMessage()])
+        response = await next_http_event(self.http, self.stream)
+        assert isinstance(response, h11.Response)
+        received = bytearray()
+        while isinstance(event := await next_http_event(self.http, self.stream), h11.Data):
+            received += event.data
+        assert isinstance(event, h11.EndOfMessage)
+        return response, bytes(received)
+
+
+async def test_request_is_routed_to_its_registration() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = Caller(await connect(nursery, site))
+            response, body = await caller.request(
+                "1001.localhost:8090", b"/orders?id=7", method=b"POST", body=b"payload"
+            )
+            assert response.status_code == 200
+            assert body == b"A /orders?id=7 payload"
+            (seen,) = site.all_seen
+            assert (seen.backend, seen.target, seen.method, seen.path, seen.body) == (
+                "A",
+                "1001",
+                b"POST",
+                b"/orders?id=7",
+                b"payload",
+            )
+            # The private service's own hop-by-hop headers stop at the ingress too.
+            names = {name for name, _ in response.headers}
+            assert b"x-backend-hop" not in names
+            assert b"connection" not in names
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("9999.localhost", 404),  # not registered
+        ("www.localhost", 404),  # no registration ID in the name
+        ("1003.localhost", 503),  # registered, but no tunnel is connected
+        ("1004.localhost", 502),  # the client could not reach its private service
+    ],
+)
+async def test_unroutable_requests_get_an_error_status(host: str, status: int) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = Caller(await connect(nursery, site))
+            response, body = await caller.request(host)
+            assert response.status_code == status
+            assert body == UNAVAILABLE_BODY
+            # The connection stays usable: the next request is served.
+            response, body = await caller.request("1001.localhost")
+            assert response.status_code == 200
+            assert body == b"A / "
+            assert [seen.backend for seen in site.all_seen] == ["A"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_content_length_with_transfer_encoding_is_refused() -> None:
+    smuggling = (
+        b"POST / HTTP/1.1\r\nHost: 1001.localhost\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /admin HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n"
+    )
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            stream = await connect(nursery, site)
+            await stream.send_all(smuggling)
+            received = bytearray()
+            while chunk := await stream.receive_some():  # the ingress closes the connection
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 400 ")
+            assert received.count(b"HTTP/1.1") == 1
+            assert site.all_seen == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_forwarded_headers_are_added_and_hop_by_hop_headers_stripped() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = Caller(await connect(nursery, site))
+            response, _ = await caller.request(
+                "1001-shop.example.com",
+                headers=[
+                    (b"connection", b"foo, keep-alive"),
+                    (b"foo", b"hop"),
+                    (b"keep-alive", b"timeout=5"),
+                    (b"te", b"trailers"),
+                    (b"x-forwarded-for", b"198.51.100.7"),
+                    (b"x-forwarded-host", b"spoofed.example"),
+                    (b"x-forwarded-proto", b"https"),
+                    (b"x-custom", b"kept"),
+                ],
+            )
+            assert response.status_code == 200
+            (seen,) = site.all_seen
+            assert seen.header(b"x-forwarded-for") == [b"198.51.100.7, " + PEER_IP.encode()]
+            assert seen.header(b"x-forwarded-proto") == [b"http"]
+            assert seen.header(b"x-forwarded-host") == [b"1001-shop.example.com"]
+            assert seen.header(b"host") == [b"1001-shop.example.com"]
+            assert seen.header(b"x-custom") == [b"kept"]
+            for hop in (b"connection", b"foo", b"keep-alive", b"te"):
+                assert seen.header(hop) == [], hop
+            nursery.cancel_scope.cancel()
+
+
+async def test_keep_alive_routes_each_request_by_its_own_host() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = Caller(await connect(nursery, site))
+            answers = []
+            for host, path in [
+                ("1001.localhost", b"/first"),
+                ("1002-app.localhost", b"/second"),
+                ("1001.localhost", b"/third"),
+                ("1001.localhost", b"/fourth"),
+            ]:
+                response, body = await caller.request(host, path)
+                assert response.status_code == 200
+                answers.append(body)
+            assert answers == [b"A /first ", b"B /second ", b"A /third ", b"A /fourth "]
+            assert [(s.target, s.path) for s in site.backends["1001"].seen] == [
+                ("1001", b"/first"),
+                ("1001", b"/third"),
+                ("1001", b"/fourth"),
+            ]
+            assert [(s.target, s.path) for s in site.backends["1002"].seen] == [
+                ("1002", b"/second")
+            ]
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,144 @@
+"""FileRegistry: ID and port assignment, persistence, corrupt files, failed saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import petit_server.registry
+from petit.errors import ConfigError
+from petit_server.registry import FileRegistry
+
+FIRST_PORT = 20000
+
+
+def key(n: int) -> bytes:
+    return bytes([n]) * 32
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "registry.json"
+
+
+def test_register_assigns_sequential_ids_and_ports(path: Path) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    first = registry.register(key(1), {"hostname": "a"})
+    second = registry.register(key(2), {})
+    assert (first.registration_id, first.port) == ("1001", FIRST_PORT)
+    assert (second.registration_id, second.port) == ("1002", FIRST_PORT + 1)
+    assert registry.get("1001") == first
+    assert registry.public_key_of("1002") == key(2)
+    assert registry.public_key_of("1003") is None
+
+
+def test_registry_is_persisted_and_reloaded_identically(path: Path) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    for n in range(1, 4):
+        registry.register(key(n), {"hostname": f"host-{n}", "os": "linux"})
+    reloaded = FileRegistry(path, first_port=FIRST_PORT)
+    assert reloaded.all() == registry.all()
+    assert [r.registration_id for r in reloaded.all()] == ["1001", "1002", "1003"]
+    assert reloaded.register(key(4), {}).registration_id == "1004"
+
+
+def test_ids_are_never_reused_and_freed_ports_are(path: Path) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    registry.register(key(1), {})
+    registry.register(key(2), {})
+    registry.unregister("1002")
+    registry.unregister("1001")
+    reloaded = FileRegistry(path, first_port=FIRST_PORT)
+    assert reloaded.all() == []
+    again = reloaded.register(key(3), {})
+    assert (again.registration_id, again.port) == ("1003", FIRST_PORT)
+
+
+def test_a_missing_file_is_an_empty_registry(path: Path) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    assert registry.all() == []
+    assert not path.exists()  # nothing is written until something changes
+
+
+def valid_document() -> dict[str, object]:
+    return {
+        "version": 1,
+        "next_id": 1002,
+        "registrations": {"1001": {"public_key": key(1).hex(), "port": FIRST_PORT, "created": 1.5}},
+    }
+
+
+def _with_entry(**changes: object) -> str:
+    document = valid_document()
+    entry = document["registrations"]["1001"]  # type: ignore[index]
+    entry.update(changes)
+    return json.dumps(document)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        b"\xff\xfe{}",
+        "[]",
+        json.dumps({**valid_document(), "version": 2}),
+        json.dumps({**valid_document(), "registrations": []}),
+        json.dumps({**valid_document(), "next_id": "1002"}),
+        _with_entry(public_key="zz"),
+        _with_entry(public_key=key(1).hex()[:-2]),
+        _with_entry(port="eleven"),
+        _with_entry(vitae=["x"]),
+        json.dumps({**valid_document(), "registrations": {"0001": {}}}),
+    ],
+)
+def test_corrupt_file_is_a_config_error_naming_the_file(path: Path, content: str | bytes) -> None:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as error:
+        FileRegistry(path, first_port=FIRST_PORT)
+    assert str(path) in str(error.value)
+
+
+def test_valid_file_loads(path: Path) -> None:
+    path.write_text(json.dumps(valid_document()))
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    (only,) = registry.all()
+    assert (only.registration_id, only.public_key, only.port) == ("1001", key(1), FIRST_PORT)
+    assert registry.register(key(2), {}).registration_id == "1002"
+
+
+def failing_write(path: Path, obj: object, *, mode: int = 0o600) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    registry.register(key(1), {})
+    before_file = path.read_bytes()
+    before = registry.all()
+
+    monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        registry.register(key(2), {})
+    assert registry.all() == before
+    assert registry.public_key_of("1002") is None
+    assert path.read_bytes() == before_file
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+    monkeypatch.undo()
+    # The ID of the failed attempt was never handed out, so it is the next one.
+    assert registry.register(key(2), {}).registration_id == "1002"
+    assert FileRegistry(path, first_port=FIRST_PORT).all() == registry.all()
+
+
+def test_failed_unregister_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    registered = registry.register(key(1), {})
+    before_file = path.read_bytes()
+
+    monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        registry.unregister("1001")
+    assert registry.get("1001") == registered
+    assert path.read_bytes() == before_file
