@@ -1,0 +1,64 @@
+"""Shared fixtures: real petit servers and clients (through their CLIs) and real backends.
+
+Processes are owned by ``reaper``, a plain (sync) fixture whose teardown kills every process
+group a test started, even when the test failed or its async fixtures were cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    NGINX,
+    ClientFactory,
+    NginxBackend,
+    PetitServer,
+    PythonBackend,
+    Reaper,
+    ServerFactory,
+)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Kills, at teardown, every process the test started."""
+    processes = Reaper()
+    yield processes
+    processes.reap()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, reaper: Reaper) -> ServerFactory:
+    """``await server_factory(start=True, **server_config_overrides)``."""
+    return ServerFactory(tmp_path, reaper)
+
+
+@pytest.fixture
+async def server(server_factory: ServerFactory) -> PetitServer:
+    """An initialised, started petit server on loopback, every port chosen by the system."""
+    return await server_factory()
+
+
+@pytest.fixture
+def client_factory(tmp_path: Path, reaper: Reaper) -> ClientFactory:
+    """``await client_factory(server, backend_port, start=True)``: init + register (+ start)."""
+    return ClientFactory(tmp_path, reaper)
+
+
+@pytest.fixture
+def python_backend() -> Iterator[PythonBackend]:
+    """A threaded HTTP/1.1 backend on 127.0.0.1:0 (echo, chunked, /bytes/N, /slow/N)."""
+    backend = PythonBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+async def nginx_backend(tmp_path: Path, reaper: Reaper) -> NginxBackend:
+    """A real nginx serving static files (1 KiB, 10 MiB) on a free loopback port."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light); ./run-tests installs it")
+    return await NginxBackend.start(tmp_path / "nginx", reaper)
