@@ -23,7 +23,7 @@ import trio
 
 from petit.control import ControlError, send_control
 from petit.errors import AuthError, ConfigError, PetitError
-from petit.lockfile import AlreadyRunningError, PidInfo, read_pid
+from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
@@ -198,6 +198,61 @@ def _wait_gone(directory: Path, name: str) -> bool:
         return False
 
     return trio.run(wait)
+
+
+def start_daemon(
+    *,
+    name: str,
+    module: str,
+    started: str,
+    config_path: Path,
+    log_level: str,
+    verbose: bool,
+    foreground: bool,
+    serve: Callable[[trio.Event, ProcessLock], Awaitable[None]],
+) -> None:
+    """The ``start`` command of both daemons.
+
+    In the foreground: take the lock (a stale one is taken over with one log line), run
+    ``serve`` until a signal or STOP, release the lock. Otherwise spawn the foreground
+    command detached and print ``started`` (the original's wording, with ``{pid}``).
+    """
+    directory = config_path.parent
+    if not foreground:
+        running = read_pid(directory, name)
+        if running is not None:
+            raise CliError(
+                f"{name.capitalize()} is already running on pid {running.pid}.", ExitCode.RUNNING
+            )
+        argv = [sys.executable, "-m", module, "start", "--foreground", "-c", str(config_path)]
+        argv += ["-v"] if verbose else []
+        info = start_in_background(argv, directory, name, directory / "logs" / f"{name}.log")
+        click.echo(started.format(pid=info.pid))
+        return
+    configure_logging(log_level, verbose=verbose)
+    with exit_codes():
+        lock = ProcessLock(directory, name)
+        if lock.acquire():
+            logging.getLogger("petit").warning(
+                "took over a stale lock left by a %s that is gone", name
+            )
+        try:
+            run_service(lambda stop: serve(stop, lock))
+        finally:
+            lock.release()
+
+
+def config_option(default: Path, what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``-c/--config PATH`` for every command."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=default,
+        show_default=True,
+        help=f"{what} config file.",
+    )
 
 
 def verbose_option(function: Callable[..., None]) -> Callable[..., None]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -23,17 +21,15 @@ from petit.auth import (
 from petit.cli import (
     CliError,
     ExitCode,
-    configure_logging,
+    config_option as shared_config_option,
     control_command,
     exit_codes,
-    run_service,
     running_daemon,
-    start_in_background,
+    start_daemon,
     stop_daemon,
     verbose_option,
 )
 from petit.errors import ConfigError
-from petit.lockfile import ProcessLock, read_pid
 from petit.pki import client_ssl_context
 from petit.statefile import write_atomic
 from petit.transport import REGISTER_PATH, ServerAddress, open_websocket
@@ -46,17 +42,7 @@ from petit_client.config import (
 from petit_client.service import ClientService
 from petit_client.tenants import DEFAULT_TENANT, registered_tenants, save_registration
 
-log = logging.getLogger("petit.client")
-
-config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    help="Client config file.",
-)
+config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Client")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -192,26 +178,16 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
             raise ConfigError(
                 f"This client isn't registered: run petit-client register -c {config.path}"
             )
-    if not foreground:
-        running = read_pid(config.directory, "client")
-        if running is not None:
-            raise CliError(f"Client is already running on pid {running.pid}.", ExitCode.RUNNING)
-        argv = [sys.executable, "-m", "petit_client", "start", "--foreground"]
-        argv += ["-c", str(config.path), *(["-v"] if verbose else [])]
-        log_file = config.directory / "logs" / "client.log"
-        info = start_in_background(argv, config.directory, "client", log_file)
-        click.echo(f"Client started on pid {info.pid}.")
-        return
-    configure_logging(config.log_level, verbose=verbose)
-    with exit_codes():
-        lock = ProcessLock(config.directory, "client")
-        if lock.acquire():
-            log.warning("took over a stale lock left by a client that is gone")
-        try:
-            service = ClientService(config)
-            run_service(lambda stop: service.serve(stop, lock))
-        finally:
-            lock.release()
+    start_daemon(
+        name="client",
+        module="petit_client",
+        started="Client started on pid {pid}.",
+        config_path=config.path,
+        log_level=config.log_level,
+        verbose=verbose,
+        foreground=foreground,
+        serve=ClientService(config).serve,
+    )
 
 
 @main.command()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import socket
-import sys
 from pathlib import Path
 
 import click
@@ -14,16 +12,14 @@ from petit import __version__
 from petit.cli import (
     CliError,
     ExitCode,
-    configure_logging,
+    config_option as shared_config_option,
     control_command,
     exit_codes,
-    run_service,
     running_daemon,
-    start_in_background,
+    start_daemon,
     stop_daemon,
     verbose_option,
 )
-from petit.lockfile import ProcessLock, read_pid
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
@@ -34,17 +30,7 @@ from petit_server.config import (
 from petit_server.registry import FileRegistry
 from petit_server.service import ServerService
 
-log = logging.getLogger("petit.server")
-
-config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    help="Server config file.",
-)
+config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,32 +84,16 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Start the server (in the background unless --foreground)."""
     with exit_codes():
         config = load_server_config(config_path)
-    if not foreground:
-        with exit_codes():
-            running = _live_pid(config.directory)
-            if running is not None:
-                raise CliError(f"Server is already running on pid {running}.", ExitCode.RUNNING)
-        argv = [sys.executable, "-m", "petit_server", "start", "--foreground"]
-        argv += ["-c", str(config.path), *(["-v"] if verbose else [])]
-        log_file = config.directory / "logs" / "server.log"
-        info = start_in_background(argv, config.directory, "server", log_file)
-        click.echo(f"Server started with pid {info.pid}.")
-        return
-    configure_logging(config.log_level, verbose=verbose)
-    with exit_codes():
-        lock = ProcessLock(config.directory, "server")
-        if lock.acquire():
-            log.warning("took over a stale lock left by a server that is gone")
-        try:
-            service = ServerService(config)
-            run_service(lambda stop: service.serve(stop, lock))
-        finally:
-            lock.release()
-
-
-def _live_pid(directory: Path) -> int | None:
-    info = read_pid(directory, "server")
-    return None if info is None else info.pid
+    start_daemon(
+        name="server",
+        module="petit_server",
+        started="Server started with pid {pid}.",
+        config_path=config.path,
+        log_level=config.log_level,
+        verbose=verbose,
+        foreground=foreground,
+        serve=ServerService(config).serve,
+    )
 
 
 @main.command()
