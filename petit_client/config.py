@@ -37,6 +37,7 @@ class ClientConfig:
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 5.0
     log_level: str = "info"
+    proxy: str | None = field(default=None, repr=False)  # may hold credentials
     local: LocalTarget = field(default_factory=LocalTarget)
     vitae: dict[str, str] = field(default_factory=dict)
 
@@ -63,6 +64,7 @@ def load_client_config(path: Path) -> ClientConfig:
         connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
         log_level=client.choice("logLevel", "info", LOG_LEVELS),
+        proxy=client.optional_string("proxy"),
         local=LocalTarget(
             host=local.string("host", "localhost"),
             port=local.integer("port", 8080, low=1, high=65535),
@@ -96,6 +98,8 @@ pingInterval = 15
 reconnectMaxDelay = 5
 # debug, info, warning or error
 logLevel = "info"
+# Reach the server through an HTTP CONNECT proxy (HTTPS_PROXY is used when this is unset).
+# proxy = "http://user:password@proxy.example.com:3128"
 
 [client.vitae]
 brand = "ce"

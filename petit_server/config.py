@@ -25,6 +25,15 @@ class ServerConfig:
     certificate: Path
     key: Path
     first_port: int = 11081
+    tcp_addr: str = "0.0.0.0"  # noqa: S104 - per-registration TCP ports are public by design
+    secure_proxy_port: int = 8453
+    https_certificate: Path | None = None  # PEM, may hold the intermediate chain after the leaf
+    https_key: Path | None = None
+    https_chain: Path | None = None
+    https_pkcs12: Path | None = None
+    https_pkcs12_password: str | None = field(default=None, repr=False)
+    https_redirect: bool = False
+    require_token: bool = False
     ping_interval: float = 15.0
     handshake_timeout: float = 10.0
     open_timeout: float = 15.0
@@ -62,6 +71,15 @@ def load_server_config(path: Path) -> ServerConfig:
         certificate=server.path("certificate", "./certificates/server.crt"),
         key=server.path("key", "./certificates/server.key"),
         first_port=server.port("firstPort", 11081),
+        tcp_addr=server.string("tcpAddr", "0.0.0.0"),  # noqa: S104
+        secure_proxy_port=server.port("secureProxyPort", 8453),
+        https_certificate=server.optional_path("httpsCertificate"),
+        https_key=server.optional_path("httpsKey"),
+        https_chain=server.optional_path("httpsChain"),
+        https_pkcs12=server.optional_path("httpsPkcs12"),
+        https_pkcs12_password=server.optional_string("httpsPkcs12Password"),
+        https_redirect=server.boolean("httpsRedirect", False),
+        require_token=server.boolean("requireToken", False),
         ping_interval=server.number("pingInterval", 15.0, low=0.05, high=3600),
         handshake_timeout=server.number("handshakeTimeout", 10.0, low=0.1, high=600),
         open_timeout=server.number("openTimeout", 15.0, low=0.1, high=600),
@@ -94,8 +112,22 @@ registryfile = "./registry.json"
 # TLS certificate (may include the intermediate chain) and key of the tunnel endpoint.
 certificate = "./certificates/server.crt"
 key = "./certificates/server.key"
-# First raw TCP port handed to a registration.
+# First raw TCP port handed to a registration, and the address those ports listen on.
 firstPort = 11081
+tcpAddr = "0.0.0.0"
+# HTTPS ingress, enabled when a certificate is configured: a PEM certificate (the
+# intermediate chain may follow the leaf, or go in httpsChain) and key, or a PKCS#12 file.
+# Files replaced on disk are picked up without a restart.
+secureProxyPort = 8453
+# httpsCertificate = "./certificates/public.crt"
+# httpsKey = "./certificates/public.key"
+# httpsChain = "./certificates/chain.crt"
+# httpsPkcs12 = "./certificates/public.p12"
+# httpsPkcs12Password = "secret"
+# Answer plain HTTP with a redirect to HTTPS (when HTTPS is enabled).
+httpsRedirect = false
+# Require a one-time enrollment token (petit-server token create) to register.
+requireToken = false
 # Seconds between keepalive pings; a tunnel silent for two intervals is dropped.
 pingInterval = 15
 # Seconds a public request waits for the client to reach its local service.
