@@ -1,6 +1,6 @@
 """The demo's private service: answers GET with a greeting and echoes POST bodies.
 
-Run: python demo/backend.py PORT  (listens on 127.0.0.1 only)
+Run: python demo/backend.py PORT [HOST]  (HOST defaults to 127.0.0.1)
 """
 
 from __future__ import annotations
@@ -43,4 +43,5 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    http.server.ThreadingHTTPServer((host, port), Handler).serve_forever()

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Container entrypoint of petit-server: create the state on first start, then run in the
+# foreground as PID 1's child-free main process, so SIGTERM/SIGINT (docker stop, Ctrl-C)
+# reach it and it exits 0 after draining. A lock left by kill -9 is taken over by start.
+set -eu
+config=/var/lib/petit/config.toml
+if [ ! -f "$config" ]; then
+  petit-server init -c "$config" --hostname "${PETIT_HOSTNAME:-localhost}"
+  # The control port listens on the container's interfaces so the host's loopback-only
+  # published port reaches it; the allow-list admits loopback and the compose network.
+  sed -i -e 's/^listenAddr = .*/listenAddr = "0.0.0.0"/' \
+    -e "s|^listenAllow = .*|listenAllow = [\"127.0.0.1\", \"::1\", \"${PETIT_CONTROL_ALLOW:-172.28.0.0/16}\"]|" \
+    -e "s|^endpoint = .*|endpoint = \"${PETIT_ENDPOINT:-http://REGID.localhost:8090}\"|" "$config"
+fi
+exec petit-server start --foreground -c "$config"
