@@ -3,7 +3,7 @@
 # foreground as PID 1's child-free main process, so SIGTERM/SIGINT (docker stop, Ctrl-C)
 # reach it and it exits 0 after draining. A lock left by kill -9 is taken over by start.
 set -eu
-config=/var/lib/petit/config.toml
+config=${PETIT_STATE:-/var/lib/petit}/config.toml
 if [ ! -f "$config" ]; then
   petit-server init -c "$config" --hostname "${PETIT_HOSTNAME:-localhost}"
   # The control port listens on the container's interfaces so the host's loopback-only
