@@ -1,0 +1,452 @@
+"""petit against ``ssh -R`` and a direct connection, side by side in one run.
+
+One command starts nginx on loopback as the backend (1 KiB and 10 MiB files), a private
+sshd with an ``ssh -R`` tunnel (its own config, keys and port; never the system sshd), and a
+petit server + client; then measures each path to the same nginx: wrk at 16 and 64
+keep-alive connections (req/s, p50, p99), one and four parallel 10 MiB downloads (MB/s),
+the time of one request on a new connection, and the RSS of petit's processes idle, under
+load and after. Only ratios from the same run mean anything: absolute figures drift.
+
+Usage: python bench/run.py [--smoke] [--duration S] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+ONE_KIB = "1k.bin"
+TEN_MIB = "10m.bin"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, what: str, timeout: float = 20.0) -> None:
+    """Block until something accepts on 127.0.0.1:port (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)  # noqa: TID251 - a benchmark script, polling another process
+    raise SystemExit(f"bench: {what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@dataclass
+class Bench:
+    """Everything started for one run; torn down by ``close``."""
+
+    root: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    cleanups: list[list[str]] = field(default_factory=list)
+
+    def spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
+        """Start a helper process whose output goes to a log file in the run directory."""
+        with (self.root / log).open("ab") as output:
+            process = subprocess.Popen(
+                argv, stdout=output, stderr=output, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.processes.append(process)
+        return process
+
+    def run(self, argv: list[str]) -> str:
+        """Run a command to completion; its stdout."""
+        return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+
+    def close(self) -> None:
+        """Stop everything this run started."""
+        for argv in reversed(self.cleanups):
+            subprocess.run(argv, check=False, capture_output=True, timeout=30)
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+    # ------------------------------------------------------------------ the three paths
+
+    def start_nginx(self) -> int:
+        """nginx serving the test files on a loopback port."""
+        html = self.root / "html"
+        html.mkdir()
+        (html / ONE_KIB).write_bytes(os.urandom(1024))
+        (html / TEN_MIB).write_bytes(os.urandom(10 * 1024 * 1024))
+        port = free_port()
+        prefix = self.root / "nginx"
+        (prefix / "logs").mkdir(parents=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            f"""
+user root root;
+worker_processes 1;
+error_log {prefix}/logs/error.log;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; root {html}; }}
+}}
+"""
+        )
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.spawn([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], "nginx.log")
+        wait_listening(port, "nginx")
+        return port
+
+    def start_ssh_tunnel(self, backend_port: int) -> int:
+        """A private sshd and ``ssh -R`` exposing the backend on a remote-forwarded port."""
+        ssh_dir = self.root / "ssh"
+        ssh_dir.mkdir(mode=0o700)
+        for name in ("host_key", "client_key"):
+            self.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_dir / name)])
+        (ssh_dir / "authorized_keys").write_text((ssh_dir / "client_key.pub").read_text())
+        sshd_port, forwarded_port = free_port(), free_port()
+        config = ssh_dir / "sshd_config"
+        config.write_text(
+            f"""
+Port {sshd_port}
+ListenAddress 127.0.0.1
+HostKey {ssh_dir}/host_key
+PidFile {ssh_dir}/sshd.pid
+AuthorizedKeysFile {ssh_dir}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding remote
+GatewayPorts no
+"""
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], "sshd.log")
+        wait_listening(sshd_port, "sshd")
+        self.spawn(
+            [
+                "ssh",
+                "-N",
+                "-p",
+                str(sshd_port),
+                "-i",
+                str(ssh_dir / "client_key"),
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                f"UserKnownHostsFile={ssh_dir}/known_hosts",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-o",
+                "ServerAliveInterval=15",
+                "-R",
+                f"127.0.0.1:{forwarded_port}:127.0.0.1:{backend_port}",
+                f"{os.environ.get('USER', 'root')}@127.0.0.1",
+            ],
+            "ssh.log",
+        )
+        wait_listening(forwarded_port, "the ssh -R forward")
+        return forwarded_port
+
+    def start_petit(self, backend_port: int) -> tuple[int, str, dict[str, int]]:
+        """petit server + registered client; (ingress port, Host header, pids)."""
+        server_config = self.root / "server" / "config.toml"
+        client_config = self.root / "client" / "config.toml"
+        petit_server, petit_client = str(VENV_BIN / "petit-server"), str(VENV_BIN / "petit-client")
+        self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"])
+        _set(server_config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0")
+        self.run([petit_server, "start", "-c", str(server_config)])
+        self.cleanups.append([petit_server, "stop", "-c", str(server_config)])
+        server_pid, server_ports = _pid_file(server_config.parent / "server.pid")
+        self.run(
+            [
+                petit_client,
+                "init",
+                "-c",
+                str(client_config),
+                "--server",
+                f"localhost:{server_ports['tunnel']}",
+                "--ca",
+                str(server_config.parent / "certificates" / "ca.crt"),
+                "--local",
+                f"127.0.0.1:{backend_port}",
+            ]
+        )
+        _set(client_config, listenPort="0")
+        registered = self.run([petit_client, "register", "-c", str(client_config)])
+        match = re.search(r"Registered with ID (\d+)", registered)
+        if match is None:
+            raise SystemExit(f"bench: petit-client register said: {registered}")
+        self.run([petit_client, "start", "-c", str(client_config)])
+        self.cleanups.append([petit_client, "stop", "-c", str(client_config)])
+        client_pid, _ = _pid_file(client_config.parent / "client.pid")
+        http_port = server_ports["http"]
+        host = f"{match.group(1)}.localhost"
+        deadline = time.monotonic() + 20
+        while _status(http_port, host, ONE_KIB) != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the petit tunnel did not come up within 20 s")
+            time.sleep(0.05)  # noqa: TID251
+        return http_port, host, {"server": server_pid, "client": client_pid}
+
+
+def _set(config: Path, **values: str) -> None:
+    text = config.read_text()
+    for key, value in values.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    config.write_text(text)
+
+
+def _pid_file(path: Path) -> tuple[int, dict[str, int]]:
+    """The daemon's pid and bound ports, from its pid file."""
+    document = json.loads(path.read_text())
+    return int(document["pid"]), {k: int(v) for k, v in document.get("ports", {}).items()}
+
+
+def _status(port: int, host: str, path: str) -> int:
+    result = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            f"Host: {host}",
+            f"http://127.0.0.1:{port}/{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return int(result.stdout or 0)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to reach nginx: a port and the Host header to send."""
+
+    name: str
+    port: int
+    host: str
+
+
+def wrk(target: Route, connections: int, duration: float) -> dict[str, float]:
+    """req/s, p50 and p99 (ms) for the 1 KiB file at ``connections`` keep-alive connections."""
+    output = subprocess.run(
+        [
+            "wrk",
+            "--latency",
+            "-t",
+            "2",
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration:g}s",
+            "-H",
+            f"Host: {target.host}",
+            f"http://127.0.0.1:{target.port}/{ONE_KIB}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
+    requests = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "req_s": requests,
+        "p50_ms": _latency(output, "50%"),
+        "p99_ms": _latency(output, "99%"),
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def _latency(output: str, percentile: str) -> float:
+    match = re.search(rf"^\s+{re.escape(percentile)}\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    if match is None:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def downloads(target: Route, parallel: int) -> float:
+    """MB/s for ``parallel`` simultaneous 10 MiB downloads, each on its own connection."""
+    argv = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-H",
+        f"Host: {target.host}",
+        f"http://127.0.0.1:{target.port}/{TEN_MIB}",
+    ]
+    started = time.perf_counter()
+    running = [subprocess.Popen(argv) for _ in range(parallel)]
+    for process in running:
+        if process.wait(timeout=300) != 0:
+            raise SystemExit(f"bench: a 10 MiB download through {target.name} failed")
+    elapsed = time.perf_counter() - started
+    return parallel * 10 * 1024 * 1024 / elapsed / 1e6
+
+
+def first_request_ms(target: Route, repeats: int) -> float:
+    """Median time of one request on a new connection (curl's total time)."""
+    times = []
+    for _ in range(repeats):
+        result = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "-H",
+                f"Host: {target.host}",
+                f"http://127.0.0.1:{target.port}/{ONE_KIB}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        times.append(float(result.stdout) * 1000)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def bench_environment() -> Iterator[Bench]:
+    """A temporary run directory with everything torn down afterwards."""
+    with tempfile.TemporaryDirectory(prefix="petit-bench-") as root:
+        bench = Bench(Path(root))
+        try:
+            yield bench
+        finally:
+            bench.close()
+
+
+def measure(duration: float, repeats: int, download_rounds: int) -> dict[str, object]:
+    """Run every measurement on the three paths; return the figures."""
+    with bench_environment() as bench:
+        backend = bench.start_nginx()
+        ssh_port = bench.start_ssh_tunnel(backend)
+        petit_port, petit_host, pids = bench.start_petit(backend)
+        paths = [
+            Route("direct", backend, "localhost"),
+            Route("ssh -R", ssh_port, "localhost"),
+            Route("petit", petit_port, petit_host),
+        ]
+        memory = {f"{role}_idle_mb": rss_mb(pid) for role, pid in pids.items()}
+        results: dict[str, dict[str, float]] = {p.name: {} for p in paths}
+        for target in paths:
+            figures = results[target.name]
+            for connections in (16, 64):
+                for key, value in wrk(target, connections, duration).items():
+                    figures[f"c{connections}_{key}"] = value
+            if target.name == "petit":
+                memory.update({f"{r}_load_mb": rss_mb(pid) for r, pid in pids.items()})
+            figures["download_1x_mb_s"] = max(downloads(target, 1) for _ in range(download_rounds))
+            figures["download_4x_mb_s"] = max(downloads(target, 4) for _ in range(download_rounds))
+            figures["new_connection_ms"] = first_request_ms(target, repeats)
+        memory.update({f"{role}_after_mb": rss_mb(pid) for role, pid in pids.items()})
+        return {"paths": results, "memory": memory, "duration_s": duration}
+
+
+ROWS = [
+    ("c16_req_s", "req/s, 1 KiB, 16 conns", True),
+    ("c16_p50_ms", "p50 ms, 16 conns", False),
+    ("c16_p99_ms", "p99 ms, 16 conns", False),
+    ("c64_req_s", "req/s, 1 KiB, 64 conns", True),
+    ("c64_p50_ms", "p50 ms, 64 conns", False),
+    ("c64_p99_ms", "p99 ms, 64 conns", False),
+    ("download_1x_mb_s", "MB/s, one 10 MiB download", True),
+    ("download_4x_mb_s", "MB/s, four 10 MiB downloads", True),
+    ("new_connection_ms", "ms, one request, new conn", False),
+]
+
+
+def _ratio(petit: float, base: float, higher_is_better: bool) -> float:
+    if not petit or not base:
+        return float("nan")
+    return petit / base if higher_is_better else base / petit
+
+
+def table(results: dict[str, object]) -> str:
+    """The figures with petit/ssh and petit/direct ratios (>1 is better for petit)."""
+    paths = results["paths"]
+    assert isinstance(paths, dict)
+    header = ("measure", "direct", "ssh -R", "petit", "petit/ssh", "petit/direct")
+    lines = ["{:30} {:>10} {:>10} {:>10} {:>10} {:>12}".format(*header)]
+    for key, label, higher_is_better in ROWS:
+        direct, ssh, petit = (paths[name][key] for name in ("direct", "ssh -R", "petit"))
+        lines.append(
+            f"{label:30} {direct:10.2f} {ssh:10.2f} {petit:10.2f} "
+            f"{_ratio(petit, ssh, higher_is_better):10.2f} "
+            f"{_ratio(petit, direct, higher_is_better):12.3f}"
+        )
+    lines.append(
+        "(ratios: >1 means petit is better; latency ratios are ssh/petit and direct/petit)"
+    )
+    memory = results["memory"]
+    assert isinstance(memory, dict)
+    lines.append(
+        "petit RSS MB: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in sorted(memory.items()))
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse options, measure, print the table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, not minutes: only proves every figure is produced",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
+    options = parser.parse_args()
+    if options.smoke:
+        results = measure(duration=1.0, repeats=3, download_rounds=1)
+    else:
+        results = measure(duration=options.duration, repeats=21, download_rounds=3)
+    print(table(results))
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"figures written to {options.json}")
+
+
+if __name__ == "__main__":
+    main()

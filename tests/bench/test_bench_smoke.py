@@ -1,0 +1,50 @@
+"""The benchmark runs end to end in smoke mode and produces every figure (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = ("direct", "ssh -R", "petit")
+FIGURES = (
+    "c16_req_s",
+    "c16_p50_ms",
+    "c16_p99_ms",
+    "c64_req_s",
+    "c64_p50_ms",
+    "c64_p99_ms",
+    "download_1x_mb_s",
+    "download_4x_mb_s",
+    "new_connection_ms",
+)
+
+
+@pytest.mark.integration
+def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "petit/ssh" in result.stdout
+    figures = json.loads(output.read_text())
+    for path in PATHS:
+        for name in FIGURES:
+            value = figures["paths"][path][name]
+            assert math.isfinite(value), (path, name)
+            assert value > 0, (path, name)
+        assert figures["paths"][path]["c64_non_2xx"] == 0, path
+    memory = figures["memory"]
+    for role in ("server", "client"):
+        for phase in ("idle", "load", "after"):
+            assert memory[f"{role}_{phase}_mb"] > 0
