@@ -1,11 +1,14 @@
 """The tunnel's carrier: binary WebSocket messages over TLS (trio-websocket).
 
 The client opens the TLS connection itself, rather than through ``open_websocket_url``, so
-it can read the server certificate it verified and bind its fingerprint into the handshake.
+it can read the server certificate it verified and bind its fingerprint into the handshake,
+and so that connection may run through an HTTP CONNECT proxy (``petit.proxy``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,12 +24,17 @@ from trio_websocket import (
 
 from petit.errors import PetitError, RemoteProtocolError
 from petit.pki import certificate_fingerprint
+from petit.proxy import ConnectHandshake, ProxyError, ProxyURL, select_proxy
+
+log = logging.getLogger("petit.transport")
 
 TUNNEL_PATH = "/petit/v1"
 REGISTER_PATH = "/petit/v1/register"
+UNREGISTER_PATH = "/petit/v1/unregister"
 # trio-websocket reads 4 KiB at a time by default, which costs about half the throughput.
 RECEIVE_BUFFER = 256 * 1024  # bytes
 MAX_MESSAGE = 4 * 1024 * 1024  # bytes; our writer sends at most 256 KiB per message
+PROXY_RECEIVE = 16 * 1024  # bytes per read of the proxy's CONNECT answer
 
 
 class ServerUnreachableError(PetitError):
@@ -76,24 +84,31 @@ class ServerAddress:
 
 @asynccontextmanager
 async def open_websocket(
-    address: ServerAddress, ssl_context: ssl.SSLContext, path: str
+    address: ServerAddress, ssl_context: ssl.SSLContext, path: str, *, proxy: str | None = None
 ) -> AsyncIterator[tuple[WebSocketConnection, bytes]]:
     """Dial the server; yield the WebSocket and the SHA-256 of the certificate it presented.
 
+    ``proxy`` is the configured proxy URL; without one, HTTPS_PROXY applies. NO_PROXY is
+    honoured either way (curl's rules, see ``petit.proxy.select_proxy``). TLS verification
+    and SNI are for the server itself, proxy or not.
+
     Raises:
-        ServerUnreachableError: connection refused, TLS verification failed, or no WebSocket.
+        ConfigError: the proxy URL that applies is not a usable http:// URL.
+        ServerUnreachableError: connection refused, proxy refused, TLS verification failed,
+            or no WebSocket.
     """
-    try:
-        tcp = await trio.open_tcp_stream(address.host, address.port)
-    except OSError as exc:
-        raise ServerUnreachableError(f"cannot reach the server at {address}: {exc}") from None
+    via = select_proxy(address.host, proxy, os.environ)
+    through = f" through the proxy {via}" if via is not None else ""
+    tcp = await _open_stream(address, via)
     tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
     try:
         await tls.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError) as exc:
         await trio.aclose_forcefully(tls)
         cause = exc.__cause__ or exc
-        raise ServerUnreachableError(f"TLS with the server at {address} failed: {cause}") from None
+        raise ServerUnreachableError(
+            f"TLS with the server at {address}{through} failed: {cause}"
+        ) from None
     certificate = tls.getpeercert(binary_form=True)
     assert certificate is not None, "a verified TLS peer always has a certificate"
     async with trio.open_nursery() as nursery:
@@ -109,7 +124,7 @@ async def open_websocket(
         except (HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(tls)
             raise ServerUnreachableError(
-                f"the server at {address} did not accept a WebSocket on {path}: {exc}"
+                f"the server at {address}{through} did not accept a WebSocket on {path}: {exc}"
             ) from None
         try:
             yield websocket, certificate_fingerprint(certificate)
@@ -117,3 +132,44 @@ async def open_websocket(
             with trio.move_on_after(1, shield=True):
                 await websocket.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def _open_stream(address: ServerAddress, proxy: ProxyURL | None) -> trio.SocketStream:
+    """A TCP stream to the server: direct, or a tunnel opened by CONNECT through ``proxy``."""
+    if proxy is None:
+        try:
+            return await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            raise ServerUnreachableError(
+                f"cannot reach the server at {address}: {_why(exc)}"
+            ) from None
+    log.debug("connecting to %s through the proxy %s", address, proxy)
+    try:
+        tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
+    except OSError as exc:
+        raise ServerUnreachableError(f"cannot reach the proxy {proxy}: {_why(exc)}") from None
+    handshake = ConnectHandshake(proxy, address.host, address.port)
+    try:
+        await tcp.send_all(handshake.request)
+        while not handshake.receive_data(await tcp.receive_some(PROXY_RECEIVE)):
+            pass
+    except BaseException as exc:
+        await trio.aclose_forcefully(tcp)
+        if isinstance(exc, ProxyError):
+            raise ServerUnreachableError(str(exc)) from None
+        if isinstance(exc, trio.BrokenResourceError):
+            raise ServerUnreachableError(
+                f"the proxy {proxy} dropped the connection during CONNECT to {address}: {exc}"
+            ) from None
+        raise
+    return tcp
+
+
+def _why(exc: OSError) -> str:
+    """Why a connect failed, in the system's words ("Connection refused")."""
+    attempts = exc.__cause__  # trio groups the errors of each address it tried
+    last = attempts.exceptions[-1] if isinstance(attempts, BaseExceptionGroup) else exc
+    failure = last if isinstance(last, OSError) else exc
+    if failure.errno is not None and failure.errno > 0:
+        return os.strerror(failure.errno)
+    return failure.strerror or str(failure)  # resolver errors have negative codes
