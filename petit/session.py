@@ -26,6 +26,7 @@ import operator
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -135,6 +136,7 @@ class TunnelSession:
         self._streams_changed = trio.Event()
         self._handler_nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
+        self._pong_waiters: dict[bytes, trio.Event] = {}  # ping opaque -> set by its PONG
         self.closed = trio.Event()
         self.going_away: GoAwayReceived | None = None
         self.close_reason = ""
@@ -256,8 +258,9 @@ class TunnelSession:
                     stream._abort(code)
             case PingReceived():
                 self.schedule_send()
-            case PongReceived():
-                pass
+            case PongReceived(opaque=opaque):
+                if (waiter := self._pong_waiters.pop(opaque, None)) is not None:
+                    waiter.set()
             case GoAwayReceived():
                 self.going_away = event
                 self.close_reason = f"peer is going away ({event.code.name}) {event.reason}"
@@ -312,6 +315,8 @@ class TunnelSession:
         for stream in list(self._streams.values()):
             stream._abort(None)
         self._streams.clear()
+        for waiter in self._pong_waiters.values():
+            waiter.set()  # left in the dict: ping_round_trip sees it was never answered
         self.closed.set()
         self._streams_changed.set()
 
@@ -363,6 +368,42 @@ class TunnelSession:
             stream._close_locally()
             raise
         return stream
+
+    async def ping_round_trip(self) -> float:
+        """Ping the peer; return the seconds until its PONG. The caller bounds the wait.
+
+        Raises:
+            SessionClosedError: the session ended before the answer came.
+        """
+        if self.closed.is_set():
+            raise SessionClosedError(self.close_reason or "the tunnel session is closed")
+        opaque = secrets.token_bytes(8)
+        answered = trio.Event()
+        self._pong_waiters[opaque] = answered
+        began = trio.current_time()
+        try:
+            try:
+                self.connection.ping(opaque)
+            except LocalProtocolError as exc:
+                raise SessionClosedError(str(exc)) from None
+            self.schedule_send()
+            await answered.wait()
+        finally:
+            unanswered = self._pong_waiters.pop(opaque, None) is not None
+        if unanswered:
+            raise SessionClosedError(self.close_reason or "the tunnel closed before the pong")
+        return trio.current_time() - began
+
+    def close(self, reason: str) -> None:
+        """End a serving session now: the peer gets a GOAWAY, streams break, ``serve`` returns.
+
+        Unlike cancelling ``serve`` from outside, the carrier stays usable long enough to
+        tell the peer and close cleanly.
+        """
+        self.close_reason = reason
+        self.connection.close(ErrorCode.NO_ERROR, reason)
+        if self._handler_nursery is not None:
+            self._handler_nursery.cancel_scope.cancel()
 
     def go_away(self, reason: str) -> None:
         """Tell the peer we are draining: nothing new opens; in-flight streams go on."""
@@ -575,27 +616,41 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> None:
+@dataclass(slots=True)
+class Traffic:
+    """Bytes ``splice`` copied each way; one instance may add up many streams."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+
+
+async def splice(a: trio.abc.Stream, b: trio.abc.Stream, traffic: Traffic | None = None) -> None:
     """Copy bytes both ways until both directions reached EOF, passing half-closes on.
 
-    If either side breaks, both directions stop (the caller closes both streams).
+    A side that cannot half-close (a TLS stream) just stops receiving in that direction
+    after EOF; the other direction goes on. If either side breaks, both directions stop
+    (the caller closes both streams). ``traffic`` is updated as bytes go.
     """
+    counts = traffic or Traffic()
 
     async def pump(
-        source: trio.abc.HalfCloseableStream,
-        sink: trio.abc.HalfCloseableStream,
-        cancel_scope: trio.CancelScope,
+        source: trio.abc.Stream, sink: trio.abc.Stream, forward: bool, scope: trio.CancelScope
     ) -> None:
         try:
             while chunk := await source.receive_some(RECEIVE_CHUNK):
                 await sink.send_all(chunk)
-            await sink.send_eof()
+                if forward:
+                    counts.a_to_b += len(chunk)
+                else:
+                    counts.b_to_a += len(chunk)
+            if isinstance(sink, trio.abc.HalfCloseableStream):
+                await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            cancel_scope.cancel()
+            scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, a, b, nursery.cancel_scope)
-        nursery.start_soon(pump, b, a, nursery.cancel_scope)
+        nursery.start_soon(pump, a, b, True, nursery.cancel_scope)
+        nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
 
 
 def _first_failure(group: ExceptionGroup[Exception]) -> Exception:

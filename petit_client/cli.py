@@ -1,22 +1,32 @@
-"""``petit-client``: register with a petit server and keep the tunnel to a private service up."""
+"""``petit-client``: register with a petit server and keep the tunnel to a private service up.
+
+Commands that change the registrations (register, unregister, evict) tell a running client
+to RELOAD, so it serves the new set without a restart.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+import tomli_w
 import trio
+from trio_websocket import ConnectionClosed
 
 from petit import __version__, messages
 from petit.auth import (
+    b64decode,
     generate_key,
+    is_valid_id,
     private_key_to_pem,
     public_key_raw,
     register_transcript,
     sign,
+    unregister_transcript,
 )
 from petit.cli import (
     CliError,
@@ -29,21 +39,43 @@ from petit.cli import (
     stop_daemon,
     verbose_option,
 )
-from petit.errors import ConfigError
+from petit.config import LOG_LEVELS
+from petit.errors import ConfigError, RemoteProtocolError
+from petit.lockfile import read_pid
 from petit.pki import client_ssl_context
 from petit.statefile import write_atomic
-from petit.transport import REGISTER_PATH, ServerAddress, open_websocket
+from petit.transport import (
+    REGISTER_PATH,
+    UNREGISTER_PATH,
+    ServerAddress,
+    ServerUnreachableError,
+    open_websocket,
+)
 from petit_client.config import (
     DEFAULT_CONFIG_PATH,
     ClientConfig,
+    LocalTarget,
+    config_document,
     default_config_text,
     load_client_config,
 )
 from petit_client.service import ClientService
-from petit_client.tenants import DEFAULT_TENANT, registered_tenants, save_registration
+from petit_client.tenants import (
+    DEFAULT_TENANT,
+    Registration,
+    Tenant,
+    all_tenants,
+    forget_registration,
+    new_lease,
+    registered_tenants,
+    remove_tenant,
+    save_registration,
+    tenants_directory,
+)
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Client")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RequestFor = Callable[[bytes, bytes], dict[str, object]]  # (nonce, server cert fingerprint)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,6 +90,52 @@ def _parse_server(value: str) -> ServerAddress:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"{value!r}: expected HOST or HOST:PORT")
     return ServerAddress(host, int(port))
+
+
+def _load(config_path: Path) -> ClientConfig:
+    with exit_codes():
+        return load_client_config(config_path)
+
+
+def _tenants(config: ClientConfig) -> list[Tenant]:
+    with exit_codes():
+        return all_tenants(config)
+
+
+def _control_host(config: ClientConfig) -> str:
+    """Where this machine reaches the control port (a wildcard address means loopback)."""
+    wildcards = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped away, never bound
+    return wildcards.get(config.listen_addr, config.listen_addr)
+
+
+def _ask_client(config: ClientConfig, command: str) -> dict[str, object]:
+    """Send a control command to the running client; CliError unless it succeeded."""
+    with exit_codes():
+        info = running_daemon(config.directory, "client")
+        reply = control_command(_control_host(config), info.listen, command)
+    if not reply.get("success"):
+        raise CliError(str(reply.get("error", reply)), ExitCode.FAILURE)
+    return reply
+
+
+def _reload_running_client(config: ClientConfig) -> None:
+    """Make a running client pick up changed registrations (nothing to do if none runs)."""
+    info = read_pid(config.directory, "client")
+    if info is None:
+        return
+    try:
+        _ask_client(config, "RELOAD")
+    except CliError as exc:
+        click.echo(
+            f"warning: the running client did not reload ({exc.format_message()}); "
+            f"restart it with petit-client stop, then start, -c {config.path}",
+            err=True,
+        )
+        return
+    click.echo(f"Client on pid {info.pid} reloaded.")
+
+
+# ----------------------------------------------------------------------------- setup
 
 
 @main.command()
@@ -105,65 +183,288 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
 @main.command()
 @config_option
 @verbose_option
-@click.option("-t", "--tenant", "tenant", default=None, help="Register under this tenant name.")
-def register(config_path: Path, verbose: bool, tenant: str | None) -> None:
+@click.option(
+    "-l", "--host", "host", metavar="HOST", help="Local service host (default: [client.local])."
+)
+@click.option(
+    "-p",
+    "--port",
+    "port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Local service port (default: [client.local]).",
+)
+@click.option("-s", "--secure", is_flag=True, help="Reach the local service over TLS.")
+def lease(
+    config_path: Path, verbose: bool, host: str | None, port: int | None, secure: bool
+) -> None:
+    """Make a new, unregistered tenant for another local service (then: register)."""
+    config = _load(config_path)
+    local = LocalTarget(host=host or config.local.host, port=port or config.local.port, tls=secure)
+    with exit_codes():
+        directory = new_lease(config, local)
+    click.echo(f'New lease at "{directory}".')
+
+
+@main.command()
+@config_option
+@verbose_option
+def tenants(config_path: Path, verbose: bool) -> None:
+    """List the tenants: registered ones with their ID, then leases waiting to register."""
+    found = _tenants(_load(config_path))
+    if not found:
+        click.echo("No tenants found.")
+        return
+    click.echo("Found tenants:")
+    for tenant in found:
+        if tenant.registration is not None:
+            click.echo(f" - {tenant.name} {tenant.registration.registration_id}  {tenant.local}")
+        else:
+            click.echo(f"   {tenant.name}  {tenant.local}")
+
+
+@main.command("config")
+@config_option
+@verbose_option
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["toml", "json"]),
+    default="toml",
+    show_default=True,
+    help="How to print the configuration (with json, only the document goes to stdout).",
+)
+def show_config(config_path: Path, verbose: bool, output_format: str) -> None:
+    """Check the configuration and print it as in effect, secrets masked."""
+    config = _load(config_path)
+    with exit_codes():
+        ids = list(registered_tenants(config))
+    registered = "This client isn't registered."
+    if ids:
+        registered = f"Registered with IDs [{', '.join(ids)}]"
+    document = config_document(config)
+    as_json = output_format == "json"
+    click.echo(registered, err=as_json)
+    click.echo(f"Verified configuration file at {config.path}.", err=as_json)
+    click.echo(json.dumps(document, indent=2) if as_json else tomli_w.dumps(document).rstrip())
+
+
+@main.command()
+@config_option
+@verbose_option
+def version(config_path: Path, verbose: bool) -> None:
+    """Print the version."""
+    click.echo(f"petit client version {__version__}")
+
+
+# ----------------------------------------------------------------------------- registrations
+
+
+async def _exchange(
+    config: ClientConfig, path: str, request_for: RequestFor, what: str
+) -> dict[str, object]:
+    """One signed request to the server: its nonce in, our request out, its reply back."""
+    timeout = config.connect_timeout + config.handshake_timeout
+    try:
+        with trio.fail_after(timeout):
+            async with open_websocket(
+                config.server, client_ssl_context(config.ca), path, proxy=config.proxy
+            ) as (websocket, fingerprint):
+                challenge = messages.decode(await websocket.get_message(), what="challenge")
+                nonce = b64decode(str(challenge.get("nonce", "")), what="challenge nonce")
+                await websocket.send_message(messages.encode(request_for(nonce, fingerprint)))
+                return messages.decode(await websocket.get_message(), what=f"{what} reply")
+    except trio.TooSlowError:
+        raise ServerUnreachableError(
+            f"no {what} answer from the server at {config.server} within {timeout:g} s"
+        ) from None
+    except ConnectionClosed:
+        raise ServerUnreachableError(
+            f"the server at {config.server} closed the connection without a {what} answer"
+        ) from None
+
+
+def _signature(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+def _check_reply(reply: dict[str, object], expected_type: str, failure: str) -> None:
+    if reply.get("type") != expected_type:
+        raise CliError(f"{failure}: {reply.get('error', reply)}", ExitCode.AUTH)
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.option(
+    "-t",
+    "--tenant",
+    "tenant",
+    default=None,
+    metavar="NAME",
+    help='Tenant to register (default: the first unregistered lease, else "default").',
+)
+@click.option(
+    "--token",
+    envvar="PETIT_TOKEN",
+    metavar="TOKEN",
+    help="One-time enrollment token, when the server requires one (default: $PETIT_TOKEN).",
+)
+def register(config_path: Path, verbose: bool, tenant: str | None, token: str | None) -> None:
     """Create a key and register it with the server; print the ID and public URL."""
-    with exit_codes():
-        config = load_client_config(config_path)
-    name = tenant or DEFAULT_TENANT
-    if not TENANT_NAME.match(name):
-        raise CliError(
-            f"tenant name {name!r}: use letters, digits, '.', '_' or '-'", ExitCode.USAGE
-        )
-    with exit_codes():
-        existing = {t.name: t for t in registered_tenants(config)}
-    if name in existing:
-        raise CliError(
-            f"Client is already registered as {existing[name].registration_id} (tenant {name}); "
-            "use -t NAME for another registration.",
-            ExitCode.FAILURE,
-        )
+    config = _load(config_path)
+    name = _tenant_to_register(config, tenant)
     click.echo("Generating key ...", err=True)
     key = generate_key()
+    public = public_key_raw(key)
+
+    def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
+        signature = sign(key, register_transcript(nonce, fingerprint, public))
+        return {
+            "type": "register",
+            "public_key": base64.b64encode(public).decode(),
+            "signature": _signature(signature),
+            "vitae": config.vitae,
+            **({"token": token} if token else {}),
+        }
+
     click.echo(f"Registering with {config.server} ...", err=True)
     with exit_codes():
-        reply = trio.run(_register, config, key)
-    if reply.get("type") != "registered":
-        raise CliError(f"Unable to register: {reply.get('error', reply)}", ExitCode.AUTH)
-    rid, port, endpoint = reply.get("id"), reply.get("port"), reply.get("endpoint")
+        reply = trio.run(_exchange, config, REGISTER_PATH, request_for, "registration")
+    _check_reply(reply, "registered", "Unable to register")
     with exit_codes():
-        directory = save_registration(
-            config, name, private_key_to_pem(key), {"id": rid, "port": port, "endpoint": endpoint}
-        )
+        registration = _registration_from(reply)
+        directory = save_registration(config, name, private_key_to_pem(key), registration)
+    rid = registration.registration_id
     click.echo(f'Registered with ID {rid} (tenant "{name}", key in {directory / "key"}).')
-    click.echo(f"Public URL: {endpoint}")
+    click.echo(f"Public URL: {registration.endpoint}")
+    _reload_running_client(config)
 
 
-async def _register(config: ClientConfig, key: object) -> dict[str, object]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    assert isinstance(key, Ed25519PrivateKey)
-    context = client_ssl_context(config.ca)
-    with trio.fail_after(config.connect_timeout + config.handshake_timeout):
-        async with open_websocket(config.server, context, REGISTER_PATH) as (
-            websocket,
-            fingerprint,
-        ):
-            challenge = messages.decode(await websocket.get_message(), what="challenge")
-            nonce = base64.b64decode(str(challenge.get("nonce", "")))
-            public = public_key_raw(key)
-            signature = sign(key, register_transcript(nonce, fingerprint, public))
-            await websocket.send_message(
-                messages.encode(
-                    {
-                        "type": "register",
-                        "public_key": base64.b64encode(public).decode(),
-                        "signature": base64.b64encode(signature).decode(),
-                        "vitae": config.vitae,
-                    }
-                )
+def _tenant_to_register(config: ClientConfig, requested: str | None) -> str:
+    """The named tenant, else the first unregistered lease, else the default tenant."""
+    existing = _tenants(config)
+    if requested is None:
+        waiting = [t for t in existing if t.leased and t.registration is None]
+        name = waiting[0].name if waiting else DEFAULT_TENANT
+    elif TENANT_NAME.match(requested):
+        name = requested
+    else:
+        raise CliError(
+            f"tenant name {requested!r}: use letters, digits, '.', '_' or '-'", ExitCode.USAGE
+        )
+    for tenant in existing:
+        if tenant.name == name and tenant.registration is not None:
+            raise CliError(
+                f"Client is already registered as {tenant.registration.registration_id} "
+                f"(tenant {name}); use -t NAME for another registration.",
+                ExitCode.FAILURE,
             )
-            return messages.decode(await websocket.get_message(), what="registration reply")
+    return name
+
+
+def _registration_from(reply: dict[str, object]) -> Registration:
+    rid, port, endpoint = reply.get("id"), reply.get("port"), reply.get("endpoint", "")
+    if not isinstance(rid, str) or not is_valid_id(rid) or not isinstance(port, int):
+        raise RemoteProtocolError(f"registration reply without a valid 'id' and 'port': {reply}")
+    return Registration(rid, port, str(endpoint))
+
+
+def _unregister(config: ClientConfig, tenant: Tenant) -> None:
+    """Prove the tenant's key to the server, which deletes its registration; drop our files."""
+    assert tenant.registration is not None, "callers pick registered tenants"
+    rid = tenant.registration.registration_id
+    with exit_codes():
+        key = tenant.key()
+
+    def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
+        signature = sign(key, unregister_transcript(nonce, fingerprint, rid))
+        return {"type": "unregister", "id": rid, "signature": _signature(signature)}
+
+    with exit_codes():
+        reply = trio.run(_exchange, config, UNREGISTER_PATH, request_for, "unregistration")
+    _check_reply(reply, "unregistered", f"Unable to unregister {rid} (tenant {tenant.name})")
+    with exit_codes():
+        forget_registration(tenant)
+
+
+def _find_tenant(config: ClientConfig, registration_id: str | None, name: str | None) -> Tenant:
+    """The tenant holding ``registration_id``, or the one called ``name``."""
+    for tenant in _tenants(config):
+        if registration_id is not None:
+            if tenant.registration and tenant.registration.registration_id == registration_id:
+                return tenant
+        elif tenant.name == name:
+            return tenant
+    if registration_id is not None:
+        raise CliError(f"No tenant found with ID {registration_id}.", ExitCode.FAILURE)
+    raise CliError(f"No such tenant {tenants_directory(config) / str(name)}.", ExitCode.FAILURE)
+
+
+def _tenant_options(function: Callable[..., None]) -> Callable[..., None]:
+    """``-r/--regid ID`` and ``-t/--tenant NAME``: which tenant a command acts on."""
+    function = click.option(
+        "-t", "--tenant", "name", metavar="NAME", help="The tenant called NAME."
+    )(function)
+    return click.option(
+        "-r", "--regid", "registration_id", metavar="ID", help="The tenant registered as ID."
+    )(function)
+
+
+@main.command()
+@config_option
+@verbose_option
+@_tenant_options
+@click.option("-a", "--all", "every", is_flag=True, help="Every registered tenant.")
+def unregister(
+    config_path: Path, verbose: bool, registration_id: str | None, name: str | None, every: bool
+) -> None:
+    """Delete registrations on the server (proving their keys), then their keys here.
+
+    Use exactly one of -r, -t or -a. A leased tenant keeps its directory for a new
+    registration; use evict to remove it.
+    """
+    if sum((registration_id is not None, name is not None, every)) != 1:
+        raise CliError("Must use exactly one of -a -r -t.", ExitCode.USAGE)
+    config = _load(config_path)
+    if every:
+        chosen = [t for t in _tenants(config) if t.registration is not None]
+        if not chosen:
+            raise CliError("Client is not registered.", ExitCode.FAILURE)
+    else:
+        chosen = [_find_tenant(config, registration_id, name)]
+        if chosen[0].registration is None:
+            raise CliError(f"Tenant {chosen[0].directory} is not registered.", ExitCode.FAILURE)
+    for tenant in chosen:
+        _unregister(config, tenant)
+    paths = ", ".join(str(t.directory) for t in chosen)
+    click.echo(f"Unregistered all tenants {paths}." if every else f"Unregistered tenant {paths}.")
+    _reload_running_client(config)
+
+
+@main.command()
+@config_option
+@verbose_option
+@_tenant_options
+def evict(config_path: Path, verbose: bool, registration_id: str | None, name: str | None) -> None:
+    """Unregister a tenant if it is registered, then delete its directory (-r or -t)."""
+    if registration_id is None and name is None:
+        raise CliError("No target specified (use '-r' or '-t').", ExitCode.USAGE)
+    if registration_id is not None and name is not None:
+        raise CliError("Can't use '-r' and '-t' together.", ExitCode.USAGE)
+    config = _load(config_path)
+    tenant = _find_tenant(config, registration_id, name)
+    if tenant.registration is not None:
+        _unregister(config, tenant)
+    with exit_codes():
+        if tenant.directory.exists():  # unregistering removed it unless it is a lease
+            remove_tenant(tenant)
+    click.echo(f"Evicted tenant at {tenant.directory}.")
+    if tenant.registration is not None:
+        _reload_running_client(config)
+
+
+# ----------------------------------------------------------------------------- the daemon
 
 
 @main.command()
@@ -172,8 +473,8 @@ async def _register(config: ClientConfig, key: object) -> dict[str, object]:
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
 def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Open the tunnel (in the background unless --foreground) and keep it up."""
+    config = _load(config_path)
     with exit_codes():
-        config = load_client_config(config_path)
         if not registered_tenants(config):
             raise ConfigError(
                 f"This client isn't registered: run petit-client register -c {config.path}"
@@ -195,24 +496,39 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
 @verbose_option
 def stop(config_path: Path, verbose: bool) -> None:
     """Stop the running client (STOP on its control port)."""
-    with exit_codes():
-        config = load_client_config(config_path)
-    click.echo(stop_daemon(config.directory, "client", "127.0.0.1"))
+    config = _load(config_path)
+    click.echo(stop_daemon(config.directory, "client", _control_host(config)))
 
 
 @main.command()
 @config_option
 @verbose_option
 def status(config_path: Path, verbose: bool) -> None:
-    """Show the running client's connection state (JSON)."""
+    """Show the running client's state per registration, traffic and last error (JSON)."""
+    config = _load(config_path)
     with exit_codes():
-        config = load_client_config(config_path)
         info = running_daemon(config.directory, "client")
-        reply = control_command("127.0.0.1", info.listen, "STATUS")
+        reply = control_command(_control_host(config), info.listen, "STATUS")
     click.echo(json.dumps({"pid": info.pid, **reply}, indent=2))
 
 
 @main.command()
-def version() -> None:
-    """Print the version."""
-    click.echo(f"petit client version {__version__}")
+@config_option
+@verbose_option
+def sping(config_path: Path, verbose: bool) -> None:
+    """Ask the running client to ping the server through the tunnel; print the round trip."""
+    reply = _ask_client(_load(config_path), "PING")
+    round_trip = reply.get("roundTrip")
+    if not isinstance(round_trip, int | float):
+        raise CliError(f"the client answered PING without a round trip: {reply}")
+    click.echo(f"Server ping: {round_trip * 1000:.1f} ms")
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+def log(config_path: Path, verbose: bool, level: str) -> None:
+    """Change the running client's log level (debug, info, warning or error)."""
+    reply = _ask_client(_load(config_path), f"LOG {level.lower()}")
+    click.echo(f'Logging level set to "{reply.get("level", level)}".')

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.config import LOG_LEVELS, Table, load_toml, root_table
 from petit.transport import ServerAddress
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
@@ -18,9 +19,24 @@ class LocalTarget:
     host: str = "localhost"
     port: int = 8080
     tls: bool = False
+    tls_verify: bool = True  # only an explicit tlsVerify = false accepts any certificate
+    ca: Path | None = None  # None: the system trust store
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port} ({'tls' if self.tls else 'plain'})"
+
+
+def read_local_target(table: Table, defaults: LocalTarget) -> LocalTarget:
+    """A ``[local]`` table (the client's, or a tenant's over the client's), finished."""
+    target = LocalTarget(
+        host=table.string("host", defaults.host),
+        port=table.integer("port", defaults.port, low=1, high=65535),
+        tls=table.boolean("tls", defaults.tls),
+        tls_verify=table.boolean("tlsVerify", defaults.tls_verify),
+        ca=table.optional_path("ca") or defaults.ca,
+    )
+    table.finish()
+    return target
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +68,6 @@ def load_client_config(path: Path) -> ClientConfig:
     path = path.expanduser().resolve()
     document = load_toml(path, init_hint=f"petit-client init -c {path}")
     client = root_table(document, "client", path)
-    local = client.table("local")
     config = ClientConfig(
         path=path,
         server=ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014)),
@@ -65,16 +80,47 @@ def load_client_config(path: Path) -> ClientConfig:
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
         log_level=client.choice("logLevel", "info", LOG_LEVELS),
         proxy=client.optional_string("proxy"),
-        local=LocalTarget(
-            host=local.string("host", "localhost"),
-            port=local.integer("port", 8080, low=1, high=65535),
-            tls=local.boolean("tls", False),
-        ),
+        local=read_local_target(client.table("local"), LocalTarget()),
         vitae=client.scalars("vitae"),
     )
-    local.finish()
     client.finish()
     return config
+
+
+def config_document(config: ClientConfig) -> dict[str, object]:
+    """The effective config in the file's own layout, safe to print: no proxy password."""
+    client: dict[str, object] = {
+        "host": config.server.host,
+        "backPort": config.server.port,
+        **({"ca": str(config.ca)} if config.ca else {}),
+        "listenAddr": config.listen_addr,
+        "listenPort": config.listen_port,
+        "pingInterval": config.ping_interval,
+        "handshakeTimeout": config.handshake_timeout,
+        "connectTimeout": config.connect_timeout,
+        "reconnectMaxDelay": config.reconnect_max_delay,
+        "logLevel": config.log_level,
+        **({"proxy": mask_password(config.proxy)} if config.proxy else {}),
+        "vitae": dict(config.vitae),
+        "local": {
+            "host": config.local.host,
+            "port": config.local.port,
+            "tls": config.local.tls,
+            "tlsVerify": config.local.tls_verify,
+            **({"ca": str(config.local.ca)} if config.local.ca else {}),
+        },
+    }
+    return {"client": client}
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``****``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_part, _, host_part = parts.netloc.rpartition("@")
+    user = user_part.partition(":")[0]
+    return parts._replace(netloc=f"{user}:****@{host_part}").geturl()
 
 
 def default_config_text(*, host: str, port: int, ca: str | None) -> str:
@@ -89,7 +135,7 @@ backPort = {port}
 # CA that signed the server certificate (pinned at init); without it the system
 # trust store is used. Verification is never off.
 {ca_line}
-# Control port (STOP, STATUS, PING terminated by \\x03), loopback only.
+# Control port (STOP, STATUS, PING, LOG <level>, RELOAD, each ended by \\x03), loopback only.
 listenAddr = "127.0.0.1"
 listenPort = 3015
 # Seconds between keepalive pings; a tunnel silent for two intervals is re-dialled.
@@ -104,9 +150,13 @@ logLevel = "info"
 [client.vitae]
 brand = "ce"
 
-# The private service the server's callers reach.
+# The private service the server's callers reach. With tls = true its certificate is
+# verified against the system trust store, or against the CA pinned with ca; set
+# tlsVerify = false only for a self-signed local service you trust.
 [client.local]
 host = "localhost"
 port = 8080
 tls = false
+tlsVerify = true
+# ca = "./local-ca.crt"
 """

@@ -2,8 +2,10 @@
 
 The reconnect loop retries forever with capped exponential backoff and full jitter, so a
 fleet of clients does not stampede a server that comes back. Each stream the server opens is
-dialled to its registration's local target before it is accepted, so the server can answer
-502 at once when the private service is down.
+dialled to its registration's local target (over verified TLS when the target says so)
+before it is accepted, so the server can answer 502 at once when the private service is down.
+RELOAD re-reads the tenants; when the set of registrations changed, the session is replaced
+at once, since a session claims its registrations only in its handshake.
 """
 
 from __future__ import annotations
@@ -12,32 +14,43 @@ import logging
 import math
 import platform
 import random
+import ssl
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import trio
 from trio_websocket import WebSocketConnection
 
 from petit import __version__
 from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
+from petit.config import LOG_LEVELS
 from petit.connection import Role, TunnelConnection
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
 from petit.lockfile import ProcessLock
 from petit.pki import client_ssl_context
-from petit.session import KeepaliveTimeoutError, TunnelSession, TunnelStream, splice
+from petit.session import (
+    KeepaliveTimeoutError,
+    SessionClosedError,
+    Traffic,
+    TunnelSession,
+    TunnelStream,
+    splice,
+)
 from petit.transport import (
     TUNNEL_PATH,
     ServerUnreachableError,
     WebSocketCarrier,
     open_websocket,
 )
-from petit_client.config import ClientConfig
+from petit_client.config import ClientConfig, LocalTarget
 from petit_client.tenants import Tenant, registered_tenants
 
 log = logging.getLogger("petit.client")
 
 STABLE_SESSION = 10.0  # seconds up after which the backoff starts again from the bottom
+PING_TIMEOUT = 5.0  # seconds a control PING waits for the server's pong
 RETRYABLE = (
     ServerUnreachableError,
     RemoteProtocolError,
@@ -56,6 +69,26 @@ def backoff(max_delay: float, *, first: float = 0.25) -> Iterator[float]:
         ceiling = min(max_delay, ceiling * 2)
 
 
+def local_ssl_context(local: LocalTarget) -> ssl.SSLContext:
+    """TLS towards a local service: verified (system store, or its ``ca``) unless the
+    operator turned it off with ``tlsVerify = false`` for a self-signed service.
+    """
+    if local.tls_verify:
+        return client_ssl_context(local.ca)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(slots=True)
+class Usage:
+    """One registration's streams, as ``status`` reports them."""
+
+    traffic: Traffic  # a_to_b: from the tunnel to the local service (bytes in)
+    active_streams: int = 0
+
+
 class ClientService:
     """One running client."""
 
@@ -63,7 +96,12 @@ class ClientService:
         self.config = config
         self._ssl_context = client_ssl_context(config.ca)
         self._tenants: dict[str, Tenant] = {}
+        self._local_contexts: dict[LocalTarget, ssl.SSLContext] = {}
+        self._usage: dict[str, Usage] = {}
         self._session: TunnelSession | None = None
+        self._session_scope = trio.CancelScope()
+        self._reconnect_now = trio.Event()
+        self._accepted: set[str] = set()
         self._state = "connecting"
         self._connected_since: float | None = None
         self._started = time.time()
@@ -71,19 +109,38 @@ class ClientService:
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
-        """The control port's commands: STOP, STATUS, PING."""
+        """The control port's commands: STOP, STATUS, PING, LOG [LEVEL], RELOAD."""
         if verb == "STOP":
             self._stop.set()
             return {"success": True, "status": "stopping"}
         if verb == "STATUS":
             return self.status()
         if verb == "PING":
-            return {"success": True, "type": "didPing1", "connected": self._state == "connected"}
+            return await self._ping_server()
+        if verb == "LOG":
+            return self._set_log_level(args[0].lower() if args else "debug")
+        if verb == "RELOAD":
+            return self.reload()
         return {"success": False, "error": f"unknown command {verb}"}
 
     def status(self) -> dict[str, object]:
         """What the client is doing, as JSON."""
         session = self._session
+        registrations = [
+            {
+                "id": rid,
+                "tenant": tenant.name,
+                "state": self._registration_state(rid),
+                "port": registration.port,
+                "endpoint": registration.endpoint,
+                "local": str(tenant.local),
+                "activeStreams": self._usage_of(rid).active_streams,
+                "bytesIn": self._usage_of(rid).traffic.a_to_b,
+                "bytesOut": self._usage_of(rid).traffic.b_to_a,
+            }
+            for rid, tenant in self._tenants.items()
+            if (registration := tenant.registration) is not None
+        ]
         return {
             "success": True,
             "status": self._state,
@@ -91,23 +148,71 @@ class ClientService:
             "uptime": round(time.time() - self._started, 1),
             "connectedSince": self._connected_since,
             "activeStreams": 0 if session is None else session.active_streams,
+            "bytesIn": sum(usage.traffic.a_to_b for usage in self._usage.values()),
+            "bytesOut": sum(usage.traffic.b_to_a for usage in self._usage.values()),
             "lastError": self._last_error,
-            "registration": [
-                {
-                    "id": t.registration_id,
-                    "port": t.port,
-                    "endpoint": t.endpoint,
-                    "local": str(t.local),
-                    "tenant": t.name,
-                }
-                for t in self._tenants.values()
-            ],
+            "registration": registrations,
         }
+
+    def _registration_state(self, registration_id: str) -> str:
+        if self._state == "connected" and registration_id not in self._accepted:
+            return "disconnected"  # the server did not accept its key (see lastError)
+        return self._state
+
+    def _usage_of(self, registration_id: str) -> Usage:
+        return self._usage.setdefault(registration_id, Usage(Traffic()))
+
+    async def _ping_server(self) -> dict[str, object]:
+        session = self._session
+        if session is None or self._state != "connected":
+            reason = f": {self._last_error}" if self._last_error else ""
+            return {"success": False, "error": f"Can't ping: the tunnel is {self._state}{reason}"}
+        try:
+            with trio.fail_after(PING_TIMEOUT):
+                seconds = await session.ping_round_trip()
+        except trio.TooSlowError:
+            return {"success": False, "error": f"Can't ping: no pong within {PING_TIMEOUT:g} s"}
+        except SessionClosedError as exc:
+            return {"success": False, "error": f"Can't ping: {exc}"}
+        return {"success": True, "type": "didPing1", "roundTrip": seconds}
+
+    def _set_log_level(self, level: str) -> dict[str, object]:
+        if level not in LOG_LEVELS:
+            return {"success": False, "error": f"log level must be one of {', '.join(LOG_LEVELS)}"}
+        logging.getLogger("petit").setLevel(level.upper())
+        log.info("log level set to %s", level)
+        return {"success": True, "level": level}
+
+    def reload(self) -> dict[str, object]:
+        """Re-read the tenants; replace the session at once if the registrations changed."""
+        try:
+            tenants = registered_tenants(self.config)
+            contexts = self._contexts_for(tenants)
+        except PetitError as exc:
+            log.error("reload failed, keeping the current tenants: %s", exc)
+            return {"success": False, "error": str(exc)}
+        changed = tenants.keys() != self._tenants.keys()
+        self._tenants, self._local_contexts = tenants, contexts
+        if changed:
+            log.info("registrations now %s: reconnecting", ", ".join(tenants) or "none")
+            if self._state == "connected" and self._session is not None:
+                self._session.close("the client's registrations changed")
+            else:
+                self._session_scope.cancel()
+            self._state, self._accepted = "connecting", set()  # no stale "connected" meanwhile
+            self._reconnect_now.set()
+        return {"success": True, "registration": list(tenants), "reconnecting": changed}
+
+    @staticmethod
+    def _contexts_for(tenants: dict[str, Tenant]) -> dict[LocalTarget, ssl.SSLContext]:
+        tls_targets = {t.local for t in tenants.values() if t.local.tls}
+        return {local: local_ssl_context(local) for local in tls_targets}
 
     async def serve(self, stop: trio.Event, lock: ProcessLock) -> None:
         """Run until ``stop`` is set or STOP arrives."""
         self._stop = stop
-        self._tenants = {t.registration_id: t for t in registered_tenants(self.config)}
+        self._tenants = registered_tenants(self.config)
+        self._local_contexts = self._contexts_for(self._tenants)
         if not self._tenants:
             raise PetitError(
                 f"no registration under {self.config.directory}: "
@@ -139,29 +244,38 @@ class ClientService:
     async def _keep_connected(self) -> None:
         delays = backoff(self.config.reconnect_max_delay)
         while True:
+            self._reconnect_now = trio.Event()
+            if not self._tenants:
+                self._state = "listening"  # as the original: nothing to claim until RELOAD
+                await self._reconnect_now.wait()
+                continue
             began = trio.current_time()
             failure = ""
-            try:
-                await self._run_session()
-            except* RETRYABLE as group:
-                failure = str(group.exceptions[0])
-            if trio.current_time() - began > STABLE_SESSION:
+            with trio.CancelScope() as self._session_scope:
+                try:
+                    await self._run_session()
+                except* RETRYABLE as group:
+                    failure = str(group.exceptions[0])
+            if self._reconnect_now.is_set() or trio.current_time() - began > STABLE_SESSION:
                 delays = backoff(self.config.reconnect_max_delay)
             self._state = "disconnected"
             self._connected_since = None
+            self._accepted = set()
             self._last_error = failure or (self._session.close_reason if self._session else "")
+            if self._reconnect_now.is_set():
+                continue
             delay = next(delays)
             log.warning("tunnel down (%s); reconnecting in %.1fs", self._last_error, delay)
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._reconnect_now.wait()
 
     async def _run_session(self) -> None:
         self._state = "connecting"
         deadline = trio.current_time() + self.config.connect_timeout
         with trio.CancelScope(deadline=deadline) as connecting:
-            async with open_websocket(self.config.server, self._ssl_context, TUNNEL_PATH) as (
-                websocket,
-                fingerprint,
-            ):
+            async with open_websocket(
+                self.config.server, self._ssl_context, TUNNEL_PATH, proxy=self.config.proxy
+            ) as (websocket, fingerprint):
                 connecting.deadline = math.inf  # connected: the session has its own keepalive
                 await self._run_handshaken(websocket, fingerprint)
         if connecting.cancelled_caught:
@@ -186,11 +300,14 @@ class ClientService:
                 await session.handshake_as_client(make_hello), what="welcome"
             )
         rejected = welcome.get("rejected") or []
+        self._last_error = ""
         if rejected:
+            self._last_error = f"the server refused registration(s) {rejected}"
             log.error("the server refused registration(s) %s: their keys do not match", rejected)
+        accepted = welcome.get("accepted")
+        self._accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()
         self._state = "connected"
         self._connected_since = time.time()
-        self._last_error = ""
         log.info("tunnel up to %s for %s", self.config.server, welcome.get("accepted"))
         await session.serve()
 
@@ -211,17 +328,35 @@ class ClientService:
         local = tenant.local
         try:
             with trio.fail_after(self.config.connect_timeout):
-                backend: trio.abc.HalfCloseableStream = await trio.open_tcp_stream(
-                    local.host, local.port
-                )
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("unable to connect to local %s for %s: %s", local, target, exc)
+                backend = await self._dial(local)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            cause = exc.__cause__ or exc
+            log.warning("unable to connect to local %s for %s: %s", local, target, cause)
             stream.refuse(ErrorCode.REFUSED)
             return
+        usage = self._usage_of(target)
+        usage.active_streams += 1
+        log.debug("stream %d for %s spliced to local %s", stream.stream_id, target, local)
         try:
             stream.accept()
-            await splice(stream, backend)
+            await splice(stream, backend, usage.traffic)
         except trio.BrokenResourceError as exc:
             log.debug("stream %d for %s ended early: %s", stream.stream_id, target, exc)
         finally:
+            usage.active_streams -= 1
             await trio.aclose_forcefully(backend)
+
+    async def _dial(self, local: LocalTarget) -> trio.abc.Stream:
+        """Connect to a local target; TLS targets are handshaken (and verified) here."""
+        tcp = await trio.open_tcp_stream(local.host, local.port)
+        if not local.tls:
+            return tcp
+        tls = trio.SSLStream(
+            tcp, self._local_contexts[local], server_hostname=local.host, https_compatible=True
+        )
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return tls
