@@ -107,7 +107,19 @@ def run_service(service: Callable[[trio.Event], Awaitable[None]]) -> None:
             await service(stop)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except ExceptionGroup as group:
+        raise _sole_failure(group) from None
+
+
+def _sole_failure(group: ExceptionGroup[Exception]) -> Exception:
+    """The one error nested nurseries wrapped (a bad certificate, a port in use), so that
+    ``exit_codes`` can report it in one line; the group itself if there were several."""
+    failure: Exception = group
+    while isinstance(failure, ExceptionGroup) and len(failure.exceptions) == 1:
+        failure = failure.exceptions[0]
+    return failure
 
 
 def start_in_background(argv: list[str], directory: Path, name: str, log_file: Path) -> PidInfo:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
+import time
 from pathlib import Path
 
 import click
 
 from petit import __version__
+from petit.auth import key_fingerprint
 from petit.cli import (
     CliError,
     ExitCode,
@@ -20,14 +23,16 @@ from petit.cli import (
     stop_daemon,
     verbose_option,
 )
+from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
     DEFAULT_CONFIG_PATH,
+    ServerConfig,
     default_config_text,
     load_server_config,
 )
-from petit_server.registry import FileRegistry
+from petit_server.registry import FileRegistry, apply_command
 from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
@@ -110,16 +115,277 @@ def stop(config_path: Path, verbose: bool) -> None:
 @config_option
 @verbose_option
 @click.argument("registration_id", required=False)
-def status(config_path: Path, verbose: bool, registration_id: str | None) -> None:
-    """Show the running server's registrations and which are connected (JSON)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the control port's JSON reply.")
+def status(config_path: Path, verbose: bool, registration_id: str | None, as_json: bool) -> None:
+    """Show the running server's registrations and which are connected."""
     with exit_codes():
         config = load_server_config(config_path)
         info = running_daemon(config.directory, "server")
-        command = "STATUS" if registration_id is None else f"STATUS {registration_id}"
-        reply = control_command(_control_host(config.listen_addr), info.listen, command)
+    command = "STATUS" if registration_id is None else f"STATUS {registration_id}"
+    reply = _control(config, info.listen, command)
+    if as_json:
+        click.echo(json.dumps({"pid": info.pid, **reply}, indent=2))
+        return
+    click.echo(f'Server has status "{reply.get("status")}" on pid {info.pid}.')
+    for connection in _objects(reply.get("connections")):
+        mark = "+" if connection.get("connected") else "-"
+        click.echo(
+            f" {mark} {connection.get('registeredId')} {connection.get('port')} "
+            f"{connection.get('fingerprint')}"
+        )
+        if registration_id is not None:
+            _echo_details(connection)
+
+
+def _echo_details(connection: dict[str, object]) -> None:
+    """The original's indented detail lines: sessions, vitae, aliases."""
+    for session in _objects(connection.get("sessions")):
+        vitae = session.get("vitae")
+        hostname = vitae.get("hostname") if isinstance(vitae, dict) else None
+        name = f'"{hostname}" ' if hostname else ""
+        click.echo(
+            f"      {name}@ {session.get('remote')} since {_when(session.get('since'))}, "
+            f"{session.get('streams')} stream(s) in flight"
+        )
+    vitae = connection.get("vitae")
+    if isinstance(vitae, dict) and vitae:
+        click.echo("      " + ", ".join(f"{k}={v}" for k, v in sorted(vitae.items())))
+    for alias in _strings(connection.get("aliases")):
+        click.echo(f"      = {alias}")
+
+
+@main.command()
+@config_option
+@verbose_option
+def registrations(config_path: Path, verbose: bool) -> None:
+    """List registrations (from the registry file) and, if the server runs, who is online."""
+    with exit_codes():
+        config = load_server_config(config_path)
+        registry = _read_registry(config)
+        info = read_pid(config.directory, "server")
+    online: dict[str, dict[str, object]] = {}
+    if info is not None:
+        reply = _control(config, info.listen, "STATUS")
+        online = {str(c.get("registeredId")): c for c in _objects(reply.get("connections"))}
+    every = registry.all()
+    if not every:
+        click.echo("No registrations.")
+        return
+    rows = []
+    for registration in every:
+        live = online.get(registration.registration_id, {})
+        connected = live.get("connected") is True
+        rows.append(
+            [
+                registration.registration_id,
+                str(registration.port),
+                key_fingerprint(registration.public_key),
+                ", ".join(registration.aliases) or "-",
+                "yes" if connected else "no",
+                _when(live.get("since")) if connected else "-",
+                ", ".join(_strings(live.get("remotes"))) if connected else "-",
+            ]
+        )
+    click.echo(_table(["ID", "PORT", "KEY", "ALIASES", "ONLINE", "SINCE", "REMOTE"], rows))
+    if info is None:
+        click.echo("(the server is not running)")
+
+
+@main.command("config")
+@config_option
+@verbose_option
+def show_config(config_path: Path, verbose: bool) -> None:
+    """Verify the config and print it as the server reads it (secrets masked), and the registry."""
+    with exit_codes():
+        config = load_server_config(config_path)
+        registry = _read_registry(config)
+    click.echo(f"Verified configuration file at {config.path}.")
+    click.echo(f'"config": {json.dumps(_effective_config(config), indent=2)}')
+    entries = registry.all()
+    tokens = registry.tokens()
+    unused = sum(token.state == "unused" for token in tokens)
+    click.echo(
+        f"Registry {config.registry_file}: {len(entries)} registration(s), "
+        f"{len(tokens)} enrollment token(s) ({unused} unused)."
+    )
+    for registration in entries:
+        fingerprint = key_fingerprint(registration.public_key)
+        click.echo(f"  id: {registration.registration_id}, fingerprint: {fingerprint}")
+        for alias in registration.aliases:
+            click.echo(f"      a.k.a. {alias}")
+
+
+def _effective_config(config: ServerConfig) -> dict[str, object]:
+    """The ``[server]`` table as loaded, under the file's key names; secrets masked.
+
+    A field hidden from the dataclass repr is a secret.
+    """
+    renamed = {"registry_file": "registryfile"}
+    table: dict[str, object] = {}
+    for spec in dataclasses.fields(config):
+        if spec.name == "path":
+            continue
+        value = getattr(config, spec.name)
+        if not spec.repr and value is not None:
+            value = "********"
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        head, *rest = spec.name.split("_")
+        table[renamed.get(spec.name, head + "".join(word.capitalize() for word in rest))] = value
+    return table
+
+
+def _one_word(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    """Arguments travel as words of a control command: a space would split them."""
+    if value.split() != [value]:
+        raise click.BadParameter("must be one word, without spaces")
+    return value
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("alias", callback=_one_word)
+@click.argument("registration_id", metavar="ID", callback=_one_word)
+def addalias(config_path: Path, verbose: bool, alias: str, registration_id: str) -> None:
+    """Route the hostname ALIAS to registration ID, like <ID>.<domain>."""
+    _registry_command(config_path, f"ADDALIAS {registration_id} {alias}", "Alias not added")
+    click.echo("Alias added.")
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("alias", callback=_one_word)
+def removealias(config_path: Path, verbose: bool, alias: str) -> None:
+    """Stop routing the hostname ALIAS."""
+    _registry_command(config_path, f"DELALIAS {alias}", "Alias not deleted")
+    click.echo("Alias deleted.")
+
+
+@main.group()
+def token() -> None:
+    """Enrollment tokens: one-time permissions to register (with requireToken = true)."""
+
+
+@token.command("create")
+@config_option
+@verbose_option
+@click.option("--note", default="", help="What the token is for (shown by token list).")
+def token_create(config_path: Path, verbose: bool, note: str) -> None:
+    """Create a token and print it; it is shown only this once."""
+    reply = _registry_command(config_path, f"TOKEN CREATE {note}", "Token not created")
+    secret = reply.get("token")
+    click.echo(secret)
+    click.echo(
+        f"Created token {reply.get('id')}; it is shown only once. "
+        f"Register with: petit-client register --token {secret}",
+        err=True,
+    )
+
+
+@token.command("list")
+@config_option
+@verbose_option
+def token_list(config_path: Path, verbose: bool) -> None:
+    """List tokens: id, note, created, state (never the secret)."""
+    reply = _registry_command(config_path, "TOKEN LIST", "Tokens not listed")
+    tokens = _objects(reply.get("tokens"))
+    if not tokens:
+        click.echo("No tokens.")
+        return
+    rows = [
+        [
+            str(t.get("id")),
+            str(t.get("note")) or "-",
+            _when(t.get("created")),
+            str(t.get("state")),
+            str(t.get("usedBy") or "-"),
+        ]
+        for t in tokens
+    ]
+    click.echo(_table(["ID", "NOTE", "CREATED", "STATE", "USED BY"], rows))
+
+
+@token.command("revoke")
+@config_option
+@verbose_option
+@click.argument("token_id", metavar="ID", callback=_one_word)
+def token_revoke(config_path: Path, verbose: bool, token_id: str) -> None:
+    """Revoke an unused token."""
+    _registry_command(config_path, f"TOKEN REVOKE {token_id}", "Token not revoked")
+    click.echo(f"Token {token_id} revoked.")
+
+
+def _registry_command(config_path: Path, command: str, failure: str) -> dict[str, object]:
+    """Run a registry command where it cannot race the server.
+
+    While the server runs, its control port runs the command on the live registry. Otherwise
+    we take the server's lock (so the server cannot start meanwhile) and run the very same
+    command on the registry file. A refusal becomes ``<failure>: <reason>`` and exit 1.
+    """
+    with exit_codes():
+        config = load_server_config(config_path)
+        lock = ProcessLock(config.directory, "server")
+        try:
+            lock.acquire()
+        except AlreadyRunningError:
+            info = read_pid(config.directory, "server")
+            if info is None:
+                raise CliError("The server is starting; try again.", ExitCode.RUNNING) from None
+            reply = _control(config, info.listen, command, failure)
+        else:
+            try:
+                verb, *args = command.split()
+                offline = apply_command(_read_registry(config), verb, args)
+            finally:
+                lock.release()
+            assert offline is not None, f"{verb} is a registry command"
+            reply = offline
+    if reply.get("success") is not True:
+        raise CliError(f"{failure}: {reply.get('error')}", ExitCode.FAILURE)
+    return reply
+
+
+def _control(
+    config: ServerConfig, port: int, command: str, failure: str | None = None
+) -> dict[str, object]:
+    """Send a command to the running server; a refusal becomes a one-line error."""
+    with exit_codes():
+        reply = control_command(_control_host(config.listen_addr), port, command)
     if reply.get("success") is False:
-        raise CliError(str(reply.get("error")), ExitCode.FAILURE)
-    click.echo(json.dumps({"pid": info.pid, **reply}, indent=2))
+        error = reply.get("error")
+        raise CliError(f"{failure}: {error}" if failure else str(error), ExitCode.FAILURE)
+    return reply
+
+
+def _read_registry(config: ServerConfig) -> FileRegistry:
+    return FileRegistry(config.registry_file, first_port=config.first_port)
+
+
+def _objects(value: object) -> list[dict[str, object]]:
+    """The JSON objects in a reply's list (anything else is skipped)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _strings(value: object) -> list[str]:
+    return [str(item) for item in value] if isinstance(value, list) else []
+
+
+def _when(timestamp: object) -> str:
+    if not isinstance(timestamp, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
 
 
 @main.command()

@@ -103,21 +103,25 @@ bindAddr = "0.0.0.0"
 backPort = 3014
 # HTTP ingress, routed by Host: <ID>.<domain>, <ID>-anything.<domain>, or an alias.
 proxyPort = 8090
-# Control port (STOP, STATUS, PING terminated by \\x03); loopback only by default.
+# Control port: STOP, STATUS, PING, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
+# only by default, and only peers in listenAllow are answered.
 listenAddr = "127.0.0.1"
 listenPort = 3016
 listenAllow = ["127.0.0.1", "::1"]
-# Registrations (IDs, public keys, ports), written atomically.
+# Registrations (IDs, public keys, ports, aliases) and hashed enrollment tokens, written
+# atomically.
 registryfile = "./registry.json"
 # TLS certificate (may include the intermediate chain) and key of the tunnel endpoint.
 certificate = "./certificates/server.crt"
 key = "./certificates/server.key"
 # First raw TCP port handed to a registration, and the address those ports listen on.
+# A registration's port listens only while its client is connected.
 firstPort = 11081
 tcpAddr = "0.0.0.0"
 # HTTPS ingress, enabled when a certificate is configured: a PEM certificate (the
-# intermediate chain may follow the leaf, or go in httpsChain) and key, or a PKCS#12 file.
-# Files replaced on disk are picked up without a restart.
+# intermediate chain may follow the leaf, or go in httpsChain) and unencrypted key, or a
+# PKCS#12 file. Files replaced on disk are picked up by the next connection, no restart; a
+# replacement that does not load is logged and the previous certificate stays in use.
 secureProxyPort = 8453
 # httpsCertificate = "./certificates/public.crt"
 # httpsKey = "./certificates/public.key"

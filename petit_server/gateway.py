@@ -1,7 +1,8 @@
-"""The tunnel endpoint: WebSocket requests for tunnels and for registration.
+"""The tunnel endpoint: WebSocket requests for tunnels, registration and unregistration.
 
 Nothing is marked connected before the hello's signatures verify; an ID is routed only to a
-session that proved that ID's own key, so no other key can ever take it over.
+session that proved that ID's own key, so no other key can ever take it over, and only that
+key can unregister it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -22,18 +24,24 @@ from petit.auth import (
     b64decode,
     decode_hello,
     decode_vitae,
+    generate_key,
+    public_key_raw,
     register_transcript,
+    unregister_transcript,
     verify,
 )
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, PetitError, RemoteProtocolError
 from petit.session import KeepaliveTimeoutError, TunnelSession
-from petit.transport import REGISTER_PATH, TUNNEL_PATH, WebSocketCarrier
+from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH, WebSocketCarrier
 from petit_server.config import ServerConfig
 from petit_server.hub import Attachment, Hub
-from petit_server.registry import FileRegistry
+from petit_server.registry import ENROLLMENT_REFUSED, FileRegistry
 
 log = logging.getLogger("petit.gateway")
+
+# A public key whose private half was thrown away: what an unknown ID's proof is checked against.
+_NOBODY = public_key_raw(generate_key())
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,9 @@ class Gateway:
         if request.path == TUNNEL_PATH:
             await self._serve_tunnel(await request.accept(), remote)
         elif request.path == REGISTER_PATH:
-            await self._serve_registration(await request.accept(), remote)
+            await self._exchange(await request.accept(), remote, "register", self._register)
+        elif request.path == UNREGISTER_PATH:
+            await self._exchange(await request.accept(), remote, "unregister", self._unregister)
         else:
             await request.reject(404)
 
@@ -93,9 +103,13 @@ class Gateway:
         self.hub.attach(attachment)
         log.info("tunnel from %s serves %s", remote, ", ".join(proven))
         try:
-            await session.serve()
-        except (RemoteProtocolError, KeepaliveTimeoutError, trio.BrokenResourceError) as exc:
-            log.info("tunnel from %s for %s ended: %s", remote, ", ".join(proven), exc)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_once_unregistered, attachment, nursery.cancel_scope)
+                await session.serve()
+                nursery.cancel_scope.cancel()
+        except* (RemoteProtocolError, KeepaliveTimeoutError, trio.BrokenResourceError) as group:
+            reason = group.exceptions[0]
+            log.info("tunnel from %s for %s ended: %s", remote, ", ".join(proven), reason)
         else:
             log.info(
                 "tunnel from %s for %s closed: %s", remote, ", ".join(proven), session.close_reason
@@ -103,33 +117,62 @@ class Gateway:
         finally:
             self.hub.detach(attachment)
 
-    async def _serve_registration(self, websocket: WebSocketConnection, remote: str) -> None:
+    async def _close_once_unregistered(
+        self, attachment: Attachment, serving: trio.CancelScope
+    ) -> None:
+        """End a session all of whose registrations were unregistered (the hub already sent
+        GOAWAY), once its in-flight streams finish, instead of keeping it alive for nothing."""
+        await attachment.emptied.wait()
+        log.info("tunnel from %s serves no registration any more: closing it", attachment.remote)
+        with trio.move_on_after(self.config.shutdown_grace):
+            await attachment.session.wait_idle()
+        serving.cancel()
+
+    async def _exchange(
+        self,
+        websocket: WebSocketConnection,
+        remote: str,
+        kind: str,
+        answer: Callable[[dict[str, object], bytes, str], dict[str, object]],
+    ) -> None:
+        """One signed request: send a fresh nonce, read the ``kind`` request, send the reply.
+
+        ``answer(request, nonce, remote)`` returns the reply, or raises PetitError to refuse
+        with its message.
+        """
         nonce = secrets.token_bytes(NONCE_SIZE)
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await websocket.send_message(
                     messages.encode({"nonce": base64.b64encode(nonce).decode()})
                 )
-                request = messages.decode(await websocket.get_message(), what="registration")
-                reply = self._register(request, nonce, remote)
+                message = await websocket.get_message()
+                try:
+                    request = messages.decode(message, what=kind)
+                    if request.get("type") != kind:
+                        raise RemoteProtocolError(f"{kind}: expected a message of type {kind!r}")
+                    reply = answer(request, nonce, remote)
+                except PetitError as exc:
+                    log.info("%s from %s refused: %s", kind, remote, exc)
+                    reply = {"type": "error", "error": str(exc)}
+                except OSError as exc:
+                    log.error("%s from %s failed: cannot save the registry: %s", kind, remote, exc)
+                    reply = {"type": "error", "error": "the server cannot save its registry"}
                 await websocket.send_message(messages.encode(reply))
         except (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.info("registration from %s abandoned: %s", remote, str(exc) or "timeout")
+            log.info("%s from %s abandoned: %s", kind, remote, str(exc) or "timeout")
 
     def _register(self, request: dict[str, object], nonce: bytes, remote: str) -> dict[str, object]:
-        try:
-            public_key = _field_bytes(request, "public_key")
-            signature = _field_bytes(request, "signature")
-            vitae = decode_vitae(request.get("vitae", {}))
-            if len(public_key) != 32:
-                raise RemoteProtocolError("public_key must be a 32-byte Ed25519 key")
-            transcript = register_transcript(nonce, self.certificate_fingerprint, public_key)
-            if not verify(public_key, signature, transcript):
-                raise AuthError("the registration is not signed by the key it registers")
-        except PetitError as exc:
-            log.info("registration from %s refused: %s", remote, exc)
-            return {"type": "error", "error": str(exc)}
-        registration = self.registry.register(public_key, vitae)
+        public_key = _field_bytes(request, "public_key")
+        signature = _field_bytes(request, "signature")
+        vitae = decode_vitae(request.get("vitae", {}))
+        if len(public_key) != 32:
+            raise RemoteProtocolError("public_key must be a 32-byte Ed25519 key")
+        transcript = register_transcript(nonce, self.certificate_fingerprint, public_key)
+        if not verify(public_key, signature, transcript):
+            raise AuthError("the registration is not signed by the key it registers")
+        token = _enrollment_token(request) if self.config.require_token else None
+        registration = self.registry.register(public_key, vitae, token=token)
         rid = registration.registration_id
         log.info("registered %s (port %d) from %s", rid, registration.port, remote)
         return {
@@ -139,12 +182,36 @@ class Gateway:
             "endpoint": self.config.endpoint_for(rid),
         }
 
+    def _unregister(
+        self, request: dict[str, object], nonce: bytes, remote: str
+    ) -> dict[str, object]:
+        claimed = request.get("id")
+        rid = claimed if isinstance(claimed, str) else ""
+        signature = _field_bytes(request, "signature")
+        # An unknown ID costs the same verification as a known one and gets the same answer,
+        # so nobody learns which IDs exist.
+        key = self.registry.public_key_of(rid)
+        transcript = unregister_transcript(nonce, self.certificate_fingerprint, rid)
+        if not verify(key or _NOBODY, signature, transcript) or key is None:
+            raise AuthError("unregistration refused: not proven with the registration's key")
+        self.registry.unregister(rid)
+        self.hub.forget(rid)
+        log.info("unregistered %s from %s", rid, remote)
+        return {"type": "unregistered", "id": rid}
+
 
 def _field_bytes(request: dict[str, object], key: str) -> bytes:
     value = request.get(key)
     if not isinstance(value, str):
-        raise RemoteProtocolError(f"registration: '{key}' is required")
+        raise RemoteProtocolError(f"'{key}' is required")
     return b64decode(value, what=key)
+
+
+def _enrollment_token(request: dict[str, object]) -> str:
+    token = request.get("token")
+    if not isinstance(token, str):
+        raise AuthError(ENROLLMENT_REFUSED)
+    return token
 
 
 def _remote(request: WebSocketRequest) -> str:

@@ -24,6 +24,7 @@ class Attachment:
     remote: str
     vitae: dict[str, str]
     since: float = field(default_factory=time.time)
+    emptied: trio.Event = field(default_factory=trio.Event)  # set: all its IDs unregistered
 
 
 class Hub:
@@ -54,6 +55,15 @@ class Hub:
                 self._by_id.pop(rid, None)
         self._notify()
 
+    def forget(self, registration_id: str) -> None:
+        """Stop routing an unregistered ID at once; a session left serving nothing goes away."""
+        for attachment in self._by_id.pop(registration_id, []):
+            attachment.registration_ids.remove(registration_id)
+            if not attachment.registration_ids:
+                attachment.session.go_away("registration unregistered")
+                attachment.emptied.set()
+        self._notify()
+
     def _notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
@@ -72,6 +82,10 @@ class Hub:
     def is_online(self, registration_id: str) -> bool:
         """True if a session serves this registration."""
         return self.session_for(registration_id) is not None
+
+    def served_ids(self) -> set[str]:
+        """Registrations at least one live session serves (draining ones included)."""
+        return set(self._by_id)
 
     def attachments(self) -> list[Attachment]:
         """Every live attachment."""

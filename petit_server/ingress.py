@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -48,6 +49,7 @@ HOP_BY_HOP: Final = frozenset(
         b"expect",
     }
 )
+_HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]*)?", re.IGNORECASE)
 
 
 def registration_id_for_host(host: str) -> str | None:
@@ -65,9 +67,9 @@ def registration_id_for_host(host: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Routing:
-    """What the ingress needs from the server: who is registered and which session serves it."""
+    """What the ingress needs from the server: which registration a Host names, who serves it."""
 
-    is_registered: Callable[[str], bool]
+    route: Callable[[str], str | None]  # Host header -> registered ID (alias or ID rule) or None
     session_for: Callable[[str], TunnelSession | None]
     open_timeout: float
     header_timeout: float
@@ -110,12 +112,26 @@ class _UpstreamFailedError(Exception):
 
 
 class IngressConnection:
-    """Serves one public connection until either side closes it."""
+    """Serves one public connection until either side closes it.
 
-    def __init__(self, stream: trio.SocketStream, routing: Routing, peer_ip: str) -> None:
+    ``proto`` is the caller's scheme, passed on as X-Forwarded-Proto. With
+    ``redirect_to_port`` every request is answered with a redirect to HTTPS on that port.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        routing: Routing,
+        peer_ip: str,
+        *,
+        proto: str = "http",
+        redirect_to_port: int | None = None,
+    ) -> None:
         self._stream = stream
         self._routing = routing
         self._peer_ip = peer_ip
+        self._proto = proto
+        self._redirect_to_port = redirect_to_port
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
 
@@ -126,7 +142,10 @@ class IngressConnection:
                 request = await self._read_request_head()
                 if request is None:
                     return
-                await self._handle(request)
+                if self._redirect_to_port is None:
+                    await self._handle(request)
+                else:
+                    await self._redirect_to_https(request, self._redirect_to_port)
                 if self._http.our_state is h11.MUST_CLOSE or self._http.their_state is not h11.DONE:
                     return
                 self._http.start_next_cycle()
@@ -135,7 +154,7 @@ class IngressConnection:
 
     async def _receive_into_http(self) -> None:
         try:
-            data = await self._stream.receive_some(READ_CHUNK)
+            data = bytes(await self._stream.receive_some(READ_CHUNK))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         self._http.receive_data(data)
@@ -175,9 +194,9 @@ class IngressConnection:
         if b"transfer-encoding" in names and b"content-length" in names:
             await self._send_simple(400, b"both Content-Length and Transfer-Encoding")
             return
-        host = next((value.decode("latin-1") for name, value in headers if name == b"host"), "")
-        registration_id = registration_id_for_host(host)
-        if registration_id is None or not self._routing.is_registered(registration_id):
+        host = _host_header(request)
+        registration_id = self._routing.route(host)
+        if registration_id is None:
             await self._refuse(404)
             return
         if self._http.they_are_waiting_for_100_continue:
@@ -255,7 +274,7 @@ class IngressConnection:
         chain = b", ".join([*prior, self._peer_ip.encode()])
         headers += [
             (b"x-forwarded-for", chain),
-            (b"x-forwarded-proto", b"http"),
+            (b"x-forwarded-proto", self._proto.encode()),
             (b"x-forwarded-host", host.encode("latin-1")),
         ]
         return headers
@@ -301,6 +320,14 @@ class IngressConnection:
         if data:
             await self._stream.send_all(data)
 
+    async def _redirect_to_https(self, request: h11.Request, port: int) -> None:
+        location = https_location(_host_header(request), port, request.target)
+        await self._discard_request_body()
+        if location is None:
+            await self._send_simple(400, b"a valid Host header is required")
+        else:
+            await self._send_simple(308, b"", extra_headers=[(b"location", location)])
+
     async def _refuse(self, status: int) -> None:
         await self._discard_request_body()
         await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
@@ -315,11 +342,20 @@ class IngressConnection:
                 return
 
     async def _send_simple(
-        self, status: int, body: bytes, *, content_type: bytes = b"text/plain"
+        self,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"text/plain",
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         if self._http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        headers = [
+            *extra_headers,
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+        ]
         if self._http.their_state is not h11.DONE:
             headers.append((b"connection", b"close"))
         try:
@@ -328,6 +364,20 @@ class IngressConnection:
             await self._send_public(h11.EndOfMessage())
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             return
+
+
+def https_location(host: str, port: int, target: bytes) -> bytes | None:
+    """The redirect target of a plain request: same host (its port dropped) and target on
+    HTTPS ``port``; None if the Host header is no hostname or IP literal."""
+    match = _HOST_HEADER.fullmatch(host.strip())
+    if match is None:
+        return None
+    authority = match["name"] if port == 443 else f"{match['name']}:{port}"
+    return b"https://" + authority.encode() + (target if target.startswith(b"/") else b"/")
+
+
+def _host_header(request: h11.Request) -> str:
+    return next((value.decode("latin-1") for name, value in request.headers if name == b"host"), "")
 
 
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
@@ -348,14 +398,29 @@ def _response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[byte
     ]
 
 
-async def handle_public_connection(stream: trio.SocketStream, *, routing: Routing) -> None:
-    """Serve one public connection; a failure here never reaches other connections."""
+async def handle_public_connection(
+    connection: trio.SocketStream,
+    *,
+    routing: Routing,
+    tls: Callable[[trio.SocketStream], Awaitable[trio.abc.Stream]] | None = None,
+    redirect_to_port: int | None = None,
+) -> None:
+    """Serve one public connection, over the stream ``tls`` handshakes when given (HTTPS).
+
+    A failure here never reaches other connections.
+    """
+    stream: trio.abc.Stream = connection
     try:
-        peer = stream.socket.getpeername()
+        peer = connection.socket.getpeername()
         peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        await IngressConnection(stream, routing, peer_ip).run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.debug("public connection dropped: %s", exc)
+        if tls is not None:
+            stream = await tls(connection)
+        proto = "http" if tls is None else "https"
+        await IngressConnection(
+            stream, routing, peer_ip, proto=proto, redirect_to_port=redirect_to_port
+        ).run()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+        log.debug("public connection dropped: %r", exc)
     except Exception:  # per-connection boundary: log the bug, keep serving others
         log.exception("bug while serving a public connection")
     finally:
@@ -368,14 +433,18 @@ async def serve_ingress(
     host: str,
     port: int,
     handler_nursery: trio.Nursery,
+    redirect_to_port: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen for public HTTP; report the bound port; handlers run in ``handler_nursery``."""
+    """Listen for public HTTP; report the bound port; handlers run in ``handler_nursery``.
+
+    With ``redirect_to_port`` every request is redirected (308) to HTTPS on that port.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_public_connection(stream, routing=routing)
+        await handle_public_connection(stream, routing=routing, redirect_to_port=redirect_to_port)
 
     await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)

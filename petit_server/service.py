@@ -1,4 +1,5 @@
-"""The server process: tunnel endpoint, HTTP ingress and control port in one nursery.
+"""The server process: tunnel endpoint, HTTP(S) ingress, raw TCP ports and control port in one
+nursery.
 
 Shutdown (STOP, SIGINT, SIGTERM) is graceful and bounded: stop accepting, send GOAWAY on
 every tunnel so clients reconnect once we are back, give in-flight requests
@@ -8,7 +9,9 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 from trio_websocket import serve_websocket
@@ -16,14 +19,17 @@ from trio_websocket import serve_websocket
 from petit import __version__
 from petit.auth import key_fingerprint
 from petit.control import serve_control
+from petit.errors import PetitError
 from petit.lockfile import ProcessLock
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
-from petit_server.hub import Hub
+from petit_server.https import ReloadingContext, certificate_source, serve_https
+from petit_server.hub import Attachment, Hub
 from petit_server.ingress import Routing, serve_ingress
-from petit_server.registry import FileRegistry
+from petit_server.registry import FileRegistry, Registration, apply_command
+from petit_server.tcpports import TcpPorts
 
 log = logging.getLogger("petit.server")
 
@@ -35,118 +41,140 @@ class ServerService:
         self.config = config
         self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
         self.hub = Hub()
+        self.tcp_ports = TcpPorts(
+            self.hub,
+            lambda rid: self.registry.get(rid),  # late-bound: serve() reloads the registry
+            host=config.tcp_addr,
+            open_timeout=config.open_timeout,
+        )
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
-        """The control port's commands: STOP, STATUS [ID], PING."""
+        """The control port's commands: STOP, PING, STATUS [ID], and the registry commands
+        (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs."""
         if verb == "STOP":
             self._stop.set()
             return {"success": True, "status": "stopping"}
         if verb == "PING":
             return {"success": True, "type": "didPing1", "version": __version__}
-        if verb == "STATUS" and not args:
-            return {"success": True, "status": "running", "connections": self._connections()}
-        if verb == "STATUS" and len(args) == 1:
-            return self._status_of(args[0])
-        return {"success": False, "error": f"unknown command {verb}"}
+        if verb == "STATUS" and len(args) <= 1:
+            return self._status(args[0] if args else None)
+        reply = apply_command(self.registry, verb, args)
+        if reply is None:
+            return {"success": False, "error": f"unknown command {verb}"}
+        return reply
 
-    def _connections(self) -> list[dict[str, object]]:
-        return [
-            {"registeredId": r.registration_id, "connected": self.hub.is_online(r.registration_id)}
-            for r in self.registry.all()
-        ]
-
-    def _status_of(self, registration_id: str) -> dict[str, object]:
+    def _status(self, registration_id: str | None) -> dict[str, object]:
+        """Every registration in brief, or one with its vitae and sessions."""
+        sessions: dict[str, list[Attachment]] = {}
+        for attachment in self.hub.attachments():
+            for rid in attachment.registration_ids:
+                sessions.setdefault(rid, []).append(attachment)
+        if registration_id is None:
+            connections = [
+                self._summary(r, sessions.get(r.registration_id, [])) for r in self.registry.all()
+            ]
+            return {"success": True, "status": "running", "connections": connections}
         registration = self.registry.get(registration_id)
         if registration is None:
             return {"success": False, "error": f"No such registeredId {registration_id}."}
-        sessions = [
-            {
-                "remote": a.remote,
-                "since": a.since,
-                "vitae": a.vitae,
-                "streams": a.session.active_streams,
-            }
-            for a in self.hub.attachments()
-            if registration_id in a.registration_ids
-        ]
-        return {
-            "success": True,
-            "status": "running",
-            "connections": [
+        serving = sessions.get(registration_id, [])
+        detail = {
+            **self._summary(registration, serving),
+            "vitae": registration.vitae,
+            "sessions": [
                 {
-                    "registeredId": registration_id,
-                    "port": registration.port,
-                    "fingerprint": key_fingerprint(registration.public_key),
-                    "connected": bool(sessions),
-                    "aliases": registration.aliases,
-                    "sessions": sessions,
+                    "remote": a.remote,
+                    "since": a.since,
+                    "vitae": a.vitae,
+                    "streams": a.session.active_streams,
                 }
+                for a in serving
             ],
+        }
+        return {"success": True, "status": "running", "connections": [detail]}
+
+    def _summary(self, registration: Registration, serving: list[Attachment]) -> dict[str, object]:
+        return {
+            "registeredId": registration.registration_id,
+            "connected": self.hub.is_online(registration.registration_id),
+            "port": registration.port,
+            "fingerprint": key_fingerprint(registration.public_key),
+            "aliases": registration.aliases,
+            "since": min((a.since for a in serving), default=None),
+            "remotes": sorted({a.remote for a in serving}),
+            **self.tcp_ports.status_of(registration.registration_id),
         }
 
     async def serve(self, stop: trio.Event, lock: ProcessLock) -> None:
         """Run until ``stop`` is set (or STOP arrives), then shut down gracefully."""
         config = self.config
         self._stop = stop
+        # Read again now that we hold the lock: an offline edit may have landed since __init__.
+        self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
         ssl_context = server_ssl_context(config.certificate, config.key)
         fingerprint = certificate_fingerprint(pem_to_der(config.certificate.read_bytes()))
+        https_source = certificate_source(config)
+        https_context = None if https_source is None else ReloadingContext(https_source)
         gateway = Gateway(config, self.registry, self.hub, fingerprint)
         routing = Routing(
-            is_registered=lambda rid: self.registry.get(rid) is not None,
+            route=self.registry.route,
             session_for=self.hub.session_for,
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
         )
+        public = config.bind_addr
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
-                websocket_server = await listeners.start(
-                    partial(
-                        serve_websocket,
-                        gateway.handle,
-                        config.bind_addr,
-                        config.back_port,
-                        ssl_context,
-                        handler_nursery=handlers,
-                        max_message_size=MAX_MESSAGE,
-                        receive_buffer_size=RECEIVE_BUFFER,
-                    )
+                tunnel = partial(
+                    serve_websocket,
+                    gateway.handle,
+                    ssl_context=ssl_context,
+                    handler_nursery=handlers,
+                    max_message_size=MAX_MESSAGE,
+                    receive_buffer_size=RECEIVE_BUFFER,
                 )
-                http_port = await listeners.start(
-                    partial(
-                        serve_ingress,
+                websocket_server = await _bind(
+                    listeners, "tunnel endpoint", "backPort", public, config.back_port, tunnel
+                )
+                ports: dict[str, int] = {"tunnel": websocket_server.port}
+                if https_context is not None:
+                    https = partial(
+                        serve_https,
                         routing,
-                        host=config.bind_addr,
-                        port=config.proxy_port,
+                        https_context,
+                        handshake_timeout=config.handshake_timeout,
                         handler_nursery=handlers,
                     )
-                )
-                control_port = await listeners.start(
-                    partial(
-                        serve_control,
-                        self.handle_control,
-                        host=config.listen_addr,
-                        port=config.listen_port,
-                        allow=config.listen_allow,
+                    ports["https"] = await _bind(
+                        listeners,
+                        "HTTPS ingress",
+                        "secureProxyPort",
+                        public,
+                        config.secure_proxy_port,
+                        https,
                     )
+                http = partial(
+                    serve_ingress,
+                    routing,
+                    handler_nursery=handlers,
+                    redirect_to_port=ports.get("https") if config.https_redirect else None,
                 )
-                tunnel_port = websocket_server.port
-                lock.write_pid(
-                    control_port,
-                    ready=True,
-                    ports={"tunnel": tunnel_port, "http": http_port, "control": control_port},
+                ports["http"] = await _bind(
+                    listeners, "HTTP ingress", "proxyPort", public, config.proxy_port, http
                 )
-                log.info(
-                    "server %s ready: tunnel wss://%s:%d/petit/v1, HTTP ingress %s:%d, "
-                    "control %s:%d",
-                    __version__,
-                    config.bind_addr,
-                    tunnel_port,
-                    config.bind_addr,
-                    http_port,
+                control = partial(serve_control, self.handle_control, allow=config.listen_allow)
+                ports["control"] = await _bind(
+                    listeners,
+                    "control port",
+                    "listenPort",
                     config.listen_addr,
-                    control_port,
+                    config.listen_port,
+                    control,
                 )
+                await listeners.start(self.tcp_ports.run, handlers)
+                lock.write_pid(ports["control"], ready=True, ports=ports)
+                log.info("server %s ready: %s", __version__, _describe(config, ports))
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
             await self._drain(handlers)
@@ -158,3 +186,34 @@ class ServerService:
             await self.hub.wait_idle()
         handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
+    """Where each listener is, for the ready log line."""
+    public = config.bind_addr
+    parts = [f"tunnel wss://{public}:{ports['tunnel']}/petit/v1"]
+    redirect = " (redirects to HTTPS)" if config.https_redirect else ""
+    parts.append(f"HTTP ingress {public}:{ports['http']}{redirect}")
+    if "https" in ports:
+        parts.append(f"HTTPS ingress {public}:{ports['https']}")
+    parts.append(f"TCP ports on {config.tcp_addr}")
+    parts.append(f"control {config.listen_addr}:{ports['control']}")
+    return ", ".join(parts)
+
+
+async def _bind(
+    listeners: trio.Nursery,
+    what: str,
+    key: str,
+    host: str,
+    port: int,
+    serve: Callable[..., Awaitable[object]],
+) -> Any:
+    """Start one listener and return what it reports; a port it cannot bind is one error line."""
+    try:
+        return await listeners.start(partial(serve, host=host, port=port))
+    except OSError as exc:
+        raise PetitError(
+            f"cannot listen for the {what} on {host}:{port}: {exc.strerror or exc}; "
+            f"stop what uses the port or change {key}"
+        ) from None

@@ -7,6 +7,7 @@ whole process group at teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import inspect
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,9 +36,17 @@ import tomli_w
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from petit.auth import load_private_key
+from petit.auth import (
+    load_private_key,
+    public_key_raw,
+    register_transcript,
+    sign,
+    unregister_transcript,
+)
 from petit.control import send_control
 from petit.lockfile import PidInfo, read_pid
+from petit.pki import client_ssl_context
+from petit.transport import ServerAddress, open_websocket
 
 BIN = Path(sys.executable).parent
 PETIT_SERVER = BIN / "petit-server"
@@ -114,12 +124,21 @@ async def run_cli(
     check: bool = True,
     stdin: bytes = b"",
     timeout: float = CLI_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> CliResult:
-    """Run a command to completion (killed after ``timeout``); fail the test if check and rc≠0."""
+    """Run a command to completion (killed after ``timeout``); fail the test if check and rc≠0.
+
+    ``env`` adds variables to the inherited environment.
+    """
     args = [os.fspath(a) for a in argv]
     with trio.fail_after(timeout):
         done = await trio.run_process(
-            args, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+            args,
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=None if env is None else {**os.environ, **env},
         )
     result = CliResult(
         args,
@@ -648,8 +667,10 @@ class PythonBackend:
     SLOW_PIECES = 10
     SLOW_PAUSE = 0.1  # seconds
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._server = _BackendServer(("127.0.0.1", 0), _BackendHandler)
+        if tls is not None:  # HTTPS: the handshake happens in accept()
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -834,3 +855,72 @@ class NginxBackend:
 
         await wait_until(answering, READY_TIMEOUT, what="nginx to listen")
         return cls(prefix, port, child)
+
+
+# ----------------------------------------------------------------------------- signed requests
+
+# (nonce, certificate fingerprint) -> the request; a str is sent as it is (malformed on purpose)
+MakeRequest = Callable[[bytes, bytes], dict[str, object] | str]
+
+
+async def signed_request(
+    server: PetitServer, path: str, make_request: MakeRequest
+) -> dict[str, object]:
+    """One register/unregister exchange built in-process, as a hand-made client would: read
+    the server's nonce, send ``make_request(nonce, certificate fingerprint)``, return the reply.
+    """
+    address = ServerAddress("127.0.0.1", server.tunnel_port)
+    with trio.fail_after(10):
+        async with open_websocket(address, client_ssl_context(server.ca), path) as (
+            websocket,
+            fingerprint,
+        ):
+            nonce = base64.b64decode(json.loads(await websocket.get_message())["nonce"])
+            request = make_request(nonce, fingerprint)
+            await websocket.send_message(
+                request if isinstance(request, str) else json.dumps(request)
+            )
+            reply = json.loads(await websocket.get_message())
+    assert isinstance(reply, dict), reply
+    return reply
+
+
+def register_request(
+    key: Ed25519PrivateKey, **extra: object
+) -> Callable[[bytes, bytes], dict[str, object]]:
+    """A registration of ``key``, signed as petit-client signs it, with ``extra`` fields."""
+    public = public_key_raw(key)
+
+    def make(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
+        signature = sign(key, register_transcript(nonce, fingerprint, public))
+        return {
+            "type": "register",
+            "public_key": base64.b64encode(public).decode(),
+            "signature": base64.b64encode(signature).decode(),
+            **extra,
+        }
+
+    return make
+
+
+def unregister_request(
+    key: Ed25519PrivateKey, registration_id: str
+) -> Callable[[bytes, bytes], dict[str, object]]:
+    """An unregistration of ``registration_id`` signed with ``key`` (its own, or not)."""
+
+    def make(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
+        signature = sign(key, unregister_transcript(nonce, fingerprint, registration_id))
+        return {
+            "type": "unregister",
+            "id": registration_id,
+            "signature": base64.b64encode(signature).decode(),
+        }
+
+    return make
+
+
+def registry_entry(server: PetitServer, registration_id: str) -> dict[str, Any] | None:
+    """A registration as the server's registry file holds it right now, or None."""
+    document = json.loads(server.registry.read_text())
+    entry: dict[str, Any] | None = document["registrations"].get(registration_id)
+    return entry

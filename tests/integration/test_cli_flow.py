@@ -51,7 +51,9 @@ async def test_setup_through_the_clis(
     status = await client.status()
     assert status["status"] == "connected"
     assert status["pid"] == client.pid
-    server_status = json.loads((await server.cli("status", client.registration_id)).stdout)
+    server_status = json.loads(
+        (await server.cli("status", "--json", client.registration_id)).stdout
+    )
     assert server_status["connections"][0]["registeredId"] == "1001"
     assert server_status["connections"][0]["connected"] is True
 

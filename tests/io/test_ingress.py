@@ -157,8 +157,13 @@ async def start_site(nursery: trio.Nursery) -> Site:
         sessions[rid] = (await session_pair(nursery, handler=backend)).server.session
     sessions["1004"] = (await session_pair(nursery, handler=refuse)).server.session
     registered = {"1001", "1002", "1003", "1004"}
+
+    def route(host: str) -> str | None:
+        registration_id = registration_id_for_host(host)
+        return registration_id if registration_id in registered else None
+
     routing = Routing(
-        is_registered=registered.__contains__,
+        route=route,
         session_for=sessions.get,
         open_timeout=5,
         header_timeout=5,
@@ -172,7 +177,7 @@ async def connect(nursery: trio.Nursery, site: Site) -> trio.abc.Stream:
 
     async def serve_public() -> None:
         try:
-            await IngressConnection(public, site.routing, PEER_IP).run()  # type: ignore[arg-type]
+            await IngressConnection(public, site.routing, PEER_IP).run()
         finally:
             await trio.aclose_forcefully(public)
 

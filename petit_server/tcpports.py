@@ -1,0 +1,163 @@
+"""Raw TCP ports: each online registration's port carries plain bytes to its private service.
+
+# Theory of operation
+
+- One manager task follows the hub: whenever a session attaches or detaches it compares the
+  registrations that are served with the ports that listen, opens the missing listeners and
+  cancels the ones whose registration went offline, so the port is free at once.
+- Each accepted connection opens one tunnel stream to the registration (bounded by
+  ``open_timeout``) and is spliced to it; a refused or timed-out open closes the connection.
+- Accepted connections run in the server's handler nursery, not under their listener: closing
+  a listener does not cut them. They end with their tunnel stream, which is at once when the
+  registration went offline because its session died; on shutdown they get the drain grace.
+- A port that cannot be bound (already in use) is logged once and reported by ``status_of``;
+  it is tried again when the registration next comes online.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from petit.session import StreamRefusedError, splice
+from petit_server.hub import Hub
+from petit_server.registry import Registration
+
+log = logging.getLogger("petit.tcpports")
+
+
+@dataclass(slots=True)
+class _Listener:
+    """One registration's listener task: cancel ``scope`` to close it; ``closed`` then fires."""
+
+    port: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class TcpPorts:
+    """Opens and closes the registrations' raw TCP ports as they come online and go offline."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        registration_for: Callable[[str], Registration | None],
+        *,
+        host: str,
+        open_timeout: float,
+    ) -> None:
+        self._hub = hub
+        self._registration_for = registration_for
+        self._host = host
+        self._open_timeout = open_timeout
+        self._listeners: dict[str, _Listener] = {}
+        self._closing: dict[str, trio.Event] = {}  # set once a cancelled listener let go
+        self._listening: set[str] = set()
+        self._errors: dict[str, str] = {}
+
+    def status_of(self, registration_id: str) -> dict[str, object]:
+        """For STATUS: whether the registration's TCP port listens, and why not ("" if fine)."""
+        return {
+            "tcpListening": registration_id in self._listening,
+            "tcpError": self._errors.get(registration_id, ""),
+        }
+
+    async def run(
+        self,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the hub until cancelled; cancelling closes every listener."""
+        async with trio.open_nursery() as listeners:
+            task_status.started()
+            while True:
+                changed = self._hub.changed  # taken first: a change while we work is not lost
+                self._reconcile(listeners, handler_nursery)
+                await changed.wait()
+
+    def _reconcile(self, listeners: trio.Nursery, handler_nursery: trio.Nursery) -> None:
+        wanted = {
+            rid: registration.port
+            for rid in self._hub.served_ids()
+            if (registration := self._registration_for(rid)) is not None
+        }
+        for rid, listener in list(self._listeners.items()):
+            if wanted.get(rid) != listener.port:
+                listener.scope.cancel()
+                self._listening.discard(rid)
+                self._closing[rid] = listener.closed
+                del self._listeners[rid]
+                self._errors.pop(rid, None)
+        for rid, port in wanted.items():
+            if rid not in self._listeners:
+                previous = self._closing.pop(rid, None)
+                listener = _Listener(port)
+                self._listeners[rid] = listener
+                listeners.start_soon(self._listen, rid, listener, previous, handler_nursery)
+
+    async def _listen(
+        self,
+        registration_id: str,
+        listener: _Listener,
+        previous: trio.Event | None,
+        handler_nursery: trio.Nursery,
+    ) -> None:
+        try:
+            with listener.scope:
+                if previous is not None:
+                    await previous.wait()  # its socket is closed: the port is ours to bind
+                await self._bind_and_serve(registration_id, listener.port, handler_nursery)
+        finally:
+            listener.closed.set()
+
+    async def _bind_and_serve(
+        self, registration_id: str, port: int, handler_nursery: trio.Nursery
+    ) -> None:
+        try:
+            sockets = await trio.open_tcp_listeners(port, host=self._host)
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            message = f"cannot listen on TCP {self._host}:{port}: {reason}"
+            self._errors[registration_id] = message
+            log.error(
+                "registration %s: %s; free the port, then reconnect the client",
+                registration_id,
+                message,
+            )
+            return
+        self._listening.add(registration_id)
+        log.info("registration %s: TCP port %s:%d open", registration_id, self._host, port)
+        try:
+            await trio.serve_listeners(
+                partial(self._carry, registration_id), sockets, handler_nursery=handler_nursery
+            )
+        finally:
+            log.info("registration %s: TCP port %d closed", registration_id, port)
+
+    async def _carry(self, registration_id: str, connection: trio.SocketStream) -> None:
+        """Splice one accepted connection to a fresh tunnel stream (trio closes the socket)."""
+        try:
+            await self._splice_to_tunnel(registration_id, connection)
+        except Exception:  # per-connection boundary: log the bug, keep serving others
+            log.exception("bug while carrying a TCP connection for %s", registration_id)
+
+    async def _splice_to_tunnel(self, registration_id: str, connection: trio.SocketStream) -> None:
+        session = self._hub.session_for(registration_id)
+        if session is None:
+            return
+        try:
+            with trio.fail_after(self._open_timeout):
+                stream = await session.open_stream(registration_id)
+        except (StreamRefusedError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            log.info("TCP connection for %s refused: %s", registration_id, str(exc) or "timeout")
+            return
+        try:
+            await splice(connection, stream)
+        finally:
+            await stream.aclose()

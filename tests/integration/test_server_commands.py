@@ -1,0 +1,257 @@
+"""``petit-server`` commands through the real CLI: aliases, enrollment tokens, status,
+registrations, config, and the server side of ``petit-client unregister``.
+
+Alias and token commands work with the server running (control port) and stopped (the
+registry file, under the server's lock); both paths are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from petit.transport import UNREGISTER_PATH
+from petit_server.registry import ENROLLMENT_REFUSED
+from tests.integration.harness import (
+    UNAVAILABLE,
+    ClientFactory,
+    PetitClient,
+    PetitServer,
+    PythonBackend,
+    Reaper,
+    ServerFactory,
+    curl,
+    edit_config,
+    free_port,
+    registry_entry,
+    signed_request,
+    unregister_request,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def curl_host(server: PetitServer, host: str) -> tuple[str, bytes]:
+    """``curl -H 'Host: HOST' http://127.0.0.1:PORT/`` → (status, body)."""
+    result = await curl(
+        "-H", f"Host: {host}", "-w", "\n%{http_code}", f"http://127.0.0.1:{server.http_port}/"
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return status, body.encode()
+
+
+def table(output: str) -> list[list[str]]:
+    """The rows of a printed table (columns are two or more spaces apart), header dropped."""
+    lines = [line for line in output.splitlines() if line and not line.startswith("(")]
+    return [re.split(r"\s{2,}", line) for line in lines[1:]]
+
+
+def aliases_in_file(server: PetitServer, registration_id: str) -> object:
+    entry = registry_entry(server, registration_id)
+    assert entry is not None, registration_id
+    return entry["aliases"]
+
+
+def lock_files(server: PetitServer) -> list[str]:
+    return sorted(p.name for p in server.directory.iterdir() if p.suffix in (".lock", ".pid"))
+
+
+async def test_aliases_route_like_ids_with_the_server_up_or_down(
+    server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    # A fixed tunnel port, so the client finds the server again after its restart.
+    server = await server_factory(backPort=free_port())
+    client = await client_factory(server, python_backend.port, start=False)
+    rid = client.registration_id
+    await server.stop()
+
+    # Stopped: the CLI edits the registry file itself, under the server's lock.
+    added = await server.cli("addalias", "MyAlias.Example.com", rid)
+    assert added.stdout == "Alias added.\n"
+    assert aliases_in_file(server, rid) == ["myalias.example.com"]
+    assert lock_files(server) == []
+    unknown = await server.cli("addalias", "other.example.com", "4242", check=False)
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        "error: Alias not added: No such registeredId 4242.\n",
+    )
+
+    await server.start()
+    await client.start()
+    for host in ("myalias.example.com", "MYALIAS.example.com:8090", f"{rid}.localhost"):
+        assert await curl_host(server, host) == ("200", PythonBackend.GET_BODY), host
+
+    # Running: through the control port, effective at once and saved.
+    assert (await server.cli("addalias", "second.example.com", rid)).stdout == "Alias added.\n"
+    assert await curl_host(server, "second.example.com") == ("200", PythonBackend.GET_BODY)
+    taken = await server.cli("addalias", "second.example.com", rid, check=False)
+    assert (taken.returncode, taken.stderr) == (
+        1,
+        "error: Alias not added: Alias second.example.com already exists.\n",
+    )
+    assert "      = myalias.example.com\n" in (await server.cli("status", rid)).stdout
+    removed = await server.cli("removealias", "myalias.example.com")
+    assert removed.stdout == "Alias deleted.\n"
+    assert await curl_host(server, "myalias.example.com") == ("404", UNAVAILABLE)
+    again = await server.cli("removealias", "myalias.example.com", check=False)
+    assert (again.returncode, again.stderr) == (
+        1,
+        "error: Alias not deleted: myalias.example.com is not an alias.\n",
+    )
+    assert aliases_in_file(server, rid) == ["second.example.com"]
+
+    await server.stop()
+    assert (await server.cli("removealias", "second.example.com")).stdout == "Alias deleted.\n"
+    assert aliases_in_file(server, rid) == []
+
+
+async def register_with_token(client: PetitClient, token: str) -> None:
+    result = await client.cli("register", "--token", token)
+    match = re.search(r"Registered with ID (\d+)", result.stdout)
+    assert match, result
+    client.registration_id = match[1]
+
+
+async def test_enrollment_tokens_with_the_server_up_or_down(
+    server_factory: ServerFactory, tmp_path: Path, reaper: Reaper, python_backend: PythonBackend
+) -> None:
+    server = await server_factory(start=False, requireToken=True)
+    created = await server.cli("token", "create", "--note", "first laptop")
+    first = created.stdout.strip()
+    assert re.fullmatch(r"pt_[A-Za-z0-9_-]{32}", first), created
+    assert "shown only once" in created.stderr
+    assert lock_files(server) == []
+
+    await server.start()
+    second = (await server.cli("token", "create")).stdout.strip()
+    assert second.startswith("pt_")
+    assert second != first
+    listed = (await server.cli("token", "list")).stdout
+    assert [row[:2] + row[3:] for row in table(listed)] == [
+        ["1", "first laptop", "unused", "-"],
+        ["2", "-", "unused", "-"],
+    ]
+    for secret in (first, second):
+        assert secret not in listed
+        assert secret not in server.registry.read_text()
+
+    client = PetitClient(tmp_path / "client", server, reaper)
+    await client.init(python_backend.port)
+    await register_with_token(client, first)
+    await client.start()
+    reused = await client.cli("register", "-t", "second", "--token", first, check=False)
+    assert reused.returncode != 0
+    assert ENROLLMENT_REFUSED in reused.stderr
+
+    listed = (await server.cli("token", "list")).stdout
+    assert [row[3:] for row in table(listed)] == [["used", client.registration_id], ["unused", "-"]]
+    used = await server.cli("token", "revoke", "1", check=False)
+    assert (used.returncode, used.stderr) == (
+        1,
+        "error: Token not revoked: Token 1 is already used.\n",
+    )
+    assert (await server.cli("token", "revoke", "2")).stdout == "Token 2 revoked.\n"
+
+    await server.stop()
+    assert [row[3] for row in table((await server.cli("token", "list")).stdout)] == [
+        "used",
+        "revoked",
+    ]
+    unknown = await server.cli("token", "revoke", "7", check=False)
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        "error: Token not revoked: No such token 7.\n",
+    )
+    assert lock_files(server) == []
+
+
+async def test_status_registrations_and_config(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    online = await client_factory(server, python_backend.port)
+    offline = await client_factory(server, python_backend.port, start=False)
+    await server.cli("addalias", "web.example.com", online.registration_id)
+    port_of = {rid: (registry_entry(server, rid) or {})["port"] for rid in ("1001", "1002")}
+
+    overview = (await server.cli("status")).stdout.splitlines()
+    assert overview[0] == f'Server has status "running" on pid {server.pid}.'
+    assert overview[1].startswith(f" + {online.registration_id} {port_of['1001']} sha256:")
+    assert overview[2].startswith(f" - {offline.registration_id} {port_of['1002']} sha256:")
+    detail = (await server.cli("status", online.registration_id)).stdout
+    assert re.search(r'^      "[^"]+" @ 127\.0\.0\.1 since \d{4}-', detail, re.MULTILINE), detail
+    assert "      = web.example.com" in detail
+    as_json = json.loads((await server.cli("status", "--json")).stdout)
+    assert [(c["registeredId"], c["connected"]) for c in as_json["connections"]] == [
+        ("1001", True),
+        ("1002", False),
+    ]
+
+    # The original server crashed on STATUS for an unknown ID.
+    unknown = await server.cli("status", "4242", check=False)
+    assert (unknown.returncode, unknown.stderr) == (1, "error: No such registeredId 4242.\n")
+    assert await server.control("STATUS 4242") == {
+        "success": False,
+        "error": "No such registeredId 4242.",
+    }
+    assert (await server.control("PING"))["success"] is True
+
+    rows = table((await server.cli("registrations")).stdout)
+    assert [[r[0], r[1], r[3], r[4], r[6]] for r in rows] == [
+        ["1001", str(port_of["1001"]), "web.example.com", "yes", "127.0.0.1"],
+        ["1002", str(port_of["1002"]), "-", "no", "-"],
+    ]
+    assert rows[0][2].startswith("sha256:")
+
+    await server.stop()
+    stopped = (await server.cli("registrations")).stdout
+    assert [r[4] for r in table(stopped)] == ["no", "no"]
+    assert stopped.endswith("(the server is not running)\n")
+
+    edit_config(server.config, "server", httpsPkcs12Password="hunter2-secret")
+    shown = (await server.cli("config")).stdout
+    assert shown.startswith(f"Verified configuration file at {server.config}.\n")
+    assert "hunter2" not in shown
+    assert '"httpsPkcs12Password": "********"' in shown
+    assert '"requireToken": false' in shown
+    assert "2 registration(s), 0 enrollment token(s)" in shown
+    assert "      a.k.a. web.example.com" in shown
+
+
+async def test_unregistered_id_stops_routing_at_once(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    client = await client_factory(server, python_backend.port)
+    other = await client_factory(server, python_backend.port)
+    rid = client.registration_id
+    await server.cli("addalias", "gone.example.com", rid)
+    assert await curl_host(server, "gone.example.com") == ("200", PythonBackend.GET_BODY)
+
+    result = await client.cli("unregister", "-r", rid)
+    assert "Unregistered tenant" in result.stdout
+    assert registry_entry(server, rid) is None
+    for host in (f"{rid}.localhost", "gone.example.com"):
+        assert await curl_host(server, host) == ("404", UNAVAILABLE), host
+    status = json.loads((await server.cli("status", "--json")).stdout)
+    assert [c["registeredId"] for c in status["connections"]] == [other.registration_id]
+    # The alias went with the registration: another one may take it.
+    await server.cli("addalias", "gone.example.com", other.registration_id)
+    assert await curl_host(server, "gone.example.com") == ("200", PythonBackend.GET_BODY)
+
+    # Unregistered behind its running client's back: its session, serving nothing else now,
+    # is told to go away at once rather than lingering as "connected".
+    since = (await other.control_status())["connectedSince"]
+    request = unregister_request(other.key(), other.registration_id)
+    reply = await signed_request(server, UNREGISTER_PATH, request)
+    assert reply == {"type": "unregistered", "id": other.registration_id}
+    assert await curl_host(server, "gone.example.com") == ("404", UNAVAILABLE)
+
+    async def session_ended() -> bool:
+        status = await other.control_status()
+        return status["status"] != "connected" or status["connectedSince"] != since
+
+    await wait_until(session_ended, 5, what="the unregistered client's session to end")
+    assert (await other.control_status())["status"] != "connected"
