@@ -270,3 +270,66 @@ def config_option(default: Path, what: str) -> Callable[[Callable[..., None]], C
 def verbose_option(function: Callable[..., None]) -> Callable[..., None]:
     """``-v/--verbose``: debug logging."""
     return click.option("-v", "--verbose", is_flag=True, help="Print debug output.")(function)
+
+
+def service_commands(role: str, default_config: Path) -> click.Group:
+    """``service install`` / ``service uninstall``: a systemd unit for this daemon."""
+    from petit import systemd  # only these commands need it
+
+    @click.group(name="service")
+    def group() -> None:
+        """Install or remove a systemd unit, so the daemon starts at boot."""
+
+    @group.command()
+    @config_option(default_config, role.capitalize())
+    @verbose_option
+    @click.option(
+        "--user",
+        default=systemd.DEFAULT_USER,
+        show_default=True,
+        help="Dedicated user the service runs as (created if missing).",
+    )
+    @click.option(
+        "--unit-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=systemd.DEFAULT_UNIT_DIR,
+        show_default=True,
+        help="Where the unit file goes.",
+    )
+    @click.option(
+        "--no-create-user",
+        is_flag=True,
+        help="Do not create the user or hand it the config directory.",
+    )
+    def install(
+        config_path: Path, verbose: bool, user: str, unit_dir: Path, no_create_user: bool
+    ) -> None:
+        executable = Path(sys.executable).parent / f"petit-{role}"
+        with exit_codes():
+            path = systemd.install(
+                role=role,
+                executable=executable if executable.exists() else Path(sys.argv[0]).resolve(),
+                config=config_path.expanduser().resolve(),
+                user=user,
+                unit_dir=unit_dir,
+                create_user=not no_create_user,
+            )
+        click.echo(f"Installed {path} (runs as {user}).")
+        click.echo(f"Start it now and at every boot: systemctl enable --now petit-{role}")
+
+    @group.command()
+    @config_option(default_config, role.capitalize())
+    @verbose_option
+    @click.option(
+        "--unit-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=systemd.DEFAULT_UNIT_DIR,
+        show_default=True,
+        help="Where the unit file is.",
+    )
+    def uninstall(config_path: Path, verbose: bool, unit_dir: Path) -> None:
+        with exit_codes():
+            path = systemd.uninstall(role=role, unit_dir=unit_dir)
+        click.echo(f"Removed {path}. Stop a running service with: systemctl stop petit-{role}")
+
+    return group

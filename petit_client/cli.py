@@ -35,6 +35,7 @@ from petit.cli import (
     control_command,
     exit_codes,
     running_daemon,
+    service_commands,
     start_daemon,
     stop_daemon,
     verbose_option,
@@ -532,3 +533,6 @@ def log(config_path: Path, verbose: bool, level: str) -> None:
     """Change the running client's log level (debug, info, warning or error)."""
     reply = _ask_client(_load(config_path), f"LOG {level.lower()}")
     click.echo(f'Logging level set to "{reply.get("level", level)}".')
+
+
+main.add_command(service_commands("client", DEFAULT_CONFIG_PATH))

@@ -19,6 +19,7 @@ from petit.cli import (
     control_command,
     exit_codes,
     running_daemon,
+    service_commands,
     start_daemon,
     stop_daemon,
     verbose_option,
@@ -389,10 +390,15 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 @main.command()
-def version() -> None:
+@config_option
+@verbose_option
+def version(config_path: Path, verbose: bool) -> None:
     """Print the version."""
     click.echo(f"petit server version {__version__}")
 
 
 def _control_host(listen_addr: str) -> str:
     return "127.0.0.1" if listen_addr in ("0.0.0.0", "", "::") else listen_addr  # noqa: S104
+
+
+main.add_command(service_commands("server", DEFAULT_CONFIG_PATH))
