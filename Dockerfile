@@ -27,7 +27,6 @@ COPY demo/backend.py /opt/petit/demo/backend.py
 
 USER petit
 WORKDIR /var/lib/petit
-VOLUME /var/lib/petit
 # tunnel endpoint, HTTP ingress, HTTPS ingress, control port
 EXPOSE 3014 8090 8453 3016
 STOPSIGNAL SIGTERM
