@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from petit_client.cli import main
 
 COMMANDS = sorted(main.commands)
+# Every leaf command, as argv: groups (``service``) contribute their subcommands.
+LEAVES = sorted(
+    [name, *([sub] if sub else [])]
+    for name, command in main.commands.items()
+    for sub in (sorted(command.commands) if isinstance(command, click.Group) else [""])
+)
 
 
 def test_the_whole_command_set_exists() -> None:
-    expected = "config evict init lease log register sping start status stop tenants unregister"
-    assert sorted([*expected.split(), "version"]) == COMMANDS
+    expected = "config evict init lease log register service sping start status stop tenants"
+    assert sorted([*expected.split(), "unregister", "version"]) == COMMANDS
+    assert ["service", "install"] in LEAVES
+    assert ["service", "uninstall"] in LEAVES
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_with_config_and_verbose(command: str) -> None:
-    result = CliRunner().invoke(main, [command, "--help"])
+@pytest.mark.parametrize("argv", LEAVES, ids=" ".join)
+def test_every_command_has_help_with_config_and_verbose(argv: list[str]) -> None:
+    result = CliRunner().invoke(main, [*argv, "--help"])
     assert result.exit_code == 0, result.output
     assert "-c, --config FILE" in result.output
     assert "-v, --verbose" in result.output
     summary = result.output.split("\n\n")[1].strip()
-    assert summary.endswith("."), f"{command} --help has no summary: {summary!r}"
+    assert summary.endswith("."), f"{argv} --help has no summary: {summary!r}"
 
 
 @pytest.mark.parametrize(
