@@ -57,7 +57,7 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_fra
 #   initial_window. Credit comes back by WINDOW_UPDATE once the application acknowledges the
 #   bytes it consumed (petit.flow batches them).
 
-DEFAULT_WINDOW: Final = 256 * 1024  # bytes of credit per stream and direction
+DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
 _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits the payload
 _U32: Final = struct.Struct("!I")
@@ -452,6 +452,11 @@ class TunnelConnection:
         self._draining = True
 
     # Outbound bytes and introspection.
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether frames are queued: lets a driver skip waking its writer for nothing."""
+        return bool(self._outgoing)
 
     def data_to_send(self) -> bytes:
         """Drain the bytes queued for the peer (``b""`` if there are none)."""

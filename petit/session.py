@@ -53,7 +53,7 @@ from petit.events import (
 log = logging.getLogger("petit.session")
 
 MAX_CARRIER_MESSAGE = 256 * 1024  # bytes per carrier message; frames may span messages
-RECEIVE_CHUNK = 64 * 1024  # bytes handed to a reader per receive_some by default
+RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
 
 
 class Carrier(Protocol):
@@ -581,8 +581,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if len(chunk) > limit:
                 self._buffer.appendleft(chunk[limit:])
                 chunk = chunk[:limit]
-            self._session.connection.acknowledge_received_data(self.stream_id, len(chunk))
-            self._session.schedule_send()
+            connection = self._session.connection
+            connection.acknowledge_received_data(self.stream_id, len(chunk))
+            if connection.has_data_to_send:  # credit goes back in batches, not every read
+                self._session.schedule_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
             return chunk
 

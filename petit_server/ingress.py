@@ -32,7 +32,7 @@ from petit.session import SessionClosedError, StreamRefusedError, TunnelSession,
 log = logging.getLogger("petit.ingress")
 
 MAX_HEADER_BYTES: Final = 32 * 1024
-READ_CHUNK: Final = 64 * 1024  # bytes
+READ_CHUNK: Final = 256 * 1024  # bytes
 UNAVAILABLE_BODY: Final = b'{"g2c":"unavailable"}'
 MAX_DISCARDED_BODY: Final = 1024 * 1024  # bytes read and dropped to keep a connection alive
 HOP_BY_HOP: Final = frozenset(
