@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from petit.config import LOG_LEVELS, Table, load_toml, root_table
+from petit.proxy import parse_proxy_url
 from petit.transport import ServerAddress
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
@@ -63,6 +64,13 @@ class ClientConfig:
         return self.path.parent
 
 
+def _checked_proxy(value: str | None) -> str | None:
+    """Refuse a malformed proxy URL when the config loads, not at the first dial."""
+    if value is not None:
+        parse_proxy_url(value, source="client.proxy")
+    return value
+
+
 def load_client_config(path: Path) -> ClientConfig:
     """Read and validate the client config; ConfigError names the offending key."""
     path = path.expanduser().resolve()
@@ -79,7 +87,7 @@ def load_client_config(path: Path) -> ClientConfig:
         connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
         log_level=client.choice("logLevel", "info", LOG_LEVELS),
-        proxy=client.optional_string("proxy"),
+        proxy=_checked_proxy(client.optional_string("proxy")),
         local=read_local_target(client.table("local"), LocalTarget()),
         vitae=client.scalars("vitae"),
     )

@@ -193,3 +193,10 @@ def test_client_and_server_may_share_one_file(tmp_path: Path) -> None:
     path = write(tmp_path, server_text() + "\n" + client_text())
     assert load_server_config(path).back_port == 3014
     assert load_client_config(path).server == ServerAddress("tunnel.example.com", 3014)
+
+
+def test_client_config_refuses_a_malformed_proxy_url_at_load(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[client]\nproxy = "socks5://127.0.0.1:1080"\n')
+    with pytest.raises(ConfigError, match=r"client\.proxy"):
+        load_client_config(config)
