@@ -90,6 +90,7 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Start the server (in the background unless --foreground)."""
     with exit_codes():
         config = load_server_config(config_path)
+        service = ServerService(config)  # reads the registry: a corrupt one is a one-line error
     start_daemon(
         name="server",
         module="petit_server",
@@ -98,7 +99,7 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
         log_level=config.log_level,
         verbose=verbose,
         foreground=foreground,
-        serve=ServerService(config).serve,
+        serve=service.serve,
     )
 
 

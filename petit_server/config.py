@@ -39,6 +39,7 @@ class ServerConfig:
     open_timeout: float = 15.0
     shutdown_grace: float = 5.0
     header_timeout: float = 10.0
+    response_timeout: float = 60.0
     log_level: str = "info"
     vitae: dict[str, str] = field(default_factory=dict)
 
@@ -85,6 +86,7 @@ def load_server_config(path: Path) -> ServerConfig:
         open_timeout=server.number("openTimeout", 15.0, low=0.1, high=600),
         shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
         header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
+        response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
         log_level=server.choice("logLevel", "info", LOG_LEVELS),
         vitae=server.scalars("vitae"),
     )
@@ -136,6 +138,8 @@ requireToken = false
 pingInterval = 15
 # Seconds a public request waits for the client to reach its local service.
 openTimeout = 15
+# Seconds a public request waits for the private service's response head (then 504).
+responseTimeout = 60
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
 # debug, info, warning or error

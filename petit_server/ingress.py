@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class Routing:
     session_for: Callable[[str], TunnelSession | None]
     open_timeout: float
     header_timeout: float
+    response_timeout: float = 60.0
     idle_timeout: float = 75.0
 
 
@@ -146,8 +148,8 @@ class IngressConnection:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
-                if self._http.our_state is h11.MUST_CLOSE or self._http.their_state is not h11.DONE:
-                    return
+                if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
+                    return  # must close, or a response was cut short
                 self._http.start_next_cycle()
         finally:
             await self._drop_upstream()
@@ -169,18 +171,28 @@ class IngressConnection:
             return event
 
     async def _read_request_head(self) -> h11.Request | None:
-        """The next request head, or None when the caller is gone or misbehaved (answered)."""
-        idle = self._http.trailing_data[0] == b""
-        deadline = self._routing.idle_timeout if idle else self._routing.header_timeout
-        with trio.move_on_after(deadline):
+        """The next request head, or None when the caller is gone or misbehaved (answered).
+
+        An idle connection may wait idleTimeout for its first byte; from then on the whole
+        head must arrive within headerTimeout, however slowly it trickles in (slowloris).
+        """
+        if not self._bytes_pending():
+            with trio.move_on_after(self._routing.idle_timeout) as idle:
+                await self._receive_into_http()
+            if idle.cancelled_caught:
+                return None
+        with trio.move_on_after(self._routing.header_timeout):
             try:
                 event = await self._next_public_event()
             except h11.RemoteProtocolError as exc:
                 await self._send_simple(exc.error_status_hint, f"bad request: {exc}".encode())
                 return None
-            if isinstance(event, h11.Request):
-                return event
-            return None
+            if not isinstance(event, h11.Request):
+                return None
+            if _head_size(event) > MAX_HEADER_BYTES:  # h11 bounds only a head still incomplete
+                await self._send_simple(431, b"request header fields too large")
+                return None
+            return event
         if self._http.their_state is h11.SEND_BODY or self._bytes_pending():
             await self._send_simple(408, b"request header timeout")
         return None
@@ -201,12 +213,23 @@ class IngressConnection:
             return
         if self._http.they_are_waiting_for_100_continue:
             await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
+        bad_body: h11.RemoteProtocolError | None = None
         try:
             upstream = await self._upstream_for(registration_id)
             await self._proxy(request, upstream, host)
         except _UpstreamFailedError as failure:
             await self._drop_upstream()
             await self._refuse(failure.status)
+        except ExceptionGroup as group:  # the request body pump's failure, from its nursery
+            matched, rest = group.split(h11.RemoteProtocolError)
+            if matched is None:
+                raise
+            if rest is not None:
+                raise rest from None
+            bad_body = _leaf(matched)
+        if bad_body is not None:  # bad chunking or a truncated body: never pass the rest on
+            await self._drop_upstream()
+            await self._send_simple(bad_body.error_status_hint, f"bad request: {bad_body}".encode())
 
     async def _upstream_for(self, registration_id: str) -> _Upstream:
         if self._upstream is not None and self._upstream.registration_id == registration_id:
@@ -242,18 +265,19 @@ class IngressConnection:
             await upstream.send(forwarded)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _UpstreamFailedError(502) from None
-        response_started = False
+        failure: _UpstreamFailedError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump_request_body, upstream)
             try:
-                response_started = await self._pump_response(upstream)
+                await self._pump_response(upstream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-                nursery.cancel_scope.cancel()
-                if not response_started:
-                    raise _UpstreamFailedError(502) from None
-                raise  # the caller already has part of a response: only closing is left
-            if self._http.their_state is not h11.DONE:
-                nursery.cancel_scope.cancel()  # answered before the body ended: close after
+                failure = _UpstreamFailedError(502)
+            except _UpstreamFailedError as late:
+                failure = late
+            if failure is not None or self._http.their_state is not h11.DONE:
+                nursery.cancel_scope.cancel()  # failed, or answered before the body ended
+        if failure is not None:  # raised out here, not from the nursery, to stay ungrouped
+            raise failure  # once a response began, _refuse sends nothing and run() closes
         if upstream.reusable:
             upstream.http.start_next_cycle()
         else:
@@ -290,11 +314,15 @@ class IngressConnection:
             else:
                 raise h11.RemoteProtocolError("connection closed during the request body")
 
-    async def _pump_response(self, upstream: _Upstream) -> bool:
-        """Relay the upstream response; True once its head was sent to the caller."""
-        started = False
+    async def _pump_response(self, upstream: _Upstream) -> None:
+        """Relay the upstream response; 504 if its head takes longer than responseTimeout
+        (a body may stream for as long as it likes)."""
+        head_deadline = trio.current_time() + self._routing.response_timeout
         while True:
-            event = await upstream.next_event()
+            with trio.CancelScope(deadline=head_deadline) as waiting:
+                event = await upstream.next_event()
+            if waiting.cancelled_caught:
+                raise _UpstreamFailedError(504)
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code != 100:
                     await self._send_public(event)
@@ -306,12 +334,12 @@ class IngressConnection:
                         reason=event.reason,
                     )
                 )
-                started = True
+                head_deadline = math.inf
             elif isinstance(event, h11.Data):
                 await self._send_public(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await self._send_public(h11.EndOfMessage())
-                return started
+                return
             else:
                 raise trio.BrokenResourceError("the private service closed mid-response")
 
@@ -335,7 +363,10 @@ class IngressConnection:
     async def _discard_request_body(self) -> None:
         discarded = 0
         while self._http.their_state is h11.SEND_BODY and discarded <= MAX_DISCARDED_BODY:
-            event = await self._next_public_event()
+            try:
+                event = await self._next_public_event()
+            except h11.RemoteProtocolError:
+                return  # a broken or cut body: answer all the same, then close
             if isinstance(event, h11.Data):
                 discarded += len(event.data)
             elif not isinstance(event, h11.EndOfMessage):
@@ -374,6 +405,17 @@ def https_location(host: str, port: int, target: bytes) -> bytes | None:
         return None
     authority = match["name"] if port == 443 else f"{match['name']}:{port}"
     return b"https://" + authority.encode() + (target if target.startswith(b"/") else b"/")
+
+
+def _head_size(request: h11.Request) -> int:
+    """Roughly the bytes of a request head: its line and its header lines."""
+    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+
+
+def _leaf(group: BaseExceptionGroup[h11.RemoteProtocolError]) -> h11.RemoteProtocolError:
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _host_header(request: h11.Request) -> str:

@@ -122,6 +122,7 @@ class ServerService:
             session_for=self.hub.session_for,
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
+            response_timeout=config.response_timeout,
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:
