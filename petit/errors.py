@@ -7,6 +7,9 @@ means the peer broke it. Both carry the ``ErrorCode`` to put on the wire.
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
+
+Failure = TypeVar("Failure", bound=BaseException)
 
 
 class ErrorCode(enum.IntEnum):
@@ -68,3 +71,13 @@ class AuthError(PetitError):
 
 class ConfigError(PetitError):
     """A config or state file is missing, unreadable or invalid; the message names the key."""
+
+
+def first_leaf(group: BaseExceptionGroup[Failure]) -> Failure:
+    """The first error inside (possibly nested) exception groups.
+
+    Nurseries wrap failures in groups; owners that stop at the first failure want the error
+    itself, so they can catch its type and report it.
+    """
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

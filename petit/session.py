@@ -32,7 +32,15 @@ from typing import Protocol
 import trio
 
 from petit.connection import TunnelConnection
-from petit.errors import ErrorCode, LocalProtocolError, PetitError, RemoteProtocolError
+from petit.errors import (
+    AuthError,
+    ErrorCode,
+    LocalProtocolError,
+    PetitError,
+    ProtocolError,
+    RemoteProtocolError,
+    first_leaf,
+)
 from petit.events import (
     ChallengeReceived,
     ConnectionTerminated,
@@ -217,7 +225,7 @@ class TunnelSession:
         except ExceptionGroup as group:
             # The reader, writer and keepalive stop together: raise the failure that stopped
             # them, not a group, so owners can catch KeepaliveTimeoutError and the rest.
-            raise _first_failure(group) from None
+            raise first_leaf(group) from None
         finally:
             self._end_all_streams()
             with trio.move_on_after(1, shield=True):
@@ -655,16 +663,7 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream, traffic: Traffic | None
         nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
 
 
-def _first_failure(group: ExceptionGroup[Exception]) -> Exception:
-    failure: Exception = group
-    while isinstance(failure, ExceptionGroup):
-        failure = failure.exceptions[0]
-    return failure
-
-
 def _error_code(exc: PetitError) -> ErrorCode:
-    from petit.errors import AuthError, ProtocolError
-
     if isinstance(exc, AuthError):
         return ErrorCode.AUTH
     if isinstance(exc, ProtocolError):

@@ -28,6 +28,7 @@ from typing import Final
 import h11
 import trio
 
+from petit.errors import first_leaf
 from petit.session import SessionClosedError, StreamRefusedError, TunnelSession, TunnelStream
 
 log = logging.getLogger("petit.ingress")
@@ -226,7 +227,7 @@ class IngressConnection:
                 raise
             if rest is not None:
                 raise rest from None
-            bad_body = _leaf(matched)
+            bad_body = first_leaf(matched)
         if bad_body is not None:  # bad chunking or a truncated body: never pass the rest on
             await self._drop_upstream()
             await self._send_simple(bad_body.error_status_hint, f"bad request: {bad_body}".encode())
@@ -411,11 +412,6 @@ def _head_size(request: h11.Request) -> int:
     """Roughly the bytes of a request head: its line and its header lines."""
     line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
     return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
-
-
-def _leaf(group: BaseExceptionGroup[h11.RemoteProtocolError]) -> h11.RemoteProtocolError:
-    first = group.exceptions[0]
-    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _host_header(request: h11.Request) -> str:
