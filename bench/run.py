@@ -224,19 +224,15 @@ def _pid_file(path: Path) -> tuple[int, dict[str, int]]:
     return int(document["pid"]), {k: int(v) for k, v in document.get("ports", {}).items()}
 
 
+def curl_argv(port: int, host: str, path: str, write_out: str = "") -> list[str]:
+    """curl for one GET of ``path`` on a loopback port: body discarded, ``write_out`` shown."""
+    url = f"http://127.0.0.1:{port}/{path}"
+    return ["curl", "-s", "-o", "/dev/null", "-w", write_out, "-H", f"Host: {host}", url]
+
+
 def _status(port: int, host: str, path: str) -> int:
     result = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            f"Host: {host}",
-            f"http://127.0.0.1:{port}/{path}",
-        ],
+        curl_argv(port, host, path, "%{http_code}"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -303,15 +299,7 @@ def _latency(output: str, percentile: str) -> float:
 
 def downloads(target: Route, parallel: int) -> float:
     """MB/s for ``parallel`` simultaneous 10 MiB downloads, each on its own connection."""
-    argv = [
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-H",
-        f"Host: {target.host}",
-        f"http://127.0.0.1:{target.port}/{TEN_MIB}",
-    ]
+    argv = curl_argv(target.port, target.host, TEN_MIB)
     started = time.perf_counter()
     running = [subprocess.Popen(argv) for _ in range(parallel)]
     for process in running:
@@ -326,17 +314,7 @@ def first_request_ms(target: Route, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         result = subprocess.run(
-            [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total}",
-                "-H",
-                f"Host: {target.host}",
-                f"http://127.0.0.1:{target.port}/{ONE_KIB}",
-            ],
+            curl_argv(target.port, target.host, ONE_KIB, "%{time_total}"),
             capture_output=True,
             text=True,
             timeout=30,
