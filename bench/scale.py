@@ -29,8 +29,6 @@ from petit.auth import (
     encode_hello,
     generate_key,
     hello_transcript,
-    public_key_raw,
-    register_transcript,
     sign,
 )
 from petit.connection import Role, TunnelConnection
@@ -64,15 +62,7 @@ async def register(address: ServerAddress, ca: Path) -> tuple[str, Ed25519Privat
         nonce = base64.b64decode(
             str(messages.decode(await ws.get_message(), what="nonce")["nonce"])
         )
-        public = public_key_raw(key)
-        request: dict[str, object] = {
-            "type": "register",
-            "public_key": base64.b64encode(public).decode(),
-            "signature": base64.b64encode(
-                sign(key, register_transcript(nonce, fingerprint, public))
-            ).decode(),
-        }
-        await ws.send_message(messages.encode(request))
+        await ws.send_message(messages.encode(messages.register_request(key, nonce, fingerprint)))
         reply = messages.decode(await ws.get_message(), what="reply")
     if reply.get("type") != "registered":
         raise RuntimeError(f"registration refused: {reply}")

@@ -6,7 +6,6 @@ to RELOAD, so it serves the new set without a restart.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Callable
@@ -23,10 +22,6 @@ from petit.auth import (
     generate_key,
     is_valid_id,
     private_key_to_pem,
-    public_key_raw,
-    register_transcript,
-    sign,
-    unregister_transcript,
 )
 from petit.cli import (
     CliError,
@@ -285,10 +280,6 @@ async def _exchange(
         ) from None
 
 
-def _signature(value: bytes) -> str:
-    return base64.b64encode(value).decode()
-
-
 def _check_reply(reply: dict[str, object], expected_type: str, failure: str) -> None:
     if reply.get("type") != expected_type:
         raise CliError(f"{failure}: {reply.get('error', reply)}", ExitCode.AUTH)
@@ -317,17 +308,10 @@ def register(config_path: Path, verbose: bool, tenant: str | None, token: str | 
     name = _tenant_to_register(config, tenant)
     click.echo("Generating key ...", err=True)
     key = generate_key()
-    public = public_key_raw(key)
 
     def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
-        signature = sign(key, register_transcript(nonce, fingerprint, public))
-        return {
-            "type": "register",
-            "public_key": base64.b64encode(public).decode(),
-            "signature": _signature(signature),
-            "vitae": config.vitae,
-            **({"token": token} if token else {}),
-        }
+        extra: dict[str, object] = {"vitae": config.vitae, **({"token": token} if token else {})}
+        return messages.register_request(key, nonce, fingerprint, **extra)
 
     click.echo(f"Registering with {config.server} ...", err=True)
     with exit_codes():
@@ -379,8 +363,7 @@ def _unregister(config: ClientConfig, tenant: Tenant) -> None:
         key = tenant.key()
 
     def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
-        signature = sign(key, unregister_transcript(nonce, fingerprint, rid))
-        return {"type": "unregister", "id": rid, "signature": _signature(signature)}
+        return messages.unregister_request(key, nonce, fingerprint, rid)
 
     with exit_codes():
         reply = trio.run(_exchange, config, UNREGISTER_PATH, request_for, "unregistration")

@@ -36,12 +36,9 @@ import tomli_w
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from petit import messages
 from petit.auth import (
     load_private_key,
-    public_key_raw,
-    register_transcript,
-    sign,
-    unregister_transcript,
 )
 from petit.control import send_control
 from petit.lockfile import PidInfo, read_pid
@@ -889,34 +886,16 @@ def register_request(
     key: Ed25519PrivateKey, **extra: object
 ) -> Callable[[bytes, bytes], dict[str, object]]:
     """A registration of ``key``, signed as petit-client signs it, with ``extra`` fields."""
-    public = public_key_raw(key)
-
-    def make(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
-        signature = sign(key, register_transcript(nonce, fingerprint, public))
-        return {
-            "type": "register",
-            "public_key": base64.b64encode(public).decode(),
-            "signature": base64.b64encode(signature).decode(),
-            **extra,
-        }
-
-    return make
+    return lambda nonce, fingerprint: messages.register_request(key, nonce, fingerprint, **extra)
 
 
 def unregister_request(
     key: Ed25519PrivateKey, registration_id: str
 ) -> Callable[[bytes, bytes], dict[str, object]]:
     """An unregistration of ``registration_id`` signed with ``key`` (its own, or not)."""
-
-    def make(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
-        signature = sign(key, unregister_transcript(nonce, fingerprint, registration_id))
-        return {
-            "type": "unregister",
-            "id": registration_id,
-            "signature": base64.b64encode(signature).decode(),
-        }
-
-    return make
+    return lambda nonce, fingerprint: messages.unregister_request(
+        key, nonce, fingerprint, registration_id
+    )
 
 
 def registry_entry(server: PetitServer, registration_id: str) -> dict[str, Any] | None:
