@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         write_atomic(certificates / "ca.crt", ca.cert_pem, mode=0o644)
         write_atomic(certificates / "server.key", server.key_pem, mode=0o600)
         write_atomic(certificates / "server.crt", server.cert_pem, mode=0o644)
-        write_atomic(path, default_config_text(hostname=names[0]).encode(), mode=0o600)
+        text = default_config_text(hostname=names[0], admin_token=secrets.token_urlsafe(32))
+        write_atomic(path, text.encode(), mode=0o600)
         config = load_server_config(path)
         FileRegistry(config.registry_file, first_port=config.first_port).save()
     click.echo(f'Created configuration file "{path}".')
@@ -80,6 +82,9 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         f"{', '.join(names)}, localhost."
     )
     click.echo(f"Clients pin the CA: petit-client init --ca {certificates / 'ca.crt'}")
+    click.echo(
+        f"Admin API on {config.admin_addr}:{config.admin_port} (token: adminToken in {path.name})."
+    )
 
 
 @main.command()

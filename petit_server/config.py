@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
+MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +44,10 @@ class ServerConfig:
     response_timeout: float = 60.0
     log_level: str = "info"
     vitae: dict[str, str] = field(default_factory=dict)
+    # Admin API (petit_server/admin.py): off while admin_token is unset.
+    admin_addr: str = "127.0.0.1"
+    admin_port: int = 8100
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def directory(self) -> Path:
@@ -89,13 +95,27 @@ def load_server_config(path: Path) -> ServerConfig:
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
         log_level=server.choice("logLevel", "info", LOG_LEVELS),
         vitae=server.scalars("vitae"),
+        # Admin API
+        admin_addr=server.string("adminAddr", "127.0.0.1"),
+        admin_port=server.port("adminPort", 8100),
+        admin_token=_admin_token(server.optional_string("adminToken")),
     )
     server.finish()
     return config
 
 
-def default_config_text(*, hostname: str) -> str:
-    """The commented config ``petit-server init`` writes."""
+def _admin_token(token: str | None) -> str | None:
+    if token is not None and len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(
+            f"server.adminToken: expected at least {MIN_ADMIN_TOKEN} characters "
+            "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+        )
+    return token
+
+
+def default_config_text(*, hostname: str, admin_token: str | None = None) -> str:
+    """The commented config ``petit-server init`` writes (with a fresh admin token)."""
+    token_line = "# adminToken = " if admin_token is None else "adminToken = "
     return f"""\
 # petit server configuration. Relative paths are relative to this file's directory.
 [server]
@@ -144,6 +164,11 @@ responseTimeout = 60
 shutdownGrace = 5
 # debug, info, warning or error
 logLevel = "info"
+# Admin API: JSON, /metrics and /dashboard, for requests bearing "Authorization: Bearer
+# <adminToken>". Loopback only by default; off while adminToken is unset.
+adminAddr = "127.0.0.1"
+adminPort = 8100
+{token_line}"{admin_token or "a long random secret"}"
 
 [server.vitae]
 environment = "local"

@@ -30,6 +30,7 @@ import trio
 
 from petit.errors import first_leaf
 from petit.session import SessionClosedError, StreamRefusedError, TunnelSession, TunnelStream
+from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
 
@@ -77,6 +78,7 @@ class Routing:
     header_timeout: float
     response_timeout: float = 60.0
     idle_timeout: float = 75.0
+    usage: UsageStore | None = None  # where each routed request's usage is recorded
 
 
 class _Upstream:
@@ -137,6 +139,7 @@ class IngressConnection:
         self._redirect_to_port = redirect_to_port
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
+        self._meter = RequestMeter(routing.usage)
 
     async def run(self) -> None:
         """Serve requests until the connection should close."""
@@ -145,14 +148,17 @@ class IngressConnection:
                 request = await self._read_request_head()
                 if request is None:
                     return
+                self._meter.begin(request)
                 if self._redirect_to_port is None:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
+                self._meter.end(complete=self._http.our_state is h11.DONE)
                 if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
                     return  # must close, or a response was cut short
                 self._http.start_next_cycle()
         finally:
+            self._meter.end(complete=False)  # a request an exception cut short, if any
             await self._drop_upstream()
 
     async def _receive_into_http(self) -> None:
@@ -160,6 +166,7 @@ class IngressConnection:
             data = bytes(await self._stream.receive_some(READ_CHUNK))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        self._meter.received(len(data))
         self._http.receive_data(data)
 
     async def _next_public_event(self) -> h11.Event:
@@ -212,6 +219,7 @@ class IngressConnection:
         if registration_id is None:
             await self._refuse(404)
             return
+        self._meter.routed(registration_id)
         if self._http.they_are_waiting_for_100_continue:
             await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
         bad_body: h11.RemoteProtocolError | None = None
@@ -347,6 +355,7 @@ class IngressConnection:
     async def _send_public(self, event: h11.Event) -> None:
         data = self._http.send(event)
         if data:
+            self._meter.sent(event, len(data))
             await self._stream.send_all(data)
 
     async def _redirect_to_https(self, request: h11.Request, port: int) -> None:
@@ -358,6 +367,7 @@ class IngressConnection:
             await self._send_simple(308, b"", extra_headers=[(b"location", location)])
 
     async def _refuse(self, status: int) -> None:
+        self._meter.refused()
         await self._discard_request_body()
         await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
 

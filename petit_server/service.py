@@ -9,6 +9,7 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from petit.errors import PetitError
 from petit.lockfile import ProcessLock
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
+from petit_server.admin import AdminApi, AdminSources, serve_admin
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
@@ -30,6 +32,7 @@ from petit_server.hub import Attachment, Hub
 from petit_server.ingress import Routing, serve_ingress
 from petit_server.registry import FileRegistry, Registration, apply_command
 from petit_server.tcpports import TcpPorts
+from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
 
@@ -41,11 +44,13 @@ class ServerService:
         self.config = config
         self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
         self.hub = Hub()
+        self.usage = UsageStore()
         self.tcp_ports = TcpPorts(
             self.hub,
             lambda rid: self.registry.get(rid),  # late-bound: serve() reloads the registry
             host=config.tcp_addr,
             open_timeout=config.open_timeout,
+            usage=self.usage,
         )
         self._stop = trio.Event()
 
@@ -58,13 +63,13 @@ class ServerService:
         if verb == "PING":
             return {"success": True, "type": "didPing1", "version": __version__}
         if verb == "STATUS" and len(args) <= 1:
-            return self._status(args[0] if args else None)
+            return self.status(args[0] if args else None)
         reply = apply_command(self.registry, verb, args)
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply
 
-    def _status(self, registration_id: str | None) -> dict[str, object]:
+    def status(self, registration_id: str | None) -> dict[str, object]:
         """Every registration in brief, or one with its vitae and sessions."""
         sessions: dict[str, list[Attachment]] = {}
         for attachment in self.hub.attachments():
@@ -123,6 +128,7 @@ class ServerService:
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
             response_timeout=config.response_timeout,
+            usage=self.usage,
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:
@@ -173,12 +179,37 @@ class ServerService:
                     config.listen_port,
                     control,
                 )
+                if config.admin_token is not None:
+                    admin = partial(
+                        serve_admin, self._admin_api(config.admin_token), handler_nursery=handlers
+                    )
+                    ports["admin"] = await _bind(
+                        listeners,
+                        "admin API",
+                        "adminPort",
+                        config.admin_addr,
+                        config.admin_port,
+                        admin,
+                    )
+                else:
+                    log.warning("admin API off: set adminToken in [server] to turn it on")
                 await listeners.start(self.tcp_ports.run, handlers)
                 lock.write_pid(ports["control"], ready=True, ports=ports)
                 log.info("server %s ready: %s", __version__, _describe(config, ports))
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
             await self._drain(handlers)
+
+    def _admin_api(self, token: str) -> AdminApi:
+        sources = AdminSources(
+            registry=self.registry,
+            hub=self.hub,
+            usage=self.usage,
+            status=self.status,
+            registry_command=partial(apply_command, self.registry),
+            started=time.time(),
+        )
+        return AdminApi(token, sources)
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         log.info("stopping: draining %d in-flight stream(s)", self.hub.active_streams)
@@ -199,6 +230,8 @@ def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
         parts.append(f"HTTPS ingress {public}:{ports['https']}")
     parts.append(f"TCP ports on {config.tcp_addr}")
     parts.append(f"control {config.listen_addr}:{ports['control']}")
+    if "admin" in ports:
+        parts.append(f"admin API http://{config.admin_addr}:{ports['admin']}/dashboard")
     return ", ".join(parts)
 
 

@@ -27,6 +27,7 @@ import trio
 from petit.session import StreamRefusedError, splice
 from petit_server.hub import Hub
 from petit_server.registry import Registration
+from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
 
@@ -50,11 +51,13 @@ class TcpPorts:
         *,
         host: str,
         open_timeout: float,
+        usage: UsageStore | None = None,
     ) -> None:
         self._hub = hub
         self._registration_for = registration_for
         self._host = host
         self._open_timeout = open_timeout
+        self._usage = usage
         self._listeners: dict[str, _Listener] = {}
         self._closing: dict[str, trio.Event] = {}  # set once a cancelled listener let go
         self._listening: set[str] = set()
@@ -157,7 +160,10 @@ class TcpPorts:
         except (StreamRefusedError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             log.info("TCP connection for %s refused: %s", registration_id, str(exc) or "timeout")
             return
+        traffic = (
+            None if self._usage is None else self._usage.record_tcp_connection(registration_id)
+        )
         try:
-            await splice(connection, stream)
+            await splice(connection, stream, traffic)
         finally:
             await stream.aclose()

@@ -286,6 +286,7 @@ class PetitServer:
             "backPort": 0,
             "proxyPort": 0,
             "listenPort": 0,
+            "adminPort": 0,
             "pingInterval": PING_INTERVAL,
         }
         edit_config(self.config, "server", **{**values, **settings})
