@@ -174,14 +174,14 @@ class AdminApi:
             case ["sessions"]:
                 return {"success": True, "sessions": self._sessions()}
             case ["aliases"]:
-                owners = {
-                    a: r.registration_id for r in self._sources.registry.all() for a in r.aliases
-                }
-                return {"success": True, "aliases": dict(sorted(owners.items()))}
+                return {"success": True, "aliases": dict(sorted(self._alias_owners().items()))}
             case ["errors"]:
                 recent = [e.to_json() for e in reversed(self._sources.usage.recent_errors)]
                 return {"success": True, "errors": recent}
         raise AdminError(404, f"no such endpoint /{'/'.join(parts)}")
+
+    def _alias_owners(self) -> dict[str, str]:
+        return {a: r.registration_id for r in self._sources.registry.all() for a in r.aliases}
 
     def _registered_ids(self) -> list[str]:
         return [r.registration_id for r in self._sources.registry.all()]
@@ -253,11 +253,14 @@ class AdminApi:
         alias, rid = request.get("alias"), request.get("registeredId")
         if not isinstance(alias, str) or not isinstance(rid, str):
             raise AdminError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
+        self._known(rid)
         return self._change(
             ["ADDALIAS", rid, alias], peer, "admin.alias_added", alias=alias, id=rid
         )
 
     def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
+        if alias.lower() not in self._alias_owners():
+            raise AdminError(404, f"{alias} is not an alias.")
         return self._change(["DELALIAS", alias], peer, "admin.alias_removed", alias=alias)
 
     def _change(self, command: list[str], peer: str, event: str, **facts: str) -> dict[str, object]:
@@ -267,9 +270,7 @@ class AdminApi:
         reply = self._sources.registry_command(verb, args)
         assert reply is not None, f"{verb} is a registry command"
         if reply.get("success") is not True:
-            raise AdminError(
-                400 if "No such" not in str(reply.get("error")) else 404, str(reply.get("error"))
-            )
+            raise AdminError(400, str(reply.get("error")))
         audit.info(
             "admin API: %s %s from %s",
             event,

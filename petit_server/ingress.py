@@ -153,7 +153,7 @@ class IngressConnection:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
-                self._meter.end(complete=self._http.our_state is h11.DONE)
+                self._meter.end(complete=self._http.our_state in (h11.DONE, h11.MUST_CLOSE))
                 if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
                     return  # must close, or a response was cut short
                 self._http.start_next_cycle()

@@ -330,6 +330,36 @@ class PetitServer:
         with trio.fail_after(5):
             return await send_control("127.0.0.1", self.control_port, command)
 
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
+
+    @property
+    def admin_token(self) -> str:
+        """The admin API's bearer token, as ``init`` wrote it into the config."""
+        token = tomllib.loads(self.config.read_text())["server"]["adminToken"]
+        assert isinstance(token, str)
+        return token
+
+    async def admin(
+        self, path: str, *, method: str = "GET", body: bytes = b"", token: str | None = ""
+    ) -> HttpResponse:
+        """One admin API request, bearing the server's token; ``token`` another one, or None
+        for no Authorization header at all."""
+        bearer = self.admin_token if token == "" else token
+        headers = [] if bearer is None else [("Authorization", f"Bearer {bearer}")]
+        return await http_request(
+            self.admin_port, "127.0.0.1", method, path, body, headers=headers, timeout=10
+        )
+
+    async def admin_json(self, path: str) -> dict[str, Any]:
+        """GET an admin endpoint that must answer 200 with a JSON object."""
+        response = await self.admin(path)
+        assert response.status == 200, (path, response)
+        document = json.loads(response.body)
+        assert isinstance(document, dict), document
+        return document
+
     async def sessions_of(self, registration_id: str) -> int:
         """How many tunnel sessions serve a registration right now."""
         reply = await self.control(f"STATUS {registration_id}")
