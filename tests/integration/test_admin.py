@@ -4,9 +4,11 @@ traffic actually sent through the tunnel."""
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 
 import pytest
+import tomli_w
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -17,6 +19,7 @@ from tests.integration.harness import (
     PetitServer,
     PythonBackend,
     ServerFactory,
+    edit_config,
     free_port,
     http_request,
     wait_until,
@@ -283,3 +286,36 @@ async def test_metrics_parse_and_match_the_traffic(
     }
     assert sent[rid] > 3 * len(PythonBackend.GET_BODY)
     assert sent["other"] == 0
+
+
+async def test_oversized_and_malformed_requests_are_refused_with_json(
+    online: tuple[PetitServer, PetitClient],
+) -> None:
+    server, _ = online
+    bearer = f"Authorization: Bearer {server.admin_token}\r\n"
+    big = b"{" + b" " * 20000 + b"}"
+    head = f"POST /aliases HTTP/1.1\r\nHost: a\r\n{bearer}Content-Length: {len(big)}\r\n\r\n"
+    too_large = await raw_exchange(server.admin_port, head.encode() + big)
+    assert too_large.startswith(b"HTTP/1.1 413 "), too_large[:200]
+    garbage = await raw_exchange(server.admin_port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 "), garbage[:200]
+    assert b'"success": false' in garbage
+
+
+async def test_without_an_admin_token_the_api_is_off(server_factory: ServerFactory) -> None:
+    server = await server_factory(start=False)
+    document = tomllib.loads(server.config.read_text())
+    del document["server"]["adminToken"]
+    server.config.write_text(tomli_w.dumps(document))
+    await server.start()
+    assert "admin" not in server.ports
+    assert "admin API off: set adminToken" in server.log.read_text()
+
+
+async def test_a_short_admin_token_is_a_config_error(server_factory: ServerFactory) -> None:
+    server = await server_factory(start=False)
+    edit_config(server.config, "server", adminToken="short")
+    result = await server.cli("start", check=False)
+    assert result.returncode == 3, result
+    assert "server.adminToken: expected at least 16 characters" in result.stderr
+    assert "short" not in result.stderr.replace("server.adminToken", "")
