@@ -152,7 +152,7 @@ class AdminApi:
             case ["registry"]:
                 return self._sources.status(None)
             case ["registry", rid]:
-                return self._reply_for(rid, self._sources.status(rid))
+                return _found(self._sources.status(rid))
             case ["usage"]:
                 every = {
                     rid: self._sources.usage.of(rid).to_json() for rid in self._registered_ids()
@@ -189,11 +189,6 @@ class AdminApi:
     def _known(self, rid: str) -> None:
         if self._sources.registry.get(rid) is None:
             raise AdminError(404, f"No such registeredId {rid}.")
-
-    def _reply_for(self, rid: str, reply: dict[str, object]) -> dict[str, object]:
-        if reply.get("success") is False:
-            raise AdminError(404, str(reply.get("error")))
-        return reply
 
     def _uptime(self) -> float:
         return round(time.time() - self._sources.started, 3)
@@ -279,6 +274,13 @@ class AdminApi:
             extra={"event": event, "remote": peer, **facts},
         )
         return reply
+
+
+def _found(reply: dict[str, object]) -> dict[str, object]:
+    """A control-port reply, or its refusal (an unknown ID) as 404."""
+    if reply.get("success") is False:
+        raise AdminError(404, str(reply.get("error")))
+    return reply
 
 
 def _allow(method: str, allowed: str) -> None:
