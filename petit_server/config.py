@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.config import load_toml, root_table
+from petit.logs import LogSettings, read_log_settings
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
 
@@ -40,7 +41,7 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     header_timeout: float = 10.0
     response_timeout: float = 60.0
-    log_level: str = "info"
+    log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -87,7 +88,7 @@ def load_server_config(path: Path) -> ServerConfig:
         shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
         header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
-        log_level=server.choice("logLevel", "info", LOG_LEVELS),
+        log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
     )
     server.finish()
@@ -142,8 +143,12 @@ openTimeout = 15
 responseTimeout = 60
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
-# debug, info, warning or error
+# debug, info, warning or error (petit-server log LEVEL changes it while running)
 logLevel = "info"
+# JSON lines, rotated at logMaxBytes keeping logBackups old files; changes to
+# registrations, aliases and tokens also go to auditFile.
+logFile = "./logs/server.log"
+auditFile = "./logs/audit.log"
 
 [server.vitae]
 environment = "local"

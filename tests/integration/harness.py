@@ -389,6 +389,7 @@ class PetitClient:
             self.config,
             "client",
             listenPort=0,
+            statusPort=0,
             pingInterval=PING_INTERVAL,
             reconnectMaxDelay=RECONNECT_MAX_DELAY,
         )
@@ -435,7 +436,7 @@ class PetitClient:
 
     async def status(self) -> dict[str, object]:
         """``petit-client status``, parsed."""
-        document = json.loads((await self.cli("status")).stdout)
+        document = json.loads((await self.cli("status", "--json")).stdout)
         assert isinstance(document, dict)
         return document
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from petit.errors import ConfigError
+from petit.logs import LogSettings
 from petit_server.config import ServerConfig
 from petit_server.https import certificate_source
 from petit_server.ingress import https_location
@@ -298,6 +299,7 @@ def test_half_an_https_setup_is_a_config_error(settings: dict[str, Any], message
         registry_file=Path("/srv/registry.json"),
         certificate=Path("/srv/server.crt"),
         key=Path("/srv/server.key"),
+        log=LogSettings(file=Path("/srv/server.log"), audit_file=Path("/srv/audit.log")),
         **settings,
     )
     with pytest.raises(ConfigError, match=message):
