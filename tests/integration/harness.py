@@ -96,6 +96,15 @@ def tail(path: Path, lines: int = 30) -> str:
         return f"({path} does not exist)"
 
 
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON-lines records of a petit log or audit file (each line must parse)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line]
+
+
 # ----------------------------------------------------------------------------- processes
 
 

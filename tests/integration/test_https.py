@@ -37,6 +37,7 @@ from tests.integration.harness import (
     ServerFactory,
     edit_config,
     http_request,
+    log_records,
     run_cli,
 )
 
@@ -189,10 +190,10 @@ async def test_pem_reload_without_restart_keeps_the_old_certificate_when_broken(
     for _ in range(2):  # the broken file is reported once, not per connection
         assert await served_certificate(server, client, root_pem) == leaf_der(second)
     assert (await curl_trusting(root_pem, *https_url(server, client))).returncode == 0
-    stale = [line for line in server.log.read_text().splitlines() if STALE_CERTIFICATE in line]
+    stale = [r for r in log_records(server.log) if STALE_CERTIFICATE in r["message"]]
     assert len(stale) == 1, stale
-    assert " ERROR " in stale[0]
-    assert f"{certificate} holds no valid PEM certificate" in stale[0]
+    assert stale[0]["level"] == "ERROR"
+    assert f"{certificate} holds no valid PEM certificate" in stale[0]["message"]
 
 
 async def test_chain_file_and_redirect_from_http(
