@@ -16,6 +16,7 @@ from tests.integration.harness import (
     PythonBackend,
     Reaper,
     ServerFactory,
+    edit_config,
     http_request,
     log_records,
     wait_until,
@@ -162,3 +163,41 @@ async def test_audit_trail_online_and_offline(
         ("registration.deleted", "offline"),
         ("tenant.evicted", "offline"),
     ]
+
+
+def every_log_text(directory: Path) -> str:
+    """Everything a daemon and its commands wrote under ``directory/logs``."""
+    return "".join(path.read_text() for path in sorted((directory / "logs").iterdir()))
+
+
+def key_material(pem_file: Path) -> list[str]:
+    """The base64 lines of a PEM private key: none may appear in a log."""
+    return [line for line in pem_file.read_text().splitlines() if not line.startswith("-----")]
+
+
+async def test_no_secret_reaches_a_log(
+    server_factory: ServerFactory, python_backend: PythonBackend, reaper: Reaper, tmp_path: Path
+) -> None:
+    server = await server_factory(requireToken=True, logLevel="debug")
+    secret = (await server.cli("token", "create")).stdout.strip()
+    client = PetitClient(tmp_path / "client", server, reaper)
+    await client.init(python_backend.port)
+    edit_config(client.config, "client", logLevel="debug")
+    refused = await client.cli("register", "--token", secret + "x", check=False)
+    assert refused.returncode == 4, refused
+    registered = await client.cli("register", "--token", secret)
+    client.registration_id = re.findall(r"Registered with ID (\d+)", registered.stdout)[0]
+    await client.start()
+    await request_through(server, client)
+    await server.cli("addalias", "shop.example.com", client.registration_id)
+    secrets = [secret, *key_material(client.directory / "tenants" / "default" / "key")]
+    await client.cli("unregister", "-a")
+    await client.stop()
+    await server.stop()
+
+    logs = every_log_text(server.directory) + every_log_text(client.directory)
+    assert messages(server.log, SERVER_DEBUG), "the flow ran at debug level"
+    for pem in ("server.key", "ca.key"):
+        secrets += key_material(server.directory / "certificates" / pem)
+    leaked = [s for s in secrets if s in logs]
+    assert not leaked, f"secrets in the logs: {leaked}"
