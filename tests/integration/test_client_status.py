@@ -4,14 +4,25 @@ status endpoint, with real processes."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import socket
+import subprocess
+import time
+from pathlib import Path
+
+import trio
 
 from tests.integration.harness import (
+    CLI_TIMEOUT,
+    PETIT_CLIENT,
     ClientFactory,
     PetitClient,
     PetitServer,
     PythonBackend,
+    Reaper,
     curl,
     http_request,
 )
@@ -89,3 +100,57 @@ async def test_start_says_when_the_tunnel_is_not_up(
         result.stderr,
     ), result
     await client.stop()
+
+
+def run_on_terminal(argv: list[str]) -> tuple[int, str, str]:
+    """Run a command with stderr on a pseudo-terminal: (exit status, stdout, terminal).
+
+    The terminal is read while the command runs, so a chatty one never blocks on it.
+    """
+    controller, terminal = pty.openpty()
+    deadline = time.monotonic() + CLI_TIMEOUT
+    output = b""
+    try:
+        with subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal
+        ) as child:
+            os.close(terminal)
+            while select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                output += chunk
+            assert child.stdout is not None
+            stdout = child.stdout.read()
+            returncode = child.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        os.close(controller)
+    return returncode, stdout.decode(), output.decode(errors="replace")
+
+
+async def test_long_steps_show_progress_on_a_terminal_only(
+    server: PetitServer, python_backend: PythonBackend, reaper: Reaper, tmp_path: Path
+) -> None:
+    client = PetitClient(tmp_path / "client", server, reaper)
+    await client.init(python_backend.port)
+    base = [str(PETIT_CLIENT), "-c", str(client.config)]
+
+    status, stdout, terminal = await trio.to_thread.run_sync(
+        run_on_terminal, [base[0], "register", *base[1:]]
+    )
+    assert status == 0, terminal
+    assert f"\r- Registering with 127.0.0.1:{server.tunnel_port} ... 0s" in terminal, terminal
+    assert terminal.endswith("\r\x1b[K"), terminal  # the spinner line is erased at the end
+    client.registration_id = re.findall(r"Registered with ID (\d+)", stdout)[0]
+
+    status, stdout, terminal = await trio.to_thread.run_sync(
+        run_on_terminal, [base[0], "start", *base[1:]]
+    )
+    assert status == 0, terminal
+    reaper.track_daemon(int(re.findall(r"pid (\d+)", stdout)[0]))
+    assert f"Waiting for the tunnel to 127.0.0.1:{server.tunnel_port} ... 0s" in terminal
+    await client.stop()
+
+    piped = await client.cli("unregister", "-a")  # stderr is a pipe here: no spinner
+    assert "\r" not in piped.stderr, piped
