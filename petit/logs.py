@@ -169,6 +169,11 @@ def set_level(level: str) -> dict[str, object]:
     """``LOG <level>`` on a control port: change the running daemon's level (not persisted)."""
     if level not in LOG_LEVELS:
         return {"success": False, "error": f"log level must be one of {', '.join(LOG_LEVELS)}"}
-    logging.getLogger(DAEMON_LOGGER).setLevel(level.upper())
-    logging.getLogger(DAEMON_LOGGER).warning("log level set to %s", level)
+    logger = logging.getLogger(DAEMON_LOGGER)
+    logger.setLevel(level.upper())
+    # handle(), not warning(): the change is recorded even when the new level hides warnings.
+    record = logger.makeRecord(
+        logger.name, logging.WARNING, __file__, 0, "log level set to %s", (level,), None
+    )
+    logger.handle(record)
     return {"success": True, "level": level}

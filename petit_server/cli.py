@@ -19,6 +19,7 @@ from petit.cli import (
     control_command,
     detached_option,
     exit_codes,
+    progress,
     running_daemon,
     service_commands,
     start_daemon,
@@ -66,8 +67,9 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         certificates = path.parent / "certificates"
         certificates.mkdir(mode=0o700, exist_ok=True)
-        ca = create_ca()
-        server = issue_server_certificate(ca, names)
+        with progress("Generating the CA and the server certificate"):
+            ca = create_ca()
+            server = issue_server_certificate(ca, names)
         write_atomic(certificates / "ca.key", ca.key_pem, mode=0o600)
         write_atomic(certificates / "ca.crt", ca.cert_pem, mode=0o644)
         write_atomic(certificates / "server.key", server.key_pem, mode=0o600)

@@ -180,9 +180,7 @@ async def test_proxy_credentials(
         assert "wr0ng-pass" not in refused.stdout + refused.stderr
 
     # Percent-encoded in the URL ("%33" is "3"): the proxy must receive it decoded.
-    edit_config(
-        client.config, "client", proxy=f"http://alice:s%33cret@{address}", logLevel="debug"
-    )
+    edit_config(client.config, "client", proxy=f"http://alice:s%33cret@{address}", logLevel="debug")
     await client.register()
     await client.start()
     await assert_tunnel_serves(server, client)
