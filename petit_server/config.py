@@ -106,7 +106,7 @@ bindAddr = "0.0.0.0"
 backPort = 3014
 # HTTP ingress, routed by Host: <ID>.<domain>, <ID>-anything.<domain>, or an alias.
 proxyPort = 8090
-# Control port: STOP, STATUS, PING, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
+# Control port: STOP, STATUS, PING, LOG, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
 # only by default, and only peers in listenAllow are answered.
 listenAddr = "127.0.0.1"
 listenPort = 3016
