@@ -139,7 +139,7 @@ def configure_audit(settings: LogSettings) -> None:
 
 
 @contextlib.contextmanager
-def audit_file(settings: LogSettings) -> Iterator[None]:
+def audit_to_file(settings: LogSettings) -> Iterator[None]:
     """For a CLI command that changes state itself (the daemon is not running): audit
     records go to the audit file while the body runs."""
     configure_audit(settings)

@@ -42,7 +42,7 @@ from petit.config import LOG_LEVELS
 from petit.control import ControlError, send_control
 from petit.errors import ConfigError, RemoteProtocolError
 from petit.lockfile import PidInfo, read_pid
-from petit.logs import audit, audit_file, cli_actor
+from petit.logs import audit, audit_to_file, cli_actor
 from petit.pki import client_ssl_context
 from petit.statefile import write_atomic
 from petit.transport import (
@@ -394,7 +394,7 @@ def _unregister(config: ClientConfig, tenant: Tenant) -> None:
 
 def _audit(config: ClientConfig, event: str, message: str, **fields: object) -> None:
     """An audit record of a change this command made, in the client's audit file."""
-    with exit_codes(), audit_file(config.log):
+    with exit_codes(), audit_to_file(config.log):
         audit(event, message, actor=cli_actor(), **fields)
 
 

@@ -272,7 +272,8 @@ class ClientService:
                 self._state = "listening"  # as the original: nothing to claim until RELOAD
                 await self._reconnect_now.wait()
                 continue
-            self._reconnects += dialled
+            if dialled:
+                self._reconnects += 1
             dialled = True
             began = trio.current_time()
             failure = ""

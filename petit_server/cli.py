@@ -28,7 +28,7 @@ from petit.cli import (
 )
 from petit.config import LOG_LEVELS
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
-from petit.logs import LogSettings, audit_file, cli_actor, log_keys
+from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
@@ -351,7 +351,7 @@ def _registry_command(config_path: Path, command: str, failure: str) -> dict[str
         else:
             try:
                 verb, *args = command.split()
-                with audit_file(config.log):
+                with audit_to_file(config.log):
                     offline = apply_command(_read_registry(config), verb, args, actor=cli_actor())
             finally:
                 lock.release()

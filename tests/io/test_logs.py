@@ -103,3 +103,19 @@ def test_the_audit_trail_ignores_the_runtime_level(settings: LogSettings) -> Non
         "control",
         "a.example",
     )
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_foreground_also_logs_to_stderr_in_the_chosen_format(
+    settings: LogSettings, log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_daemon_logging(
+        dataclasses.replace(settings, format=log_format), verbose=False, to_stderr=True
+    )
+    logging.getLogger("petit.server").info("ready on %d", 8090)
+    line = capsys.readouterr().err.strip()
+    if log_format == "json":
+        assert json.loads(line)["message"] == "ready on 8090"
+    else:
+        assert line.endswith(" INFO petit.server: ready on 8090"), line
+    assert lines(settings.file)[0]["message"] == "ready on 8090"  # the file is JSON either way
