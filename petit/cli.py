@@ -174,6 +174,7 @@ def start_in_background(argv: list[str], directory: Path, name: str, log_file: P
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
+        before = log.tell()  # what earlier runs left there is not this run's reason
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -193,13 +194,16 @@ def start_in_background(argv: list[str], directory: Path, name: str, log_file: P
         if process.poll() is None:
             process.terminate()
             raise CliError(f"{name} did not become ready; see {log_file}", ExitCode.FAILURE)
-        raise CliError(_last_line(log_file) or f"{name} exited; see {log_file}", ExitCode.FAILURE)
+        reason = _last_line(log_file, before)
+        raise CliError(reason or f"{name} exited; see {log_file}", ExitCode.FAILURE)
 
     return trio.run(wait_ready)
 
 
-def _last_line(log_file: Path) -> str:
-    lines = log_file.read_text(errors="replace").strip().splitlines()
+def _last_line(log_file: Path, offset: int) -> str:
+    with log_file.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").strip().splitlines()
     if not lines:
         return ""
     last = lines[-1]

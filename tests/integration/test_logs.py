@@ -6,6 +6,7 @@ Every log line of every file must parse as JSON (``log_records`` fails otherwise
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,21 @@ async def test_no_secret_reaches_a_log(
         secrets += key_material(server.directory / "certificates" / pem)
     leaked = [s for s in secrets if s in logs]
     assert not leaked, f"secrets in the logs: {leaked}"
+
+
+async def test_a_failed_background_start_says_why_in_one_line_and_in_the_log(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(start=False)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        for key in ("backPort", "proxyPort"):  # the second reason, not the first one again
+            edit_config(server.config, "server", **{"backPort": 0, "proxyPort": 0, key: taken})
+            failed = await server.cli("start", check=False)
+            assert failed.returncode == 1, failed
+            assert failed.stderr.startswith("error: cannot listen for the "), failed
+            assert failed.stderr.endswith(f"change {key}\n"), failed
+            (record,) = [r for r in log_records(server.log) if f"change {key}" in r["message"]]
+            assert record["level"] == "ERROR"
