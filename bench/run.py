@@ -200,7 +200,7 @@ GatewayPorts no
                 f"127.0.0.1:{backend_port}",
             ]
         )
-        _set(client_config, listenPort="0")
+        _set(client_config, listenPort="0", statusPort="0")
         registered = self.run([petit_client, "register", "-c", str(client_config)])
         match = re.search(r"Registered with ID (\d+)", registered)
         if match is None:

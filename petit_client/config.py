@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from petit.config import LOG_LEVELS, Table, load_toml, root_table
+from petit.config import Table, load_toml, root_table
+from petit.logs import LogSettings, log_keys, read_log_settings
 from petit.proxy import parse_proxy_url
 from petit.transport import ServerAddress
 
@@ -49,11 +50,12 @@ class ClientConfig:
     ca: Path | None  # None: the system trust store
     listen_addr: str = "127.0.0.1"
     listen_port: int = 3015
+    status_port: int = 3017  # JSON status over HTTP, on 127.0.0.1 only
     ping_interval: float = 15.0
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 5.0
-    log_level: str = "info"
+    log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     proxy: str | None = field(default=None, repr=False)  # may hold credentials
     local: LocalTarget = field(default_factory=LocalTarget)
     vitae: dict[str, str] = field(default_factory=dict)
@@ -82,11 +84,12 @@ def load_client_config(path: Path) -> ClientConfig:
         ca=client.optional_path("ca"),
         listen_addr=client.string("listenAddr", "127.0.0.1"),
         listen_port=client.port("listenPort", 3015),
+        status_port=client.port("statusPort", 3017),
         ping_interval=client.number("pingInterval", 15.0, low=0.05, high=3600),
         handshake_timeout=client.number("handshakeTimeout", 10.0, low=0.1, high=600),
         connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
-        log_level=client.choice("logLevel", "info", LOG_LEVELS),
+        log=read_log_settings(client, "client"),
         proxy=_checked_proxy(client.optional_string("proxy")),
         local=read_local_target(client.table("local"), LocalTarget()),
         vitae=client.scalars("vitae"),
@@ -103,11 +106,12 @@ def config_document(config: ClientConfig) -> dict[str, object]:
         **({"ca": str(config.ca)} if config.ca else {}),
         "listenAddr": config.listen_addr,
         "listenPort": config.listen_port,
+        "statusPort": config.status_port,
         "pingInterval": config.ping_interval,
         "handshakeTimeout": config.handshake_timeout,
         "connectTimeout": config.connect_timeout,
         "reconnectMaxDelay": config.reconnect_max_delay,
-        "logLevel": config.log_level,
+        **log_keys(config.log),
         **({"proxy": mask_password(config.proxy)} if config.proxy else {}),
         "vitae": dict(config.vitae),
         "local": {
@@ -146,12 +150,18 @@ backPort = {port}
 # Control port (STOP, STATUS, PING, LOG <level>, RELOAD, each ended by \\x03), loopback only.
 listenAddr = "127.0.0.1"
 listenPort = 3015
+# What status shows, as JSON over HTTP: curl http://127.0.0.1:3017/status (127.0.0.1 only).
+statusPort = 3017
 # Seconds between keepalive pings; a tunnel silent for two intervals is re-dialled.
 pingInterval = 15
 # Longest wait between reconnection attempts, in seconds.
 reconnectMaxDelay = 5
-# debug, info, warning or error
+# debug, info, warning or error (petit-client log LEVEL changes it while running)
 logLevel = "info"
+# JSON lines, rotated at logMaxBytes keeping logBackups old files; registrations,
+# unregistrations and evictions also go to auditFile.
+logFile = "./logs/client.log"
+auditFile = "./logs/audit.log"
 # Reach the server through an HTTP CONNECT proxy (HTTPS_PROXY is used when this is unset).
 # proxy = "http://user:password@proxy.example.com:3128"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import random
 import ssl
@@ -24,11 +25,12 @@ from trio_websocket import WebSocketConnection
 
 from petit import __version__
 from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
-from petit.config import LOG_LEVELS
 from petit.connection import Role, TunnelConnection
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
+from petit.jsonhttp import serve_json
 from petit.lockfile import ProcessLock
+from petit.logs import set_level
 from petit.pki import client_ssl_context
 from petit.session import (
     KeepaliveTimeoutError,
@@ -106,6 +108,8 @@ class ClientService:
         self._connected_since: float | None = None
         self._started = time.time()
         self._last_error = ""
+        self._last_error_at: float | None = None
+        self._reconnects = 0  # dials after the first: after a failure, a drop or a RELOAD
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
@@ -118,13 +122,14 @@ class ClientService:
         if verb == "PING":
             return await self._ping_server()
         if verb == "LOG":
-            return self._set_log_level(args[0].lower() if args else "debug")
+            return set_level(args[0].lower() if args else "debug")
         if verb == "RELOAD":
             return self.reload()
         return {"success": False, "error": f"unknown command {verb}"}
 
     def status(self) -> dict[str, object]:
-        """What the client is doing, as JSON."""
+        """What the client is doing, as JSON: the control port's STATUS and the status
+        endpoint's answer, the client's side of what the server's STATUS shows."""
         session = self._session
         registrations = [
             {
@@ -143,6 +148,7 @@ class ClientService:
         ]
         return {
             "success": True,
+            "pid": os.getpid(),
             "status": self._state,
             "server": str(self.config.server),
             "uptime": round(time.time() - self._started, 1),
@@ -150,7 +156,9 @@ class ClientService:
             "activeStreams": 0 if session is None else session.active_streams,
             "bytesIn": sum(usage.traffic.a_to_b for usage in self._usage.values()),
             "bytesOut": sum(usage.traffic.b_to_a for usage in self._usage.values()),
+            "reconnects": self._reconnects,
             "lastError": self._last_error,
+            "lastErrorAt": self._last_error_at,
             "registration": registrations,
         }
 
@@ -175,13 +183,6 @@ class ClientService:
         except SessionClosedError as exc:
             return {"success": False, "error": f"Can't ping: {exc}"}
         return {"success": True, "type": "didPing1", "roundTrip": seconds}
-
-    def _set_log_level(self, level: str) -> dict[str, object]:
-        if level not in LOG_LEVELS:
-            return {"success": False, "error": f"log level must be one of {', '.join(LOG_LEVELS)}"}
-        logging.getLogger("petit").setLevel(level.upper())
-        log.info("log level set to %s", level)
-        return {"success": True, "level": level}
 
     def reload(self) -> dict[str, object]:
         """Re-read the tenants; replace the session at once if the registrations changed."""
@@ -228,27 +229,52 @@ class ClientService:
                     task_status=task_status,
                 )
             )
-            lock.write_pid(control_port, ready=True, ports={"control": control_port})
+            status_port = await self._serve_status(nursery)
+            ports = {"control": control_port, "status": status_port}
+            lock.write_pid(control_port, ready=True, ports=ports)
             log.info(
-                "client %s started for %s; control on %s:%d",
+                "client %s started for %s; control on %s:%d, status on http://127.0.0.1:%d/status",
                 __version__,
                 ", ".join(self._tenants),
                 self.config.listen_addr,
                 control_port,
+                status_port,
             )
             nursery.start_soon(self._keep_connected)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
         log.info("stopped")
 
+    async def _serve_status(self, nursery: trio.Nursery) -> int:
+        """The status endpoint: GET /status on 127.0.0.1 answers what STATUS does."""
+        try:
+            port: int = await nursery.start(
+                lambda task_status: serve_json(
+                    {"/status": self.status},
+                    host="127.0.0.1",
+                    port=self.config.status_port,
+                    task_status=task_status,
+                )
+            )
+        except OSError as exc:
+            raise PetitError(
+                f"cannot listen for the status endpoint on 127.0.0.1:{self.config.status_port}: "
+                f"{exc.strerror or exc}; stop what uses the port or change statusPort"
+            ) from None
+        return port
+
     async def _keep_connected(self) -> None:
         delays = backoff(self.config.reconnect_max_delay)
+        dialled = False
         while True:
             self._reconnect_now = trio.Event()
             if not self._tenants:
                 self._state = "listening"  # as the original: nothing to claim until RELOAD
                 await self._reconnect_now.wait()
                 continue
+            if dialled:
+                self._reconnects += 1
+            dialled = True
             began = trio.current_time()
             failure = ""
             with trio.CancelScope() as self._session_scope:
@@ -261,7 +287,7 @@ class ClientService:
             self._state = "disconnected"
             self._connected_since = None
             self._accepted = set()
-            self._last_error = failure or (self._session.close_reason if self._session else "")
+            self._record_error(failure or (self._session.close_reason if self._session else ""))
             if self._reconnect_now.is_set():
                 continue
             delay = next(delays)
@@ -300,9 +326,9 @@ class ClientService:
                 await session.handshake_as_client(make_hello), what="welcome"
             )
         rejected = welcome.get("rejected") or []
-        self._last_error = ""
+        self._record_error("")
         if rejected:
-            self._last_error = f"the server refused registration(s) {rejected}"
+            self._record_error(f"the server refused registration(s) {rejected}")
             log.error("the server refused registration(s) %s: their keys do not match", rejected)
         accepted = welcome.get("accepted")
         self._accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()
@@ -310,6 +336,11 @@ class ClientService:
         self._connected_since = time.time()
         log.info("tunnel up to %s for %s", self.config.server, welcome.get("accepted"))
         await session.serve()
+
+    def _record_error(self, error: str) -> None:
+        """The last error and when it happened ("" clears it: the tunnel is up)."""
+        self._last_error = error
+        self._last_error_at = time.time() if error else None
 
     def _vitae(self) -> dict[str, str]:
         return {

@@ -31,13 +31,13 @@ import h11
 import trio
 
 from petit import __version__
+from petit.logs import audit
 from petit_server.hub import Hub
 from petit_server.metrics import Metrics
 from petit_server.registry import FileRegistry
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.admin")
-audit = logging.getLogger("petit.audit")
 
 MAX_HEAD: Final = 16 * 1024  # bytes of a request head
 MAX_BODY: Final = 16 * 1024  # bytes of a request body (alias changes are tiny)
@@ -89,7 +89,8 @@ class AdminSources:
     hub: Hub
     usage: UsageStore
     status: Callable[[str | None], dict[str, object]]  # the control port's STATUS reply
-    registry_command: Callable[[str, list[str]], dict[str, object] | None]
+    # The control port's registry commands; ``actor`` goes into their audit records.
+    registry_command: Callable[..., dict[str, object] | None]
     started: float  # wall-clock time the server started
 
 
@@ -129,13 +130,13 @@ class AdminApi:
     def _check_token(self, authorization: bytes, peer: str, method: str, path: str) -> None:
         scheme, _, presented = authorization.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
-            audit.warning(
-                "admin API: refused %s %s from %s: %s",
-                method,
-                path,
-                peer,
-                "wrong token" if authorization else "no token",
-                extra={"event": "admin.denied", "remote": peer, "method": method, "path": path},
+            why = "wrong token" if authorization else "no token"
+            audit(
+                "admin.denied",
+                f"admin API: refused {method} {path} from {peer}: {why}",
+                actor=f"admin:{peer}",
+                method=method,
+                path=path,
             )
             raise AdminError(
                 401,
@@ -249,30 +250,22 @@ class AdminApi:
         if not isinstance(alias, str) or not isinstance(rid, str):
             raise AdminError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
         self._known(rid)
-        return self._change(
-            ["ADDALIAS", rid, alias], peer, "admin.alias_added", alias=alias, id=rid
-        )
+        return self._change(["ADDALIAS", rid, alias], peer)
 
     def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
         if alias.lower() not in self._alias_owners():
             raise AdminError(404, f"{alias} is not an alias.")
-        return self._change(["DELALIAS", alias], peer, "admin.alias_removed", alias=alias)
+        return self._change(["DELALIAS", alias], peer)
 
-    def _change(self, command: list[str], peer: str, event: str, **facts: str) -> dict[str, object]:
+    def _change(self, command: list[str], peer: str) -> dict[str, object]:
+        """Run a registry command; the registry writes its audit record, naming us."""
         if any(word.split() != [word] for word in command):
             raise AdminError(400, "alias and ID must be single words")
         verb, *args = command
-        reply = self._sources.registry_command(verb, args)
+        reply = self._sources.registry_command(verb, args, actor=f"admin:{peer}")
         assert reply is not None, f"{verb} is a registry command"
         if reply.get("success") is not True:
             raise AdminError(400, str(reply.get("error")))
-        audit.info(
-            "admin API: %s %s from %s",
-            event,
-            " ".join(f"{k}={v}" for k, v in facts.items()),
-            peer,
-            extra={"event": event, "remote": peer, **facts},
-        )
         return reply
 
 

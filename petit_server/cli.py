@@ -18,14 +18,18 @@ from petit.cli import (
     ExitCode,
     config_option as shared_config_option,
     control_command,
+    detached_option,
     exit_codes,
+    progress,
     running_daemon,
     service_commands,
     start_daemon,
     stop_daemon,
     verbose_option,
 )
+from petit.config import LOG_LEVELS
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
+from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
@@ -64,8 +68,9 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         certificates = path.parent / "certificates"
         certificates.mkdir(mode=0o700, exist_ok=True)
-        ca = create_ca()
-        server = issue_server_certificate(ca, names)
+        with progress("Generating the CA and the server certificate"):
+            ca = create_ca()
+            server = issue_server_certificate(ca, names)
         write_atomic(certificates / "ca.key", ca.key_pem, mode=0o600)
         write_atomic(certificates / "ca.crt", ca.cert_pem, mode=0o644)
         write_atomic(certificates / "server.key", server.key_pem, mode=0o600)
@@ -91,7 +96,8 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
 @config_option
 @verbose_option
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
-def start(config_path: Path, verbose: bool, foreground: bool) -> None:
+@detached_option
+def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) -> None:
     """Start the server (in the background unless --foreground)."""
     with exit_codes():
         config = load_server_config(config_path)
@@ -101,9 +107,10 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
         module="petit_server",
         started="Server started with pid {pid}.",
         config_path=config.path,
-        log_level=config.log_level,
+        log=config.log,
         verbose=verbose,
         foreground=foreground,
+        detached=detached,
         serve=service.serve,
     )
 
@@ -233,6 +240,9 @@ def _effective_config(config: ServerConfig) -> dict[str, object]:
         if spec.name == "path":
             continue
         value = getattr(config, spec.name)
+        if isinstance(value, LogSettings):
+            table.update(log_keys(value))
+            continue
         if not spec.repr and value is not None:
             value = "********"
         elif isinstance(value, Path):
@@ -346,7 +356,8 @@ def _registry_command(config_path: Path, command: str, failure: str) -> dict[str
         else:
             try:
                 verb, *args = command.split()
-                offline = apply_command(_read_registry(config), verb, args)
+                with audit_to_file(config.log):
+                    offline = apply_command(_read_registry(config), verb, args, actor=cli_actor())
             finally:
                 lock.release()
             assert offline is not None, f"{verb} is a registry command"
@@ -393,6 +404,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [headers, *rows]
     )
+
+
+# Logs: the level of the running server (the client has the same command).
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+def log(config_path: Path, verbose: bool, level: str) -> None:
+    """Change the running server's log level (debug, info, warning or error)."""
+    with exit_codes():
+        config = load_server_config(config_path)
+        info = running_daemon(config.directory, "server")
+    reply = _control(config, info.listen, f"LOG {level.lower()}")
+    click.echo(f'Logging level set to "{reply.get("level", level)}".')
 
 
 @main.command()

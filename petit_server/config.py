@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.config import load_toml, root_table
 from petit.errors import ConfigError
+from petit.logs import LogSettings, read_log_settings
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
 MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
@@ -42,7 +43,7 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     header_timeout: float = 10.0
     response_timeout: float = 60.0
-    log_level: str = "info"
+    log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
     # Admin API (petit_server/admin.py): off while admin_token is unset.
     admin_addr: str = "127.0.0.1"
@@ -93,7 +94,7 @@ def load_server_config(path: Path) -> ServerConfig:
         shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
         header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
-        log_level=server.choice("logLevel", "info", LOG_LEVELS),
+        log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
         # Admin API
         admin_addr=server.string("adminAddr", "127.0.0.1"),
@@ -125,7 +126,7 @@ bindAddr = "0.0.0.0"
 backPort = 3014
 # HTTP ingress, routed by Host: <ID>.<domain>, <ID>-anything.<domain>, or an alias.
 proxyPort = 8090
-# Control port: STOP, STATUS, PING, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
+# Control port: STOP, STATUS, PING, LOG, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
 # only by default, and only peers in listenAllow are answered.
 listenAddr = "127.0.0.1"
 listenPort = 3016
@@ -162,8 +163,12 @@ openTimeout = 15
 responseTimeout = 60
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
-# debug, info, warning or error
+# debug, info, warning or error (petit-server log LEVEL changes it while running)
 logLevel = "info"
+# JSON lines, rotated at logMaxBytes keeping logBackups old files; changes to
+# registrations, aliases and tokens also go to auditFile.
+logFile = "./logs/server.log"
+auditFile = "./logs/audit.log"
 # Admin API: JSON, /metrics and /dashboard, for requests bearing "Authorization: Bearer
 # <adminToken>". Loopback only by default; off while adminToken is unset.
 adminAddr = "127.0.0.1"

@@ -172,7 +172,9 @@ class Gateway:
         if not verify(public_key, signature, transcript):
             raise AuthError("the registration is not signed by the key it registers")
         token = _enrollment_token(request) if self.config.require_token else None
-        registration = self.registry.register(public_key, vitae, token=token)
+        registration = self.registry.register(
+            public_key, vitae, token=token, actor=f"tunnel:{remote}"
+        )
         rid = registration.registration_id
         log.info("registered %s (port %d) from %s", rid, registration.port, remote)
         return {
@@ -194,7 +196,7 @@ class Gateway:
         transcript = unregister_transcript(nonce, self.certificate_fingerprint, rid)
         if not verify(key or _NOBODY, signature, transcript) or key is None:
             raise AuthError("unregistration refused: not proven with the registration's key")
-        self.registry.unregister(rid)
+        self.registry.unregister(rid, actor=f"tunnel:{remote}")
         self.hub.forget(rid)
         log.info("unregistered %s from %s", rid, remote)
         return {"type": "unregistered", "id": rid}

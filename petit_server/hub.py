@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from petit.logs import audit
 from petit.session import TunnelSession
 
 
@@ -62,6 +63,13 @@ class Hub:
             if not attachment.registration_ids:
                 attachment.session.go_away("registration unregistered")
                 attachment.emptied.set()
+                audit(
+                    "session.evicted",
+                    f"tunnel from {attachment.remote} evicted: {registration_id} unregistered",
+                    actor="server",
+                    id=registration_id,
+                    remote=attachment.remote,
+                )
         self._notify()
 
     def _notify(self) -> None:

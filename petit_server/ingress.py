@@ -220,6 +220,8 @@ class IngressConnection:
             await self._refuse(404)
             return
         self._meter.routed(registration_id)
+        # Never the target: a query string may carry the caller's secrets.
+        log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
         if self._http.they_are_waiting_for_100_continue:
             await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
         bad_body: h11.RemoteProtocolError | None = None

@@ -20,14 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.auth import is_valid_id
+from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, ConfigError, PetitError
+from petit.logs import audit
 from petit.statefile import read_json, write_json_atomic
 from petit_server.ingress import registration_id_for_host
 
 FIRST_ID = 1001
 FORMAT_VERSION = 1
 ENROLLMENT_PREFIX = "pt_"
+SERVER_ACTOR = "server"  # who changed the registry, in audit records, unless the caller says
 MAX_NOTE = 200  # characters
 MAX_HOSTNAME = 253  # characters, the DNS limit
 ENROLLMENT_REFUSED = (
@@ -188,7 +190,12 @@ class FileRegistry:
         return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
 
     def register(
-        self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
+        self,
+        public_key: bytes,
+        vitae: dict[str, str],
+        *,
+        token: str | None = None,
+        actor: str = SERVER_ACTOR,
     ) -> Registration:
         """Create a registration with a fresh ID and port; saved before it is returned.
 
@@ -213,14 +220,39 @@ class FileRegistry:
             if enrollment is not None:
                 enrollment.used_by = registration.registration_id
                 enrollment.used_at = registration.created
+        rid = registration.registration_id
+        audit(
+            "registration.created",
+            f"registered {rid}",
+            actor=actor,
+            id=rid,
+            port=registration.port,
+            fingerprint=key_fingerprint(public_key),
+        )
+        if enrollment is not None:
+            audit(
+                "token.used",
+                f"token {enrollment.token_id} registered {rid}",
+                actor=actor,
+                token=enrollment.token_id,
+                id=rid,
+            )
         return registration
 
-    def unregister(self, registration_id: str) -> None:
+    def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Remove a registration and its aliases (the caller has checked the proof)."""
-        if registration_id not in self._registrations:
+        registration = self._registrations.get(registration_id)
+        if registration is None:
             return
         with self._change():
             del self._registrations[registration_id]
+        audit(
+            "registration.deleted",
+            f"unregistered {registration_id}",
+            actor=actor,
+            id=registration_id,
+            aliases=registration.aliases,
+        )
 
     # ---------------------------------------------------------------- aliases
 
@@ -233,7 +265,7 @@ class FileRegistry:
         registration_id = registration_id_for_host(host)
         return registration_id if registration_id in self._registrations else None
 
-    def add_alias(self, alias: str, registration_id: str) -> None:
+    def add_alias(self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Bind a hostname to a registration; RegistryError says why not."""
         alias = alias.lower()
         _check_alias(alias)
@@ -244,8 +276,17 @@ class FileRegistry:
             raise RegistryError(f"Alias {alias} already exists.")
         with self._change():
             registration.aliases.append(alias)
+        audit(
+            "alias.added",
+            f"alias {alias} added to {registration_id}",
+            actor=actor,
+            alias=alias,
+            id=registration_id,
+        )
 
-    def remove_alias(self, alias: str, registration_id: str | None = None) -> None:
+    def remove_alias(
+        self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Unbind a hostname (from ``registration_id`` only, when given)."""
         alias = alias.lower()
         owner = self._alias_owner.get(alias)
@@ -255,6 +296,13 @@ class FileRegistry:
             raise RegistryError(f"{alias} is not an alias of {registration_id}.")
         with self._change():
             self._registrations[owner].aliases.remove(alias)
+        audit(
+            "alias.removed",
+            f"alias {alias} removed from {owner}",
+            actor=actor,
+            alias=alias,
+            id=owner,
+        )
 
     # ---------------------------------------------------------------- enrollment tokens
 
@@ -262,7 +310,7 @@ class FileRegistry:
         """Every token ever created, oldest first."""
         return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
-    def create_token(self, note: str) -> tuple[EnrollmentToken, str]:
+    def create_token(self, note: str, *, actor: str = SERVER_ACTOR) -> tuple[EnrollmentToken, str]:
         """A new token and its secret (the only time the secret exists outside the client)."""
         if len(note) > MAX_NOTE or not note.isprintable():
             raise RegistryError(f"A token note is at most {MAX_NOTE} printable characters.")
@@ -275,9 +323,16 @@ class FileRegistry:
         )
         with self._change():
             self._tokens[token.token_id] = token
+        audit(
+            "token.created",
+            f"token {token.token_id} created",
+            actor=actor,
+            token=token.token_id,
+            note=note,
+        )
         return token, secret
 
-    def revoke_token(self, token_id: str) -> None:
+    def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Make an unused token worthless."""
         token = self._tokens.get(token_id)
         if token is None:
@@ -286,6 +341,7 @@ class FileRegistry:
             raise RegistryError(f"Token {token_id} is already {token.state}.")
         with self._change():
             self._tokens[token_id].revoked_at = time.time()
+        audit("token.revoked", f"token {token_id} revoked", actor=actor, token=token_id)
 
     def _unused_token(self, secret: str) -> EnrollmentToken:
         digest = _digest(secret)
@@ -295,27 +351,30 @@ class FileRegistry:
         raise AuthError(ENROLLMENT_REFUSED)
 
 
-def apply_command(registry: FileRegistry, verb: str, args: list[str]) -> dict[str, object] | None:
+def apply_command(
+    registry: FileRegistry, verb: str, args: list[str], *, actor: str
+) -> dict[str, object] | None:
     """The control commands that change the registry, as the live server and offline edits
     both run them: ``ADDALIAS <id> <alias>``, ``DELALIAS [<id>] <alias>``, ``TOKEN CREATE
     [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if ``verb`` is none of them.
+    ``actor`` (``control``, ``offline:<user>``) goes into the audit records.
     """
     subcommand = args[0].upper() if verb == "TOKEN" and args else ""
     try:
         match verb, args:
             case "ADDALIAS", [registration_id, alias]:
-                registry.add_alias(alias, registration_id)
+                registry.add_alias(alias, registration_id, actor=actor)
             case "DELALIAS", [alias]:
-                registry.remove_alias(alias)
+                registry.remove_alias(alias, actor=actor)
             case "DELALIAS", [registration_id, alias]:
-                registry.remove_alias(alias, registration_id)
+                registry.remove_alias(alias, registration_id, actor=actor)
             case "TOKEN", [_, *note] if subcommand == "CREATE":
-                token, secret = registry.create_token(" ".join(note))
+                token, secret = registry.create_token(" ".join(note), actor=actor)
                 return {"success": True, "id": token.token_id, "token": secret}
             case "TOKEN", [_] if subcommand == "LIST":
                 return {"success": True, "tokens": [_token_summary(t) for t in registry.tokens()]}
             case "TOKEN", [_, token_id] if subcommand == "REVOKE":
-                registry.revoke_token(token_id)
+                registry.revoke_token(token_id, actor=actor)
             case (("ADDALIAS" | "DELALIAS" | "TOKEN"), _):
                 return {"success": False, "error": f"usage: {COMMAND_USAGE[verb]}"}
             case _:

@@ -22,6 +22,7 @@ from petit.auth import key_fingerprint
 from petit.control import serve_control
 from petit.errors import PetitError
 from petit.lockfile import ProcessLock
+from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
 from petit_server.admin import AdminApi, AdminSources, serve_admin
@@ -55,7 +56,7 @@ class ServerService:
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
-        """The control port's commands: STOP, PING, STATUS [ID], and the registry commands
+        """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
         (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs."""
         if verb == "STOP":
             self._stop.set()
@@ -64,7 +65,9 @@ class ServerService:
             return {"success": True, "type": "didPing1", "version": __version__}
         if verb == "STATUS" and len(args) <= 1:
             return self.status(args[0] if args else None)
-        reply = apply_command(self.registry, verb, args)
+        if verb == "LOG":
+            return set_level(args[0].lower() if args else "debug")
+        reply = apply_command(self.registry, verb, args, actor="control")
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply

@@ -96,6 +96,15 @@ def tail(path: Path, lines: int = 30) -> str:
         return f"({path} does not exist)"
 
 
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON-lines records of a petit log or audit file (each line must parse)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line]
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -420,6 +429,7 @@ class PetitClient:
             self.config,
             "client",
             listenPort=0,
+            statusPort=0,
             pingInterval=PING_INTERVAL,
             reconnectMaxDelay=RECONNECT_MAX_DELAY,
         )
@@ -466,7 +476,7 @@ class PetitClient:
 
     async def status(self) -> dict[str, object]:
         """``petit-client status``, parsed."""
-        document = json.loads((await self.cli("status")).stdout)
+        document = json.loads((await self.cli("status", "--json")).stdout)
         assert isinstance(document, dict)
         return document
 

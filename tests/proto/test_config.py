@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from petit.errors import ConfigError
+from petit.logs import LogSettings
 from petit.transport import ServerAddress
 from petit_client.config import (
     ClientConfig,
@@ -57,6 +58,7 @@ def test_default_server_config_loads_as_the_documented_defaults(tmp_path: Path) 
         registry_file=tmp_path / "registry.json",
         certificate=tmp_path / "certificates" / "server.crt",
         key=tmp_path / "certificates" / "server.key",
+        log=LogSettings(file=tmp_path / "logs/server.log", audit_file=tmp_path / "logs/audit.log"),
         vitae={"environment": "local", "endpoint": "http://REGID.localhost:8090"},
     )
 
@@ -71,6 +73,7 @@ def test_default_client_config_loads_as_the_documented_defaults(
         server=ServerAddress("tunnel.example.com", 4014),
         ca=None if ca is None else tmp_path / "ca.crt",
         local=LocalTarget(host="localhost", port=8080, tls=False),
+        log=LogSettings(file=tmp_path / "logs/client.log", audit_file=tmp_path / "logs/audit.log"),
         vitae={"brand": "ce"},
     )
 

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from petit.auth import decode_hello, generate_key, public_key_raw, register_transcript, sign
 from petit.control import ETX, send_control, serve_control
 from petit.errors import PetitError
+from petit.logs import LogSettings
 from petit.messages import decode as decode_message
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
@@ -107,6 +108,7 @@ def gateway(tmp_path: Path) -> Gateway:
         registry_file=tmp_path / "registry.json",
         certificate=tmp_path / "server.crt",
         key=tmp_path / "server.key",
+        log=LogSettings(file=tmp_path / "server.log", audit_file=tmp_path / "audit.log"),
     )
     registry = FileRegistry(config.registry_file, first_port=config.first_port)
     registry.register(bytes(32), {})

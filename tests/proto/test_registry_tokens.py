@@ -138,12 +138,12 @@ def test_a_corrupt_token_entry_is_a_config_error(
 
 
 def test_token_control_commands(registry: FileRegistry) -> None:
-    created = apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"])
+    created = apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"], actor="test")
     assert created is not None
     assert created["success"] is True
     assert str(created["token"]).startswith("pt_")
     assert created["id"] == "1"
-    listing = apply_command(registry, "TOKEN", ["LIST"])
+    listing = apply_command(registry, "TOKEN", ["LIST"], actor="test")
     assert listing is not None
     assert listing["tokens"] == [
         {
@@ -155,13 +155,13 @@ def test_token_control_commands(registry: FileRegistry) -> None:
             "usedAt": None,
         }
     ]
-    assert apply_command(registry, "TOKEN", ["REVOKE", "1"]) == {"success": True}
-    assert apply_command(registry, "TOKEN", ["REVOKE", "1"]) == {
+    assert apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {"success": True}
+    assert apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
         "success": False,
         "error": "Token 1 is already revoked.",
     }
     for wrong in ([], ["LIST", "x"], ["REVOKE"], ["DESTROY", "1"]):
-        reply = apply_command(registry, "TOKEN", wrong)
+        reply = apply_command(registry, "TOKEN", wrong, actor="test")
         assert reply is not None
         assert reply["success"] is False
         assert str(reply["error"]).startswith("usage: TOKEN CREATE")
