@@ -28,7 +28,7 @@ from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object,
 from petit.connection import Role, TunnelConnection
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
-from petit.jsonhttp import serve_json
+from petit.httpapi import loopback_json, serve_api
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
 from petit.pki import client_ssl_context
@@ -249,8 +249,8 @@ class ClientService:
         """The status endpoint: GET /status on 127.0.0.1 answers what STATUS does."""
         try:
             port: int = await nursery.start(
-                lambda task_status: serve_json(
-                    {"/status": self.status},
+                lambda task_status: serve_api(
+                    loopback_json({"/status": self.status}),
                     host="127.0.0.1",
                     port=self.config.status_port,
                     task_status=task_status,

@@ -2,8 +2,8 @@
 
 # Theory of operation
 
-- HTTP/1.1 parsed and written by h11 over trio, one task per connection, keep-alive, heads
-  bounded in size and time like the ingress. Loopback only by default (``adminAddr``).
+- Served by ``petit.httpapi`` (h11 over trio, keep-alive, heads and bodies bounded in size
+  and time). Loopback only by default (``adminAddr``).
 - Every endpoint but the dashboard page needs ``Authorization: Bearer <adminToken>``,
   compared in constant time. The page itself holds no data: its script sends the token,
   which it reads from the URL fragment (never sent to a server) or asks for.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,23 +26,14 @@ from importlib.resources import files
 from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import h11
-import trio
-
 from petit import __version__
+from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.hub import Hub
 from petit_server.metrics import Metrics
 from petit_server.registry import FileRegistry
 from petit_server.usage import UsageStore
 
-log = logging.getLogger("petit.admin")
-
-MAX_HEAD: Final = 16 * 1024  # bytes of a request head
-MAX_BODY: Final = 16 * 1024  # bytes of a request body (alias changes are tiny)
-READ_CHUNK: Final = 64 * 1024
-HEAD_TIMEOUT: Final = 10.0  # seconds for a request head or body, once begun
-IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection stays open
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
 COUNT_TYPES: Final = {
     "requests": ("successes", "errors", "unavailables"),
@@ -52,7 +42,6 @@ COUNT_TYPES: Final = {
     "unavailable": ("unavailables",),
     "errors": ("errors", "unavailables"),
 }
-JSON: Final = b"application/json"
 DASHBOARD_HEADERS: Final = [
     (
         b"content-security-policy",
@@ -62,23 +51,6 @@ DASHBOARD_HEADERS: Final = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
 ]
-
-
-class AdminError(Exception):
-    """A request the API answers with an error status and ``{"success": false, "error"}``."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or []
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: bytes
-    content_type: bytes = JSON
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +67,7 @@ class AdminSources:
 
 
 class AdminApi:
-    """Routes one parsed request to its answer; the HTTP plumbing is ``serve_admin``'s."""
+    """Routes one parsed request to its answer; ``petit.httpapi.serve_api`` does the HTTP."""
 
     def __init__(self, token: str, sources: AdminSources) -> None:
         self._token = token.encode()
@@ -103,29 +75,28 @@ class AdminApi:
         self._metrics = Metrics(sources.usage, sources.hub, self._registered_ids)
         self._dashboard = files("petit_server").joinpath("dashboard.html").read_bytes()
 
-    def answer(
-        self, method: str, target: str, authorization: bytes, body: bytes, peer: str
-    ) -> Reply:
-        """The reply to one request; AdminError becomes its JSON error."""
-        url = urlsplit(target)
+    def answer(self, request: Request) -> Reply:
+        """The reply to one request; HttpError becomes its JSON error."""
+        method, body, peer = request.method, request.body, request.peer
+        url = urlsplit(request.target)
         path = url.path.rstrip("/") or "/"
         if path in ("/", "/dashboard"):
-            _allow(method, "GET")
+            allow(method, "GET")
             return Reply(
                 200, self._dashboard, b"text/html; charset=utf-8", tuple(DASHBOARD_HEADERS)
             )
-        self._check_token(authorization, peer, method, path)
+        self._check_token(request.headers.get(b"authorization", b""), peer, method, path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if path == "/metrics":
-            _allow(method, "GET")
+            allow(method, "GET")
             return Reply(200, self._metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts == ["aliases"] and method == "POST":
-            return _json(self._add_alias(body, peer))
+            return json_reply(self._add_alias(body, peer))
         if parts[0] == "aliases" and len(parts) == 2 and method == "DELETE":
-            return _json(self._remove_alias(parts[1], peer))
-        _allow(method, "GET")
-        return _json(self._read(parts, query))
+            return json_reply(self._remove_alias(parts[1], peer))
+        allow(method, "GET")
+        return json_reply(self._read(parts, query))
 
     def _check_token(self, authorization: bytes, peer: str, method: str, path: str) -> None:
         scheme, _, presented = authorization.partition(b" ")
@@ -138,7 +109,7 @@ class AdminApi:
                 method=method,
                 path=path,
             )
-            raise AdminError(
+            raise HttpError(
                 401,
                 "a valid admin token is required (Authorization: Bearer <adminToken>)",
                 [(b"www-authenticate", b'Bearer realm="petit-admin"')],
@@ -179,7 +150,7 @@ class AdminApi:
             case ["errors"]:
                 recent = [e.to_json() for e in reversed(self._sources.usage.recent_errors)]
                 return {"success": True, "errors": recent}
-        raise AdminError(404, f"no such endpoint /{'/'.join(parts)}")
+        raise HttpError(404, f"no such endpoint /{'/'.join(parts)}")
 
     def _alias_owners(self) -> dict[str, str]:
         return {a: r.registration_id for r in self._sources.registry.all() for a in r.aliases}
@@ -189,7 +160,7 @@ class AdminApi:
 
     def _known(self, rid: str) -> None:
         if self._sources.registry.get(rid) is None:
-            raise AdminError(404, f"No such registeredId {rid}.")
+            raise HttpError(404, f"No such registeredId {rid}.")
 
     def _uptime(self) -> float:
         return round(time.time() - self._sources.started, 3)
@@ -225,9 +196,9 @@ class AdminApi:
             case "requests" | "errors":
                 fields = COUNT_TYPES.get(query.get("type", kind))
                 if fields is None:
-                    raise AdminError(400, f"type must be one of {', '.join(COUNT_TYPES)}")
+                    raise HttpError(400, f"type must be one of {', '.join(COUNT_TYPES)}")
                 return sum(getattr(u, name) for u in usage for name in fields)
-        raise AdminError(
+        raise HttpError(
             404, f"no such count {kind}: registrations, online, registers, requests, errors"
         )
 
@@ -248,50 +219,41 @@ class AdminApi:
         request = _json_body(body)
         alias, rid = request.get("alias"), request.get("registeredId")
         if not isinstance(alias, str) or not isinstance(rid, str):
-            raise AdminError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
+            raise HttpError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
         self._known(rid)
         return self._change(["ADDALIAS", rid, alias], peer)
 
     def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
         if alias.lower() not in self._alias_owners():
-            raise AdminError(404, f"{alias} is not an alias.")
+            raise HttpError(404, f"{alias} is not an alias.")
         return self._change(["DELALIAS", alias], peer)
 
     def _change(self, command: list[str], peer: str) -> dict[str, object]:
         """Run a registry command; the registry writes its audit record, naming us."""
         if any(word.split() != [word] for word in command):
-            raise AdminError(400, "alias and ID must be single words")
+            raise HttpError(400, "alias and ID must be single words")
         verb, *args = command
         reply = self._sources.registry_command(verb, args, actor=f"admin:{peer}")
         assert reply is not None, f"{verb} is a registry command"
         if reply.get("success") is not True:
-            raise AdminError(400, str(reply.get("error")))
+            raise HttpError(400, str(reply.get("error")))
         return reply
 
 
 def _found(reply: dict[str, object]) -> dict[str, object]:
     """A control-port reply, or its refusal (an unknown ID) as 404."""
     if reply.get("success") is False:
-        raise AdminError(404, str(reply.get("error")))
+        raise HttpError(404, str(reply.get("error")))
     return reply
-
-
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise AdminError(405, f"method {method} not allowed here", [(b"allow", allowed.encode())])
-
-
-def _json(document: dict[str, object]) -> Reply:
-    return Reply(200, json.dumps(document).encode())
 
 
 def _json_body(body: bytes) -> dict[str, object]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdminError(400, f"the body is not JSON: {exc}") from None
+        raise HttpError(400, f"the body is not JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise AdminError(400, "the body must be a JSON object")
+        raise HttpError(400, "the body must be a JSON object")
     return document
 
 
@@ -306,131 +268,4 @@ def _instant(value: str | None, default: float) -> float:
     try:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
-        raise AdminError(400, f"not a time: {value!r} (ISO 8601 or epoch milliseconds)") from None
-
-
-class _Connection:
-    """One admin connection: h11 requests in, replies out, until either side closes."""
-
-    def __init__(self, stream: trio.SocketStream, api: AdminApi, peer: str) -> None:
-        self._stream = stream
-        self._api = api
-        self._peer = peer
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-
-    async def run(self) -> None:
-        """Serve requests until the peer closes, idles out or must be closed."""
-        while True:
-            if not self._http.trailing_data[0]:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
-                    await self._receive()
-                if idle.cancelled_caught:
-                    return
-            with trio.move_on_after(HEAD_TIMEOUT) as slow:  # head and body, once begun
-                request = await self._next_event()
-                body = await self._read_body() if isinstance(request, h11.Request) else b""
-            if slow.cancelled_caught:
-                await self._send(Reply(408, _error_body("request timeout")), close=True)
-                return
-            if not isinstance(request, h11.Request):
-                return
-            if body is None:
-                await self._send(Reply(413, _error_body("request body too large")), close=True)
-                return
-            await self._send(self._reply(request, body), close=False)
-            if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
-                return
-            self._http.start_next_cycle()
-
-    def _reply(self, request: h11.Request, body: bytes) -> Reply:
-        authorization = b"".join(v for n, v in request.headers if n == b"authorization")
-        method = request.method.decode("ascii", "replace")
-        target = request.target.decode("ascii", "replace")
-        try:
-            return self._api.answer(method, target, authorization, body, self._peer)
-        except AdminError as exc:
-            return Reply(exc.status, _error_body(str(exc)), headers=tuple(exc.headers))
-
-    async def _receive(self) -> None:
-        try:
-            data = await self._stream.receive_some(READ_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        self._http.receive_data(data)
-
-    async def _next_event(self) -> h11.Event | None:
-        """The next event; None if the peer sent something h11 refuses (then answered)."""
-        while True:
-            try:
-                event = self._http.next_event()
-            except h11.RemoteProtocolError as exc:
-                reply = Reply(exc.error_status_hint, _error_body(f"bad request: {exc}"))
-                await self._send(reply, close=True)
-                return None
-            if event is not h11.NEED_DATA:
-                assert isinstance(event, h11.Event), "h11 pauses only between cycles"
-                return event
-            await self._receive()
-
-    async def _read_body(self) -> bytes | None:
-        """The request body, or None when it is larger than MAX_BODY."""
-        body = bytearray()
-        while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    return None
-            elif isinstance(event, h11.EndOfMessage):
-                return bytes(body)
-            else:
-                return bytes(body)
-
-    async def _send(self, reply: Reply, *, close: bool) -> None:
-        if self._http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        headers = [
-            *reply.headers,
-            (b"content-type", reply.content_type),
-            (b"content-length", str(len(reply.body)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        if close:
-            headers.append((b"connection", b"close"))
-        try:
-            for event in (
-                h11.Response(status_code=reply.status, headers=headers),
-                h11.Data(data=reply.body),
-                h11.EndOfMessage(),
-            ):
-                await self._stream.send_all(self._http.send(event) or b"")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-            return
-
-
-def _error_body(message: str) -> bytes:
-    return json.dumps({"success": False, "error": message}).encode()
-
-
-async def serve_admin(
-    api: AdminApi,
-    *,
-    host: str,
-    port: int,
-    handler_nursery: trio.Nursery,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Listen for admin requests; report the bound port; connections run in ``handler_nursery``."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
-
-    async def handler(stream: trio.SocketStream) -> None:
-        peer = stream.socket.getpeername()
-        try:
-            await _Connection(stream, api, str(peer[0])).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("admin connection dropped: %r", exc)
-        except Exception:  # per-connection boundary: log the bug, keep serving others
-            log.exception("bug while serving an admin connection")
-
-    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+        raise HttpError(400, f"not a time: {value!r} (ISO 8601 or epoch milliseconds)") from None

@@ -21,11 +21,12 @@ from petit import __version__
 from petit.auth import key_fingerprint
 from petit.control import serve_control
 from petit.errors import PetitError
+from petit.httpapi import serve_api
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
-from petit_server.admin import AdminApi, AdminSources, serve_admin
+from petit_server.admin import AdminApi, AdminSources
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
@@ -183,9 +184,8 @@ class ServerService:
                     control,
                 )
                 if config.admin_token is not None:
-                    admin = partial(
-                        serve_admin, self._admin_api(config.admin_token), handler_nursery=handlers
-                    )
+                    api = self._admin_api(config.admin_token)
+                    admin = partial(serve_api, api.answer, handler_nursery=handlers)
                     ports["admin"] = await _bind(
                         listeners,
                         "admin API",

@@ -272,6 +272,10 @@ class PetitServer:
         return self.directory / "logs" / "server.log"
 
     @property
+    def audit_log(self) -> Path:
+        return self.directory / "logs" / "audit.log"
+
+    @property
     def tunnel_port(self) -> int:
         return self.ports["tunnel"]
 

@@ -112,7 +112,7 @@ async def test_audit_trail_online_and_offline(
     server_factory: ServerFactory, python_backend: PythonBackend, reaper: Reaper, tmp_path: Path
 ) -> None:
     server = await server_factory(requireToken=True)
-    audit = server.directory / "logs" / "audit.log"
+    audit = server.audit_log
     secret = (await server.cli("token", "create", "--note", "ci")).stdout.strip()
     await server.cli("token", "create")
     await server.cli("token", "revoke", "2")
