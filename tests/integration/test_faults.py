@@ -2,7 +2,7 @@
 resets or stops mid-response, a STOP with a request in flight, and a caller that reads slowly.
 
 Each fault must stay with its own request: a concurrent healthy request succeeds, no tunnel
-stream is left open, and the server's memory does not grow with repetitions.
+stream or server task is left behind, and the server's memory does not grow with repetitions.
 """
 
 from __future__ import annotations
@@ -146,6 +146,13 @@ async def server_streams(server: PetitServer, registration_id: str) -> int:
     return sum(int(session["streams"]) for session in connections[0]["sessions"])
 
 
+async def server_tasks(server: PetitServer) -> int:
+    """The server's live trio tasks, from its STATUS reply."""
+    tasks = (await server.control("STATUS"))["tasks"]
+    assert isinstance(tasks, int), tasks
+    return tasks
+
+
 async def expect_hang(server: PetitServer, client: PetitClient) -> None:
     started = trio.current_time()
     response = await http_request(server.http_port, client.host, target="/hang", timeout=10)
@@ -201,14 +208,30 @@ async def test_backend_fault_stays_with_its_request(
 
     await once(0)  # warm-up: imports, buffers
     await wait_until(streams_closed, 10, what="the server to close every stream")
-    before = rss_kib(server.pid)
+    before, tasks_before = rss_kib(server.pid), await server_tasks(server)
     for batch in range(1, REPETITIONS + 1, BATCH):
         async with trio.open_nursery() as nursery:
             for index in range(batch, batch + BATCH):
                 nursery.start_soon(once, index)
     await wait_until(streams_closed, 10, what="the server to close every stream")
+    tasks_after: list[int] = []
+
+    async def tasks_back() -> bool:
+        tasks_after[:] = [await server_tasks(server)]
+        return tasks_after[0] <= tasks_before
+
+    try:
+        await wait_until(tasks_back, 10, what="the server's task count to come back")
+    except AssertionError:
+        raise AssertionError(
+            f"{path}: {tasks_after[0] - tasks_before} server tasks left over "
+            f"after {REPETITIONS} faults ({tasks_before} before)"
+        ) from None
     growth = rss_kib(server.pid) - before
-    print(f"{path}: server RSS {before} KiB, +{growth} KiB after {REPETITIONS} faults")
+    print(
+        f"{path}: server RSS {before} KiB, +{growth} KiB and {tasks_before} -> "
+        f"{tasks_after[0]} tasks after {REPETITIONS} faults"
+    )
     assert growth < RSS_GROWTH_LIMIT, f"server RSS grew {growth} KiB over {REPETITIONS} faults"
 
 
