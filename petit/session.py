@@ -235,7 +235,7 @@ class TunnelSession:
             raise first_leaf(group) from None
         finally:
             self._end_all_streams()
-            with trio.move_on_after(1, shield=True):
+            with trio.move_on_after(CLOSE_GRACE, shield=True):
                 await self._flush_and_close_carrier()
 
     async def _read_loop(self) -> None:
@@ -334,7 +334,7 @@ class TunnelSession:
             if now - self._last_received > 1.5 * self._ping_interval:
                 self.close_reason = f"no traffic for {now - self._last_received:.1f}s"
                 self.connection.close(ErrorCode.TIMEOUT, "keepalive timeout")
-                self._end_sends_by(now)  # a silent peer is not reading: no grace
+                self._end_sends_by(now)  # a silent peer reads nothing and answers no close
                 raise KeepaliveTimeoutError(self.close_reason)
             if now - last_ping >= self._ping_interval:
                 last_ping = now
@@ -353,7 +353,8 @@ class TunnelSession:
     async def _flush_and_close_carrier(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self._send_queued_now()
-        await self._carrier.aclose()
+        with trio.CancelScope(deadline=self._send_deadline):  # a silent peer: do not wait
+            await self._carrier.aclose()  # (a WebSocket waits for the peer's close frame)
 
     # ---------------------------------------------------------------- for streams and owners
 
