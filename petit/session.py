@@ -298,14 +298,13 @@ class TunnelSession:
         assert self._stream_handler is not None
         try:
             await self._stream_handler(stream, target)
-        except trio.Cancelled:
-            # Only the session's end cancels a handler. A RESET now would tell the server
-            # its open was refused (502); the session's end tells it the client left (503).
-            stream._abort(None)
-            raise
         except Exception:  # per-stream boundary: one bad stream never ends the session
             log.exception("stream %d handler failed", stream.stream_id)
         finally:
+            if trio.current_effective_deadline() == -math.inf:
+                # Cancelled: only the session's end does that. A RESET now would tell the
+                # server its open was refused (502); the session's end says the client left.
+                stream._abort(None)
             await stream.aclose()
 
     async def _write_loop(self) -> None:

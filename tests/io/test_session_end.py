@@ -106,7 +106,9 @@ async def test_an_open_pending_when_the_client_session_ends_fails_as_session_clo
 
     async def dial_forever(stream: TunnelStream, target: str) -> None:
         dialling.set()
-        await trio.sleep_forever()  # the local service never answers the connect
+        async with trio.open_nursery() as attempts:  # as trio.open_tcp_stream dials
+            attempts.start_soon(trio.sleep_forever)  # the local service never answers
+            await trio.sleep_forever()
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
