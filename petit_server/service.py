@@ -83,7 +83,12 @@ class ServerService:
             connections = [
                 self._summary(r, sessions.get(r.registration_id, [])) for r in self.registry.all()
             ]
-            return {"success": True, "status": "running", "connections": connections}
+            return {
+                "success": True,
+                "status": "running",
+                "tasks": _task_count(),
+                "connections": connections,
+            }
         registration = self.registry.get(registration_id)
         if registration is None:
             return {"success": False, "error": f"No such registeredId {registration_id}."}
@@ -221,6 +226,15 @@ class ServerService:
             await self.hub.wait_idle()
         handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+def _task_count() -> int:
+    """The trio tasks alive in this process: a count that keeps growing is a leak."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [] if root is None else [root]
+    for task in tasks:  # grows as it goes: a breadth-first walk of the task tree
+        tasks.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return len(tasks)
 
 
 def _describe(config: ServerConfig, ports: dict[str, int]) -> str:

@@ -58,6 +58,7 @@ EXIT_TIMEOUT = 15.0  # seconds for a stopped daemon to exit
 PING_INTERVAL = 0.5  # seconds, server and client pingInterval in every test config
 RECONNECT_MAX_DELAY = 1.0  # seconds, client reconnectMaxDelay (default 5) to keep tests short
 UNAVAILABLE = b'{"g2c":"unavailable"}'
+SOAK = os.environ.get("PETIT_SOAK") == "1"  # the long variants of the fault tests
 
 Predicate = Callable[[], bool | Awaitable[bool]]
 
