@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.config import LOG_LEVELS, Table, load_toml, root_table
+from petit.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
+
+
+MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """``[server.cluster]``: this node's place among several server nodes (on when
+    ``redisUrl`` is set)."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    node_id: str
+    internal_addr: str
+    internal_port: int
+    advertise_addr: str  # where the other nodes reach internal_port
+    secret: str = field(repr=False)
+    heartbeat_interval: float = 1.0
+    node_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +63,7 @@ class ServerConfig:
     response_timeout: float = 60.0
     log_level: str = "info"
     vitae: dict[str, str] = field(default_factory=dict)
+    cluster: ClusterConfig | None = None  # None: a single node
 
     @property
     def directory(self) -> Path:
@@ -89,9 +111,60 @@ def load_server_config(path: Path) -> ServerConfig:
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
         log_level=server.choice("logLevel", "info", LOG_LEVELS),
         vitae=server.scalars("vitae"),
+        cluster=read_cluster(server.table("cluster")),
     )
     server.finish()
     return config
+
+
+def read_cluster(table: Table) -> ClusterConfig | None:
+    """``[server.cluster]``, checked whole even when off; None unless ``redisUrl`` is set."""
+    redis_url = table.optional_string("redisUrl")
+    node_id = table.optional_string("nodeId")
+    internal_addr = table.string("internalAddr", "0.0.0.0")  # noqa: S104 - peers on other hosts
+    internal_port = table.port("internalPort", 3017)
+    advertise_addr = table.optional_string("advertiseAddr")
+    secret = table.optional_string("secret")
+    heartbeat = table.number("heartbeatInterval", 1.0, low=0.05, high=60)
+    timeout = table.number("nodeTimeout", 5.0, low=0.2, high=600)
+    table.finish()
+    if redis_url is None:
+        return None
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"server.cluster.redisUrl: expected a redis://, rediss:// or unix:// URL, "
+            f"got {redis_url.split('@')[-1]!r}"
+        )
+    if secret is None or len(secret) < MIN_CLUSTER_SECRET:
+        raise ConfigError(
+            f"server.cluster.secret: expected the nodes' shared secret, at least "
+            f"{MIN_CLUSTER_SECRET} characters (e.g. openssl rand -hex 32)"
+        )
+    if timeout < 2 * heartbeat:
+        raise ConfigError(
+            f"server.cluster.nodeTimeout: expected at least twice heartbeatInterval "
+            f"({2 * heartbeat:g}), got {timeout:g}"
+        )
+    if advertise_addr is None:
+        advertise_addr = socket.gethostname() if _unspecified(internal_addr) else internal_addr
+    return ClusterConfig(
+        redis_url=redis_url,
+        node_id=node_id or f"{socket.gethostname()}-{internal_port}",
+        internal_addr=internal_addr,
+        internal_port=internal_port,
+        advertise_addr=advertise_addr,
+        secret=secret,
+        heartbeat_interval=heartbeat,
+        node_timeout=timeout,
+    )
+
+
+def _unspecified(address: str) -> bool:
+    """True for a wildcard bind address (0.0.0.0, ::), which peers cannot dial."""
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
 
 
 def default_config_text(*, hostname: str) -> str:
