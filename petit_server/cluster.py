@@ -148,6 +148,11 @@ class Directory:
         """Every other live node."""
         return list(self._peers.values())
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the last heartbeat reached Redis."""
+        return bool(self._reachable)
+
     def mark_dirty(self) -> None:
         """Our sessions changed: publish at once rather than at the next heartbeat."""
         self._dirty.set()
@@ -315,6 +320,20 @@ class Cluster:
         if refused is not None:
             raise refused
         raise SessionClosedError(f"no node serves registration {registration_id}")
+
+    def status(self) -> dict[str, object]:
+        """For STATUS: this node, whether Redis answers, and the other nodes it knows."""
+        return {
+            "node": self.config.node_id,
+            "redis": "ok" if self.directory.reachable else "unreachable",
+            "peers": {
+                node.node_id: {
+                    "address": f"{node.host}:{node.port}",
+                    "registrations": len(node.registrations),
+                }
+                for node in self.directory.peers()
+            },
+        }
 
     async def wait_idle(self) -> None:
         """Return once no forwarded stream is in flight (for the shutdown drain)."""

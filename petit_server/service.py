@@ -88,7 +88,8 @@ class ServerService:
             connections = [
                 self._summary(r, sessions.get(r.registration_id, [])) for r in self.registry.all()
             ]
-            return {"success": True, "status": "running", "connections": connections}
+            cluster = {} if self.cluster is None else {"cluster": self.cluster.status()}
+            return {"success": True, "status": "running", "connections": connections, **cluster}
         registration = self.registry.get(registration_id)
         if registration is None:
             return {"success": False, "error": f"No such registeredId {registration_id}."}
