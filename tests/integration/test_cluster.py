@@ -288,3 +288,9 @@ async def test_a_node_without_the_secret_gets_no_stream(
     assert python_backend.connections == seen
     assert "the secret does not match" in good.log.read_text()
     assert "failed the link proof" in rogue.log.read_text()
+
+    shown = (await good.cli("config")).stdout  # the cluster table, its secrets masked
+    assert SECRET not in shown
+    assert redis.url not in shown
+    assert '"secret": "********"' in shown
+    assert '"nodeId": "good"' in shown
