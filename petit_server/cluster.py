@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
+import math
 import secrets
 import ssl
 import time
@@ -280,6 +282,8 @@ class Cluster:
         self._links: dict[str, tuple[NodeRecord, TunnelSession]] = {}
         self._dialing: dict[str, trio.Lock] = {}
         self._link_nursery: trio.Nursery | None = None
+        self._failed_at: dict[str, float] = {}  # node id -> when a dial or open last failed
+        self._turn = itertools.count()
 
     def _notify(self) -> None:
         self.changed.set()
@@ -305,17 +309,19 @@ class Cluster:
         except SessionClosedError:
             pass  # not held here, or its session just ended: ask the nodes that hold it
         refused: StreamRefusedError | None = None
-        for node in self.directory.holders(registration_id):
+        for node in self._in_order(self.directory.holders(registration_id)):
             try:
                 stream = await self._open_remote(node, registration_id)
             except _PeerUnavailableError as exc:
                 log.debug("registration %s not served through %s: %s", registration_id, node, exc)
+                self._failed_at[node.node_id] = trio.current_time()
                 continue
             except StreamRefusedError as exc:
                 if exc.code is not ErrorCode.AUTH:
                     raise
                 refused = exc
                 continue
+            self._failed_at.pop(node.node_id, None)
             return stream
         if refused is not None:
             raise refused
@@ -334,6 +340,18 @@ class Cluster:
                 for node in self.directory.peers()
             },
         }
+
+    def _in_order(self, holders: list[NodeRecord]) -> list[NodeRecord]:
+        """Holders round-robin, those that failed within nodeTimeout last (a dead node stays
+        in the directory until its record expires; its turn should not cost every request)."""
+        if not holders:
+            return holders
+        turn = next(self._turn) % len(holders)
+        rotated = holders[turn:] + holders[:turn]
+        recent = trio.current_time() - self.config.node_timeout
+        return sorted(
+            rotated, key=lambda node: self._failed_at.get(node.node_id, -math.inf) > recent
+        )
 
     async def wait_idle(self) -> None:
         """Return once no forwarded stream is in flight (for the shutdown drain)."""
