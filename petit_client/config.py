@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from petit.config import Table, load_toml, root_table
+from petit.errors import ConfigError
 from petit.logs import LogSettings, log_keys, read_log_settings
 from petit.proxy import parse_proxy_url
 from petit.transport import ServerAddress
@@ -46,8 +47,10 @@ class ClientConfig:
     """Everything the client needs; paths are absolute."""
 
     path: Path
-    server: ServerAddress
+    server: ServerAddress  # the first of ``servers``: register and unregister go there
     ca: Path | None  # None: the system trust store
+    servers: tuple[ServerAddress, ...] = ()  # empty: just ``server``
+    server_sessions: int = 0  # sessions kept, each to another server; 0: one per server
     listen_addr: str = "127.0.0.1"
     listen_port: int = 3015
     status_port: int = 3017  # JSON status over HTTP, on 127.0.0.1 only
@@ -65,6 +68,16 @@ class ClientConfig:
         """The config directory: tenants, keys, lock, pid and logs live here."""
         return self.path.parent
 
+    @property
+    def tunnel_servers(self) -> tuple[ServerAddress, ...]:
+        """Every server the client may keep a session to, in the configured order."""
+        return self.servers or (self.server,)
+
+    @property
+    def session_count(self) -> int:
+        """How many sessions the client keeps at once, each to a different server."""
+        return self.server_sessions or len(self.tunnel_servers)
+
 
 def _checked_proxy(value: str | None) -> str | None:
     """Refuse a malformed proxy URL when the config loads, not at the first dial."""
@@ -78,9 +91,17 @@ def load_client_config(path: Path) -> ClientConfig:
     path = path.expanduser().resolve()
     document = load_toml(path, init_hint=f"petit-client init -c {path}")
     client = root_table(document, "client", path)
+    single = ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014))
+    servers = tuple(
+        parse_server_address(value, default_port=single.port, key="client.servers")
+        for value in client.string_list("servers", [])
+    )
+    server_sessions = client.integer("serverSessions", 0, low=0, high=max(len(servers), 1))
     config = ClientConfig(
         path=path,
-        server=ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014)),
+        server=servers[0] if servers else single,
+        servers=servers,
+        server_sessions=server_sessions,
         ca=client.optional_path("ca"),
         listen_addr=client.string("listenAddr", "127.0.0.1"),
         listen_port=client.port("listenPort", 3015),
@@ -98,11 +119,27 @@ def load_client_config(path: Path) -> ClientConfig:
     return config
 
 
+def parse_server_address(value: str, *, default_port: int, key: str) -> ServerAddress:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError names ``key``."""
+    host, port = value, str(default_port)
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return ServerAddress(host, int(port))
+
+
 def config_document(config: ClientConfig) -> dict[str, object]:
     """The effective config in the file's own layout, safe to print: no proxy password."""
     client: dict[str, object] = {
         "host": config.server.host,
         "backPort": config.server.port,
+        **({"servers": [str(s) for s in config.servers]} if config.servers else {}),
+        "serverSessions": config.server_sessions,
         **({"ca": str(config.ca)} if config.ca else {}),
         "listenAddr": config.listen_addr,
         "listenPort": config.listen_port,

@@ -34,6 +34,7 @@ from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
     DEFAULT_CONFIG_PATH,
+    ClusterConfig,
     ServerConfig,
     default_config_text,
     load_server_config,
@@ -229,10 +230,11 @@ def show_config(config_path: Path, verbose: bool) -> None:
             click.echo(f"      a.k.a. {alias}")
 
 
-def _effective_config(config: ServerConfig) -> dict[str, object]:
+def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]:
     """The ``[server]`` table as loaded, under the file's key names; secrets masked.
 
-    A field hidden from the dataclass repr is a secret.
+    A field hidden from the dataclass repr is a secret; a sub-table ([server.cluster]) is
+    shown the same way.
     """
     renamed = {"registry_file": "registryfile"}
     table: dict[str, object] = {}
@@ -249,6 +251,8 @@ def _effective_config(config: ServerConfig) -> dict[str, object]:
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif isinstance(value, ClusterConfig):
+            value = _effective_config(value)
         head, *rest = spec.name.split("_")
         table[renamed.get(spec.name, head + "".join(word.capitalize() for word in rest))] = value
     return table

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.config import load_toml, root_table
+from petit.config import Table, load_toml, root_table
 from petit.errors import ConfigError
 from petit.logs import LogSettings, read_log_settings
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
 MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
+
+
+MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """``[server.cluster]``: this node's place among several server nodes (on when
+    ``redisUrl`` is set)."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    node_id: str
+    internal_addr: str
+    internal_port: int
+    advertise_addr: str  # where the other nodes reach internal_port
+    secret: str = field(repr=False)
+    heartbeat_interval: float = 1.0
+    node_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +69,7 @@ class ServerConfig:
     admin_addr: str = "127.0.0.1"
     admin_port: int = 8100
     admin_token: str | None = field(default=None, repr=False)
+    cluster: ClusterConfig | None = None  # None: a single node
 
     @property
     def directory(self) -> Path:
@@ -100,6 +121,7 @@ def load_server_config(path: Path) -> ServerConfig:
         admin_addr=server.string("adminAddr", "127.0.0.1"),
         admin_port=server.port("adminPort", 8100),
         admin_token=_admin_token(server.optional_string("adminToken")),
+        cluster=read_cluster(server.table("cluster")),
     )
     server.finish()
     return config
@@ -112,6 +134,56 @@ def _admin_token(token: str | None) -> str | None:
             "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
         )
     return token
+
+
+def read_cluster(table: Table) -> ClusterConfig | None:
+    """``[server.cluster]``, checked whole even when off; None unless ``redisUrl`` is set."""
+    redis_url = table.optional_string("redisUrl")
+    node_id = table.optional_string("nodeId")
+    internal_addr = table.string("internalAddr", "0.0.0.0")  # noqa: S104 - peers on other hosts
+    internal_port = table.port("internalPort", 3018)
+    advertise_addr = table.optional_string("advertiseAddr")
+    secret = table.optional_string("secret")
+    heartbeat = table.number("heartbeatInterval", 1.0, low=0.05, high=60)
+    timeout = table.number("nodeTimeout", 5.0, low=0.2, high=600)
+    table.finish()
+    if redis_url is None:
+        return None
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"server.cluster.redisUrl: expected a redis://, rediss:// or unix:// URL, "
+            f"got {redis_url.split('@')[-1]!r}"
+        )
+    if secret is None or len(secret) < MIN_CLUSTER_SECRET:
+        raise ConfigError(
+            f"server.cluster.secret: expected the nodes' shared secret, at least "
+            f"{MIN_CLUSTER_SECRET} characters (e.g. openssl rand -hex 32)"
+        )
+    if timeout < 2 * heartbeat:
+        raise ConfigError(
+            f"server.cluster.nodeTimeout: expected at least twice heartbeatInterval "
+            f"({2 * heartbeat:g}), got {timeout:g}"
+        )
+    if advertise_addr is None:
+        advertise_addr = socket.gethostname() if _unspecified(internal_addr) else internal_addr
+    return ClusterConfig(
+        redis_url=redis_url,
+        node_id=node_id or f"{socket.gethostname()}-{internal_port}",
+        internal_addr=internal_addr,
+        internal_port=internal_port,
+        advertise_addr=advertise_addr,
+        secret=secret,
+        heartbeat_interval=heartbeat,
+        node_timeout=timeout,
+    )
+
+
+def _unspecified(address: str) -> bool:
+    """True for a wildcard bind address (0.0.0.0, ::), which peers cannot dial."""
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
 
 
 def default_config_text(*, hostname: str, admin_token: str | None = None) -> str:

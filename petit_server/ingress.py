@@ -29,7 +29,7 @@ import h11
 import trio
 
 from petit.errors import first_leaf
-from petit.session import SessionClosedError, StreamRefusedError, TunnelSession, TunnelStream
+from petit.session import SessionClosedError, StreamRefusedError
 from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
@@ -73,7 +73,8 @@ class Routing:
     """What the ingress needs from the server: which registration a Host names, who serves it."""
 
     route: Callable[[str], str | None]  # Host header -> registered ID (alias or ID rule) or None
-    session_for: Callable[[str], TunnelSession | None]
+    # a stream to a registration's private service (hub.Upstreams.open_stream)
+    open_upstream: Callable[[str], Awaitable[trio.abc.HalfCloseableStream]]
     open_timeout: float
     header_timeout: float
     response_timeout: float = 60.0
@@ -84,7 +85,7 @@ class Routing:
 class _Upstream:
     """One tunnel stream to one registration's private service, with its own h11 client."""
 
-    def __init__(self, registration_id: str, stream: TunnelStream) -> None:
+    def __init__(self, registration_id: str, stream: trio.abc.HalfCloseableStream) -> None:
         self.registration_id = registration_id
         self.stream = stream
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -93,7 +94,7 @@ class _Upstream:
         while True:
             event = self.http.next_event()
             if event is h11.NEED_DATA:
-                self.http.receive_data(await self.stream.receive_some(READ_CHUNK))
+                self.http.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
                 continue
             assert isinstance(event, h11.Event), "h11 pauses only between cycles"
             return event
@@ -246,12 +247,9 @@ class IngressConnection:
         if self._upstream is not None and self._upstream.registration_id == registration_id:
             return self._upstream
         await self._drop_upstream()
-        session = self._routing.session_for(registration_id)
-        if session is None:
-            raise _UpstreamFailedError(503)
         try:
             with trio.fail_after(self._routing.open_timeout):
-                stream = await session.open_stream(registration_id)
+                stream = await self._routing.open_upstream(registration_id)
         except StreamRefusedError:
             raise _UpstreamFailedError(502) from None
         except trio.TooSlowError:

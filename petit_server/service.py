@@ -9,6 +9,7 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -27,10 +28,11 @@ from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
 from petit_server.admin import AdminApi, AdminSources
+from petit_server.cluster import Cluster
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
-from petit_server.hub import Attachment, Hub
+from petit_server.hub import Attachment, Hub, Upstreams
 from petit_server.ingress import Routing, serve_ingress
 from petit_server.registry import FileRegistry, Registration, apply_command
 from petit_server.tcpports import TcpPorts
@@ -47,8 +49,20 @@ class ServerService:
         self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
         self.hub = Hub()
         self.usage = UsageStore()
+        self.cluster = (
+            None
+            if config.cluster is None
+            else Cluster(
+                config.cluster,
+                self.hub,
+                ping_interval=config.ping_interval,
+                open_timeout=config.open_timeout,
+                handshake_timeout=config.handshake_timeout,
+            )
+        )
+        self.upstreams: Upstreams = self.hub if self.cluster is None else self.cluster
         self.tcp_ports = TcpPorts(
-            self.hub,
+            self.upstreams,
             lambda rid: self.registry.get(rid),  # late-bound: serve() reloads the registry
             host=config.tcp_addr,
             open_timeout=config.open_timeout,
@@ -83,11 +97,13 @@ class ServerService:
             connections = [
                 self._summary(r, sessions.get(r.registration_id, [])) for r in self.registry.all()
             ]
+            cluster = {} if self.cluster is None else {"cluster": self.cluster.status()}
             return {
                 "success": True,
                 "status": "running",
                 "tasks": _task_count(),
                 "connections": connections,
+                **cluster,
             }
         registration = self.registry.get(registration_id)
         if registration is None:
@@ -133,7 +149,7 @@ class ServerService:
         gateway = Gateway(config, self.registry, self.hub, fingerprint)
         routing = Routing(
             route=self.registry.route,
-            session_for=self.hub.session_for,
+            open_upstream=self.upstreams.open_stream,
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
             response_timeout=config.response_timeout,
@@ -188,6 +204,10 @@ class ServerService:
                     config.listen_port,
                     control,
                 )
+                if self.cluster is not None:
+                    ports["cluster"] = await self._join_cluster(
+                        self.cluster, listeners, handlers, ssl_context, fingerprint
+                    )
                 if config.admin_token is not None:
                     api = self._admin_api(config.admin_token)
                     admin = partial(serve_api, api.answer, handler_nursery=handlers)
@@ -219,10 +239,41 @@ class ServerService:
         )
         return AdminApi(token, sources)
 
+    async def _join_cluster(
+        self,
+        cluster: Cluster,
+        listeners: trio.Nursery,
+        handlers: trio.Nursery,
+        ssl_context: ssl.SSLContext,
+        fingerprint: bytes,
+    ) -> int:
+        """Listen for the other nodes' links, then start the heartbeat, which advertises the
+        bound port. Links and heartbeat run in ``handlers``: forwarded streams drain on stop."""
+        links = partial(
+            cluster.serve_links,
+            ssl_context=ssl_context,
+            fingerprint=fingerprint,
+            handler_nursery=handlers,
+        )
+        internal = cluster.config
+        port: int = await _bind(
+            listeners,
+            "cluster link port",
+            "cluster.internalPort",
+            internal.internal_addr,
+            internal.internal_port,
+            links,
+        )
+        await handlers.start(cluster.run)
+        return port
+
     async def _drain(self, handlers: trio.Nursery) -> None:
         log.info("stopping: draining %d in-flight stream(s)", self.hub.active_streams)
         self.hub.go_away_all("server shutting down")
         with trio.move_on_after(self.config.shutdown_grace):
+            if self.cluster is not None:
+                await self.cluster.leave()
+                await self.cluster.wait_idle()
             await self.hub.wait_idle()
         handlers.cancel_scope.cancel()
         log.info("stopped")
@@ -249,6 +300,9 @@ def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
     parts.append(f"control {config.listen_addr}:{ports['control']}")
     if "admin" in ports:
         parts.append(f"admin API http://{config.admin_addr}:{ports['admin']}/dashboard")
+    if config.cluster is not None:
+        node = config.cluster
+        parts.append(f"cluster node {node.node_id} links {node.internal_addr}:{ports['cluster']}")
     return ", ".join(parts)
 
 

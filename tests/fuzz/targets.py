@@ -28,7 +28,7 @@ from petit.logs import LogSettings
 from petit.messages import decode as decode_message
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
-from petit_server.hub import Hub
+from petit_server.hub import Attachment, Hub
 from petit_server.ingress import IngressConnection, Routing, registration_id_for_host
 from petit_server.registry import FileRegistry
 from tests.io.helpers import session_pair
@@ -190,9 +190,11 @@ def ingress_answer(data: bytes, piece: int) -> bytes:
         with trio.fail_after(600):  # virtual seconds: the clock jumps whenever all tasks wait
             async with trio.open_nursery() as nursery:
                 pair = await session_pair(nursery, handler=HttpBackend("A"))
+                hub = Hub()
+                hub.attach(Attachment(pair.server.session, ["1001"], remote="test", vitae={}))
                 routing = Routing(
                     route=lambda host: "1001" if registration_id_for_host(host) == "1001" else None,
-                    session_for=lambda registration_id: pair.server.session,
+                    open_upstream=hub.open_stream,
                     open_timeout=1,
                     header_timeout=1,
                     idle_timeout=1,

@@ -949,3 +949,56 @@ def registry_entry(server: PetitServer, registration_id: str) -> dict[str, Any] 
     document = json.loads(server.registry.read_text())
     entry: dict[str, Any] | None = document["registrations"].get(registration_id)
     return entry
+
+
+# ----------------------------------------------------------------------------- redis
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1 (no persistence), in its own directory."""
+
+    directory: Path
+    reaper: Reaper
+    port: int
+    child: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    async def start(cls, directory: Path, reaper: Reaper) -> RedisServer:
+        """Start one on a free port; return once it accepts connections."""
+        directory.mkdir(parents=True, exist_ok=True)
+        redis = cls(directory, reaper, free_port())
+        await redis.restart()
+        return redis
+
+    async def restart(self) -> None:
+        """(Re)start on the same port, empty; return once it accepts connections."""
+        assert REDIS_SERVER is not None, "redis-server is not installed"
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(self.directory)]
+        log = self.directory / "redis.log"
+        child = self.child = self.reaper.spawn(argv, log=log)
+
+        async def answering() -> bool:
+            if child.poll() is not None:
+                raise AssertionError(f"redis exited {child.returncode}:\n{tail(log)}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            except OSError:
+                return False
+            await trio.aclose_forcefully(stream)
+            return True
+
+        await wait_until(answering, READY_TIMEOUT, what="redis-server to listen")
+
+    async def kill(self) -> None:
+        """kill -9, and wait until it is gone."""
+        assert self.child is not None
+        kill_group(self.child.pid)
+        await wait_exit(self.child)

@@ -14,24 +14,23 @@ from petit_server.hub import Attachment, Hub
 from petit_server.registry import Registration
 from petit_server.tcpports import TcpPorts
 from tests.integration.harness import (
-    READY_TIMEOUT,
+    REDIS_SERVER,
     ClientFactory,
     PetitServer,
     PythonBackend,
     Reaper,
+    RedisServer,
     ServerFactory,
     free_port,
     http_request,
     log_records,
     run_cli,
-    tail,
     wait_until,
 )
 from tests.io.helpers import REGISTRATION_ID, session_pair
 
 pytestmark = pytest.mark.integration
 
-REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 LOOPBACK = "127.0.0.1"  # tcpAddr in every test: registration ports from a free one up
 PORT_BOUND = 5.0  # seconds for a TCP port to open or close after its client came or went
@@ -61,22 +60,7 @@ async def registration_port(server: PetitServer, registration_id: str) -> int:
 
 
 async def start_redis(directory: Path, reaper: Reaper) -> int:
-    assert REDIS_SERVER is not None
-    port = free_port()
-    directory.mkdir()
-    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(directory)]
-    child = reaper.spawn(argv, log=directory / "redis.log")
-
-    async def answering() -> bool:
-        if child.poll() is not None:
-            raise AssertionError(
-                f"redis exited {child.returncode}:\n{tail(directory / 'redis.log')}"
-            )
-        return await accepts(port)
-
-    await wait_until(answering, READY_TIMEOUT, what="redis-server to listen")
-    return port
+    return (await RedisServer.start(directory, reaper)).port
 
 
 async def redis_cli(port: int, *command: str) -> str:
