@@ -57,10 +57,16 @@ from petit.events import (
     Welcomed,
     WindowUpdated,
 )
+from petit.frames import HEADER, MAX_PAYLOAD
 
 log = logging.getLogger("petit.session")
 
-MAX_CARRIER_MESSAGE = 256 * 1024  # bytes per carrier message; frames may span messages
+# Bytes per carrier message, cut at frame boundaries: four full DATA frames, what one
+# 256 KiB read turns into, so a bulk transfer sends one message per read (cutting at a fixed
+# 256 KiB left a 48-byte message after each). Measured side by side on loopback: 64 KiB
+# messages cost server and client 5-10% more CPU per MB (per-message overhead in
+# trio-websocket outweighs masking in cache); 1 MiB is no better than 256 KiB.
+MAX_CARRIER_MESSAGE = 4 * (MAX_PAYLOAD + HEADER.size)
 RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
 
 
@@ -300,9 +306,8 @@ class TunnelSession:
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
-            data = self.connection.data_to_send()
-            for start in range(0, len(data), MAX_CARRIER_MESSAGE):
-                await self._carrier.send(data[start : start + MAX_CARRIER_MESSAGE])
+            while data := self.connection.data_to_send(MAX_CARRIER_MESSAGE):
+                await self._carrier.send(data)
 
     async def _keepalive(self) -> None:
         tick = self._ping_interval / 4
