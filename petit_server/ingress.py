@@ -269,17 +269,17 @@ class IngressConnection:
             await upstream.send(forwarded)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _UpstreamFailedError(502) from None
-        failure: _UpstreamFailedError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request_body, upstream)
-            try:
-                await self._pump_response(upstream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-                failure = _UpstreamFailedError(502)
-            except _UpstreamFailedError as late:
-                failure = late
-            if failure is not None or self._http.their_state is not h11.DONE:
-                nursery.cancel_scope.cancel()  # failed, or answered before the body ended
+        if _has_body(request):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_request_body, upstream)
+                failure = await self._relay_response(upstream)
+                if failure is not None or self._http.their_state is not h11.DONE:
+                    nursery.cancel_scope.cancel()  # failed, or answered before the body ended
+        else:  # most requests: h11 already holds their end, no task needed to pump a body
+            end = self._http.next_event()
+            assert isinstance(end, h11.EndOfMessage), "a request without a body ends at its head"
+            await upstream.send(h11.EndOfMessage())
+            failure = await self._relay_response(upstream)
         if failure is not None:  # raised out here, not from the nursery, to stay ungrouped
             raise failure  # once a response began, _refuse sends nothing and run() closes
         if upstream.reusable:
@@ -317,6 +317,16 @@ class IngressConnection:
                 return
             else:
                 raise h11.RemoteProtocolError("connection closed during the request body")
+
+    async def _relay_response(self, upstream: _Upstream) -> _UpstreamFailedError | None:
+        """Relay the response; the failure to answer with if it broke before it began."""
+        try:
+            await self._pump_response(upstream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return _UpstreamFailedError(502)
+        except _UpstreamFailedError as late:
+            return late
+        return None
 
     async def _pump_response(self, upstream: _Upstream) -> None:
         """Relay the upstream response; 504 if its head takes longer than responseTimeout
@@ -431,6 +441,11 @@ def _head_size(request: h11.Request) -> int:
     """Roughly the bytes of a request head: its line and its header lines."""
     line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
     return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+
+
+def _has_body(request: h11.Request) -> bool:
+    """Whether h11 frames a body after this head (RFC 9112: only these two headers do)."""
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
 
 
 def _host_header(request: h11.Request) -> str:
