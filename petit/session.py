@@ -158,7 +158,10 @@ class TunnelSession:
     # ---------------------------------------------------------------- handshake phase
 
     async def _send_queued_now(self) -> None:
-        if data := self.connection.data_to_send():
+        """Send every queued frame, in carrier messages of whole frames up to the limit (also
+        the backlog flushed at close, which many streams' windows could push past the peer's
+        message size limit in one piece)."""
+        while data := self.connection.data_to_send(MAX_CARRIER_MESSAGE):
             await self._carrier.send(data)
 
     async def _next_event(self) -> TunnelEvent:
@@ -306,8 +309,7 @@ class TunnelSession:
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
-            while data := self.connection.data_to_send(MAX_CARRIER_MESSAGE):
-                await self._carrier.send(data)
+            await self._send_queued_now()
 
     async def _keepalive(self) -> None:
         tick = self._ping_interval / 4
