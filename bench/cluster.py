@@ -62,7 +62,7 @@ def init_node(bench: Bench, name: str, redis_url: str, secret: str, tcp_addr: st
     raw TCP ports on its own loopback address, so they never clash)."""
     config = bench.root / name / "config.toml"
     bench.run([PETIT_SERVER, "init", "-c", str(config), "--hostname", "localhost"])
-    _set(config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0")
+    _set(config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0", adminPort="0")
     _set(config, tcpAddr=f'"{tcp_addr}"', firstPort=str(free_port()))
     with config.open("a") as table:
         table.write(
@@ -107,7 +107,7 @@ def start_two_nodes(bench: Bench, backend_port: int) -> tuple[Route, Route]:
             local,
         ]
     )
-    _set(client, listenPort="0")
+    _set(client, listenPort="0", statusPort="0")
     registered = bench.run([PETIT_CLIENT, "register", "-c", str(client)])
     match = re.search(r"Registered with ID (\d+)", registered)
     if match is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -30,7 +31,7 @@ from petit.events import (
     WindowUpdated,
 )
 from petit.flow import LARGEST_WINDOW, ReceiveWindow, SendWindow
-from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame, encode_header
+from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_header
 
 ################################################################
 # Theory of operation
@@ -271,7 +272,9 @@ class TunnelConnection:
         self._initial_window = initial_window
         self._max_payload = max_payload
         self._decoder = FrameDecoder(max_payload)
-        self._outgoing = bytearray()
+        # Queued frames as (header, payload), joined once by data_to_send(). A DATA payload
+        # from an immutable buffer is queued as a view of it: copied once on its way out.
+        self._outgoing: deque[tuple[bytes, bytes | memoryview]] = deque()
         self._streams: dict[int, _Stream] = {}
         self._highest_stream_id = 0
         self._draining = False  # we sent GOAWAY: no new streams
@@ -389,12 +392,13 @@ class TunnelConnection:
         stream = self._live_stream(stream_id)
         self._advance(stream, StreamInput.SEND_DATA)
         view = memoryview(data).cast("B")
+        immutable = isinstance(view.obj, bytes)  # else the caller may reuse its buffer
         size = min(len(view), stream.send_window.available)
         stream.send_window.consume(size)
         for start in range(0, size, self._max_payload):
             chunk = view[start : min(start + self._max_payload, size)]
-            self._outgoing += encode_header(FrameType.DATA, stream_id, len(chunk))
-            self._outgoing += chunk
+            header = encode_header(FrameType.DATA, stream_id, len(chunk))
+            self._outgoing.append((header, chunk if immutable else bytes(chunk)))
             self._frames_sent += 1
         self._data_bytes_sent += size
         return size
@@ -458,11 +462,23 @@ class TunnelConnection:
         """Whether frames are queued: lets a driver skip waking its writer for nothing."""
         return bool(self._outgoing)
 
-    def data_to_send(self) -> bytes:
-        """Drain the bytes queued for the peer (``b""`` if there are none)."""
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+    def data_to_send(self, max_bytes: int | None = None) -> bytes:
+        """Drain the bytes queued for the peer (``b""`` if there are none).
+
+        With ``max_bytes``, only whole frames up to that many bytes (at least one frame), so
+        a driver can cut its carrier messages at frame boundaries; call again for the rest.
+        """
+        pieces: list[bytes | memoryview] = []
+        size = 0
+        while self._outgoing:
+            header, payload = self._outgoing[0]
+            frame_size = len(header) + len(payload)
+            if max_bytes is not None and pieces and size + frame_size > max_bytes:
+                break
+            self._outgoing.popleft()
+            pieces += (header, payload)
+            size += frame_size
+        return b"".join(pieces)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes ``send_data()`` may queue on ``stream_id`` right now."""
@@ -573,7 +589,9 @@ class TunnelConnection:
         self._queue_frame(frame)
 
     def _queue_frame(self, frame: Frame) -> None:
-        self._outgoing += encode_frame(frame)
+        self._outgoing.append(
+            (encode_header(frame.type, frame.stream_id, len(frame.payload)), frame.payload)
+        )
         self._frames_sent += 1
 
     def _queue_goaway(self, code: ErrorCode, reason: str) -> None:

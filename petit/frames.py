@@ -76,7 +76,7 @@ class FrameDecoder:
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""  # the fed bytes, or a bytearray once they pile up
         self._offset = 0  # start of the first undecoded byte in _buffer
         self._max_payload = max_payload
 
@@ -88,7 +88,13 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         """Append bytes received from the peer."""
         if self._offset == len(self._buffer):
-            self._buffer.clear()
+            # Nothing pending: decode straight from ``data`` (each payload is then copied
+            # once, not into the buffer first); only a trailing partial frame is kept.
+            self._buffer = bytes(data)  # no copy of a bytes object; a bytearray may change
+            self._offset = 0
+            return
+        if not isinstance(self._buffer, bytearray):
+            self._buffer = bytearray(memoryview(self._buffer)[self._offset :])
             self._offset = 0
         elif self._offset >= _COMPACT_AFTER:
             del self._buffer[: self._offset]

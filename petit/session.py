@@ -58,10 +58,16 @@ from petit.events import (
     Welcomed,
     WindowUpdated,
 )
+from petit.frames import HEADER, MAX_PAYLOAD
 
 log = logging.getLogger("petit.session")
 
-MAX_CARRIER_MESSAGE = 256 * 1024  # bytes per carrier message; frames may span messages
+# Bytes per carrier message, cut at frame boundaries: four full DATA frames, what one
+# 256 KiB read turns into, so a bulk transfer sends one message per read (cutting at a fixed
+# 256 KiB left a 48-byte message after each). Measured side by side on loopback: 64 KiB
+# messages cost server and client 5-10% more CPU per MB (per-message overhead in
+# trio-websocket outweighs masking in cache); 1 MiB is no better than 256 KiB.
+MAX_CARRIER_MESSAGE = 4 * (MAX_PAYLOAD + HEADER.size)
 RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
 CLOSE_GRACE = 1.0  # seconds an ending session gives the send in progress and its last frames
 
@@ -156,7 +162,10 @@ class TunnelSession:
     # ---------------------------------------------------------------- handshake phase
 
     async def _send_queued_now(self) -> None:
-        if data := self.connection.data_to_send():
+        """Send every queued frame, in carrier messages of whole frames up to the limit (also
+        the backlog flushed at close, which many streams' windows could push past the peer's
+        message size limit in one piece)."""
+        while data := self.connection.data_to_send(MAX_CARRIER_MESSAGE):
             await self._carrier.send(data)
 
     async def _next_event(self) -> TunnelEvent:
@@ -311,13 +320,11 @@ class TunnelSession:
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
-            data = self.connection.data_to_send()
             # A send cancelled half-way breaks the carrier (a TLS stream cannot resume) and
             # the GOAWAY flushed after it is lost: when the session ends, the send in
             # progress is not cancelled but bounded by _end_sends_by.
             with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
-                for start in range(0, len(data), MAX_CARRIER_MESSAGE):
-                    await self._carrier.send(data[start : start + MAX_CARRIER_MESSAGE])
+                await self._send_queued_now()
 
     def _end_sends_by(self, deadline: float) -> None:
         """Cancel the send in progress, and any later one, at ``deadline`` at the latest."""

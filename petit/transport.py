@@ -33,7 +33,7 @@ REGISTER_PATH = "/petit/v1/register"
 UNREGISTER_PATH = "/petit/v1/unregister"
 # trio-websocket reads 4 KiB at a time by default, which costs about half the throughput.
 RECEIVE_BUFFER = 256 * 1024  # bytes
-MAX_MESSAGE = 4 * 1024 * 1024  # bytes; our writer sends at most 256 KiB per message
+MAX_MESSAGE = 4 * 1024 * 1024  # bytes; our writer sends at most 256 KiB + 48 per message
 PROXY_RECEIVE = 16 * 1024  # bytes per read of the proxy's CONNECT answer
 
 

@@ -90,14 +90,17 @@ class _Upstream:
         self.stream = stream
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
 
-    async def next_event(self) -> h11.Event:
-        while True:
-            event = self.http.next_event()
-            if event is h11.NEED_DATA:
-                self.http.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
-                continue
-            assert isinstance(event, h11.Event), "h11 pauses only between cycles"
-            return event
+    def buffered_event(self) -> h11.Event | None:
+        """The next response event if the bytes already received hold it, else None."""
+        event = self.http.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        assert isinstance(event, h11.Event), "h11 pauses only between cycles"
+        return event
+
+    async def receive(self) -> None:
+        """Feed h11 the next bytes from the tunnel stream."""
+        self.http.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
 
     async def send(self, event: h11.Event) -> None:
         data = self.http.send(event)
@@ -274,17 +277,17 @@ class IngressConnection:
             await upstream.send(forwarded)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _UpstreamFailedError(502) from None
-        failure: _UpstreamFailedError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request_body, upstream)
-            try:
-                await self._pump_response(upstream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-                failure = _UpstreamFailedError(502)
-            except _UpstreamFailedError as late:
-                failure = late
-            if failure is not None or self._http.their_state is not h11.DONE:
-                nursery.cancel_scope.cancel()  # failed, or answered before the body ended
+        if _has_body(request):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_request_body, upstream)
+                failure = await self._relay_response(upstream)
+                if failure is not None or self._http.their_state is not h11.DONE:
+                    nursery.cancel_scope.cancel()  # failed, or answered before the body ended
+        else:  # most requests: h11 already holds their end, no task needed to pump a body
+            end = self._http.next_event()
+            assert isinstance(end, h11.EndOfMessage), "a request without a body ends at its head"
+            await upstream.send(h11.EndOfMessage())
+            failure = await self._relay_response(upstream)
         if failure is not None:  # raised out here, not from the nursery, to stay ungrouped
             raise failure  # once a response began, _refuse sends nothing and run() closes
         if upstream.reusable:
@@ -323,34 +326,66 @@ class IngressConnection:
             else:
                 raise h11.RemoteProtocolError("connection closed during the request body")
 
+    async def _relay_response(self, upstream: _Upstream) -> _UpstreamFailedError | None:
+        """Relay the response; the failure to answer with if it broke before it began."""
+        try:
+            await self._pump_response(upstream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return _UpstreamFailedError(502)
+        except _UpstreamFailedError as late:
+            return late
+        return None
+
     async def _pump_response(self, upstream: _Upstream) -> None:
         """Relay the upstream response; 504 if its head takes longer than responseTimeout
-        (a body may stream for as long as it likes)."""
+        (a body may stream for as long as it likes).
+
+        What the upstream bytes at hand hold goes to the caller in one send: a small
+        response (head and body in one tunnel read) costs one syscall, not two.
+        """
         head_deadline = trio.current_time() + self._routing.response_timeout
+        outgoing: list[bytes] = []  # h11's pieces, passed through without a copy
         while True:
-            with trio.CancelScope(deadline=head_deadline) as waiting:
-                event = await upstream.next_event()
-            if waiting.cancelled_caught:
-                raise _UpstreamFailedError(504)
+            event = upstream.buffered_event()
+            if event is None:
+                await self._flush_public(outgoing)
+                with trio.CancelScope(deadline=head_deadline) as waiting:
+                    await upstream.receive()
+                if waiting.cancelled_caught:
+                    raise _UpstreamFailedError(504)
+                continue
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code != 100:
-                    await self._send_public(event)
+                    self._queue_public(outgoing, event)
             elif isinstance(event, h11.Response):
-                await self._send_public(
-                    h11.Response(
-                        status_code=event.status_code,
-                        headers=_response_headers(event.headers),
-                        reason=event.reason,
-                    )
+                response = h11.Response(
+                    status_code=event.status_code,
+                    headers=_response_headers(event.headers),
+                    reason=event.reason,
                 )
+                self._queue_public(outgoing, response)
                 head_deadline = math.inf
             elif isinstance(event, h11.Data):
-                await self._send_public(h11.Data(data=event.data))
+                self._queue_public(outgoing, h11.Data(data=event.data))
+                if sum(map(len, outgoing)) >= READ_CHUNK:
+                    await self._flush_public(outgoing)
             elif isinstance(event, h11.EndOfMessage):
-                await self._send_public(h11.EndOfMessage())
+                self._queue_public(outgoing, h11.EndOfMessage())
+                await self._flush_public(outgoing)
                 return
             else:
                 raise trio.BrokenResourceError("the private service closed mid-response")
+
+    def _queue_public(self, outgoing: list[bytes], event: h11.Event) -> None:
+        """Append h11's bytes for ``event`` to ``outgoing`` (passed through, not copied)."""
+        pieces = self._http.send_with_data_passthrough(event) or []
+        self._meter.sent(event, sum(map(len, pieces)))
+        outgoing += pieces
+
+    async def _flush_public(self, outgoing: list[bytes]) -> None:
+        if outgoing:
+            await self._stream.send_all(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+            outgoing.clear()
 
     async def _send_public(self, event: h11.Event) -> None:
         data = self._http.send(event)
@@ -422,6 +457,11 @@ def _head_size(request: h11.Request) -> int:
     """Roughly the bytes of a request head: its line and its header lines."""
     line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
     return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+
+
+def _has_body(request: h11.Request) -> bool:
+    """Whether h11 frames a body after this head (RFC 9112: only these two headers do)."""
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
 
 
 def _host_header(request: h11.Request) -> str:

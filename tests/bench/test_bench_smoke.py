@@ -20,7 +20,9 @@ FIGURES = (
     "c64_p50_ms",
     "c64_p99_ms",
     "download_1x_mb_s",
+    "download_1x_best_mb_s",
     "download_4x_mb_s",
+    "download_4x_best_mb_s",
     "new_connection_ms",
 )
 
@@ -48,3 +50,6 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     for role in ("server", "client"):
         for phase in ("idle", "load", "after"):
             assert memory[f"{role}_{phase}_mb"] > 0
+        rounds = memory[f"{role}_rounds_mb"]
+        assert len(rounds) == 2
+        assert all(value > 0 for value in rounds)

@@ -27,7 +27,7 @@ from petit.events import (
     WindowUpdated,
 )
 from petit.flow import LARGEST_WINDOW
-from petit.frames import Frame, FrameType
+from petit.frames import Frame, FrameType, decode_all
 
 from .helpers import HELLO, NONCE, ConnectionPair, inject, sent_frames
 
@@ -398,6 +398,31 @@ def test_send_data_is_split_into_frames_and_capped_by_the_window() -> None:
     assert pair.server.send_window(stream_id) == 0
     assert pair.server.send_data(stream_id, b"more") == 0
     assert pair.server.data_to_send() == b""
+
+
+def test_data_to_send_with_a_limit_cuts_at_frame_boundaries() -> None:
+    pair = ConnectionPair(max_payload=300)
+    stream_id = pair.open_stream()
+    pair.server.send_data(stream_id, bytes(1000))  # frames of 312, 312, 312 and 112 bytes
+    pair.server.ping(bytes(8))  # 20 bytes
+    messages = []
+    while message := pair.server.data_to_send(max_bytes=700):
+        messages.append(message)
+    assert [len(message) for message in messages] == [624, 444]
+    frames = [frame for message in messages for frame in decode_all(message)]
+    assert [frame.type for frame in frames] == [FrameType.DATA] * 4 + [FrameType.PING]
+    pair.server.ping(bytes(8))
+    pair.server.send_data(stream_id, bytes(250))
+    assert len(pair.server.data_to_send(max_bytes=10)) == 20  # always at least one frame
+
+
+def test_data_sent_from_a_reusable_buffer_is_copied_when_queued() -> None:
+    pair = ConnectionPair()
+    stream_id = pair.open_stream()
+    buffer = bytearray(b"first")
+    pair.server.send_data(stream_id, memoryview(buffer))
+    buffer[:] = b"later"  # the caller reuses its buffer before the writer ran
+    assert pair.deliver(to=Role.CLIENT) == [DataReceived(stream_id, b"first")]
 
 
 def test_window_update_resumes_sending() -> None:
