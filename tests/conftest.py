@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.integration.harness import (
     NGINX,
@@ -20,6 +21,11 @@ from tests.integration.harness import (
     Reaper,
     ServerFactory,
 )
+
+# Property tests judge behaviour, not speed: on a loaded 2-core CI machine hypothesis's
+# timing checks (deadline, too_slow) fail tests whose code is fine.
+settings.register_profile("petit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("petit")
 
 
 @pytest.fixture

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.helpers import run_bench
+
 PATHS = ("direct", "ssh -R", "petit")
 FIGURES = (
     "c16_req_s",
@@ -29,17 +27,8 @@ FIGURES = (
 
 @pytest.mark.integration
 def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
-    output = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--json", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "petit/ssh" in result.stdout
-    figures = json.loads(output.read_text())
+    stdout, figures = run_bench("run.py", "--smoke", tmp_path=tmp_path)
+    assert "petit/ssh" in stdout
     for path in PATHS:
         for name in FIGURES:
             value = figures["paths"][path][name]

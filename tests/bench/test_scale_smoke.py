@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.helpers import run_bench
 
 
 @pytest.mark.integration
 def test_scale_smoke_connects_every_client_and_answers_every_request(tmp_path: Path) -> None:
-    output = tmp_path / "scale.json"
-    scale = str(REPO / "bench" / "scale.py")
-    result = subprocess.run(
-        [sys.executable, scale, "--clients", "20", "--json", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(output.read_text())
+    _, figures = run_bench("scale.py", "--clients", "20", tmp_path=tmp_path)
     assert figures["clients"] == 20
     assert figures["connect_errors"] == 0
     assert figures["request_errors"] == 0
