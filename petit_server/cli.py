@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import click
+import trio
 
 from petit import __version__
 from petit.auth import key_fingerprint
@@ -33,7 +34,7 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
-from petit_server.registry import FileRegistry, apply_command
+from petit_server.registry import FileRegistry, Registry, apply_command, open_registry, redacted_url
 from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
@@ -207,7 +208,7 @@ def show_config(config_path: Path, verbose: bool) -> None:
     tokens = registry.tokens()
     unused = sum(token.state == "unused" for token in tokens)
     click.echo(
-        f"Registry {config.registry_file}: {len(entries)} registration(s), "
+        f"{registry.where.capitalize()}: {len(entries)} registration(s), "
         f"{len(tokens)} enrollment token(s) ({unused} unused)."
     )
     for registration in entries:
@@ -234,6 +235,8 @@ def _effective_config(config: ServerConfig) -> dict[str, object]:
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif spec.name == "registry_url":
+            value = redacted_url(value)
         head, *rest = spec.name.split("_")
         table[renamed.get(spec.name, head + "".join(word.capitalize() for word in rest))] = value
     return table
@@ -276,9 +279,17 @@ def token() -> None:
 @config_option
 @verbose_option
 @click.option("--note", default="", help="What the token is for (shown by token list).")
-def token_create(config_path: Path, verbose: bool, note: str) -> None:
+@click.option(
+    "--for",
+    "for_id",
+    metavar="ID",
+    callback=lambda c, p, v: v if v is None else _one_word(c, p, v),
+    help="A claim token: gives a key to registration ID, imported without a usable one.",
+)
+def token_create(config_path: Path, verbose: bool, note: str, for_id: str | None) -> None:
     """Create a token and print it; it is shown only this once."""
-    reply = _registry_command(config_path, f"TOKEN CREATE {note}", "Token not created")
+    command = f"TOKEN CREATE {note}" if for_id is None else f"TOKEN CLAIM {for_id} {note}"
+    reply = _registry_command(config_path, command, "Token not created")
     secret = reply.get("token")
     click.echo(secret)
     click.echo(
@@ -341,7 +352,11 @@ def _registry_command(config_path: Path, command: str, failure: str) -> dict[str
         else:
             try:
                 verb, *args = command.split()
-                offline = apply_command(_read_registry(config), verb, args)
+                registry = _read_registry(config)
+                try:
+                    offline = trio.run(apply_command, registry, verb, args)
+                finally:
+                    registry.close()
             finally:
                 lock.release()
             assert offline is not None, f"{verb} is a registry command"
@@ -363,8 +378,8 @@ def _control(
     return reply
 
 
-def _read_registry(config: ServerConfig) -> FileRegistry:
-    return FileRegistry(config.registry_file, first_port=config.first_port)
+def _read_registry(config: ServerConfig) -> Registry:
+    return open_registry(config)
 
 
 def _objects(value: object) -> list[dict[str, object]]:

@@ -42,6 +42,10 @@ class ServerConfig:
     response_timeout: float = 60.0
     log_level: str = "info"
     vitae: dict[str, str] = field(default_factory=dict)
+    # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
+    registry_backend: str = "file"
+    registry_url: str = "redis://127.0.0.1:6379/0"
+    registry_prefix: str = "petit:"
 
     @property
     def directory(self) -> Path:
@@ -60,6 +64,7 @@ def load_server_config(path: Path) -> ServerConfig:
     path = path.expanduser().resolve()
     document = load_toml(path, init_hint=f"petit-server init -c {path}")
     server = root_table(document, "server", path)
+    registry = server.table("registry")
     config = ServerConfig(
         path=path,
         bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
@@ -89,7 +94,11 @@ def load_server_config(path: Path) -> ServerConfig:
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
         log_level=server.choice("logLevel", "info", LOG_LEVELS),
         vitae=server.scalars("vitae"),
+        registry_backend=registry.choice("backend", "file", ("file", "redis")),
+        registry_url=registry.string("url", "redis://127.0.0.1:6379/0"),
+        registry_prefix=registry.string("prefix", "petit:"),
     )
+    registry.finish()
     server.finish()
     return config
 
@@ -149,4 +158,10 @@ logLevel = "info"
 environment = "local"
 # Public URL of a registration; REGID is replaced by its ID.
 endpoint = "http://REGID.localhost:8090"
+
+[server.registry]
+# "file" (registryfile above) or "redis": a redis-server shared by several server nodes.
+backend = "file"
+# url = "redis://127.0.0.1:6379/0"
+# prefix = "petit:"
 """

@@ -1,10 +1,17 @@
-"""The embedded registry: registrations, their aliases and enrollment tokens in one JSON file.
+"""The registry: registrations, their aliases and enrollment tokens.
 
-Plain data with synchronous methods: trio switches tasks only at ``await``, so no lock is
-needed inside the process; the server's process lock keeps other processes out (offline
-edits by the CLI take that same lock). Every change is one atomic write (temp file, fsync,
-rename), so a kill -9 at any moment leaves either the old or the new file, never a torn one,
-and a change whose write fails is undone in memory too.
+Two backends share one interface (``Registry``): the embedded ``FileRegistry`` here (one
+JSON file, the default) and ``RedisRegistry`` (``redis_registry.py``, shared by several
+server nodes). Reads (``route``, ``public_key_of``, ``get``) are synchronous and answer from
+memory, because they run per request and per handshake; changes are ``async`` so that a
+backend that talks to a network store can do so without blocking the trio loop.
+
+FileRegistry: plain data (trio switches tasks only at ``await``, so no lock is needed inside
+the process; the server's process lock keeps other processes out, and offline edits by the
+CLI take that same lock). Every change is one atomic write (temp file, fsync, rename), so a
+kill -9 at any moment leaves either the old or the new file, never a torn one, and a change
+whose write fails is undone in memory too. Its changes do not await: each runs to completion
+before another task can see the registry.
 """
 
 from __future__ import annotations
@@ -16,27 +23,37 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import trio
 
 from petit.auth import is_valid_id
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.statefile import read_json, write_json_atomic
+from petit_server.config import ServerConfig
 from petit_server.ingress import registration_id_for_host
 
 FIRST_ID = 1001
 FORMAT_VERSION = 1
 ENROLLMENT_PREFIX = "pt_"
+CLAIM_PREFIX = "pc_"  # a token bound to one registration that awaits its key (see importer)
 MAX_NOTE = 200  # characters
 MAX_HOSTNAME = 253  # characters, the DNS limit
 ENROLLMENT_REFUSED = (
     "registration refused: a valid enrollment token is required (petit-server token create)"
 )
+CLAIM_REFUSED = (
+    "registration refused: this claim token is unknown, used or revoked "
+    "(ask the operator for a new one: petit-server token create --for ID)"
+)
 COMMAND_USAGE = {
     "ADDALIAS": "ADDALIAS <id> <alias>",
     "DELALIAS": "DELALIAS [<id>] <alias>",
-    "TOKEN": "TOKEN CREATE [note...] | TOKEN LIST | TOKEN REVOKE <id>",
+    "TOKEN": "TOKEN CREATE [note...] | TOKEN CLAIM <id> [note...] | TOKEN LIST | TOKEN REVOKE <id>",
 }
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ID_HEAD = re.compile(r"[0-9]+(?:[.-]|$)")
@@ -46,9 +63,18 @@ class RegistryError(PetitError):
     """A registry change was refused; the message is what the operator reads."""
 
 
+class RegistryUnavailableError(PetitError):
+    """The registry's store cannot be reached right now; the change was not made."""
+
+
 @dataclass(slots=True)
 class Registration:
-    """One registered client identity."""
+    """One registered client identity.
+
+    An empty ``public_key`` is a registration imported from the original petit, whose RSA key
+    the Ed25519 handshake cannot use: it keeps its ID, port and aliases, routes nowhere until
+    its customer claims it with a claim token bound to its ID, and no key proves it meanwhile.
+    """
 
     registration_id: str
     public_key: bytes
@@ -70,7 +96,11 @@ class Registration:
 
 @dataclass(slots=True)
 class EnrollmentToken:
-    """A one-time permission to register; only the SHA-256 of its secret is kept."""
+    """A one-time permission to register; only the SHA-256 of its secret is kept.
+
+    With ``for_id`` it is a claim token: it does not create a registration but gives a key
+    to that existing, keyless one (an imported registration), keeping its ID.
+    """
 
     token_id: str
     digest: str  # hex SHA-256 of the secret
@@ -79,6 +109,7 @@ class EnrollmentToken:
     used_by: str | None = None
     used_at: float | None = None
     revoked_at: float | None = None
+    for_id: str | None = None
 
     @property
     def state(self) -> str:
@@ -96,7 +127,64 @@ class EnrollmentToken:
             "used_by": self.used_by,
             "used_at": self.used_at,
             "revoked_at": self.revoked_at,
+            "for_id": self.for_id,
         }
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A whole registry as plain data: what import and migration move between backends."""
+
+    registrations: list[Registration] = field(default_factory=list)
+    tokens: list[EnrollmentToken] = field(default_factory=list)
+    next_id: int = FIRST_ID
+
+
+@dataclass(slots=True)
+class MergePlan:
+    """What merging a snapshot into a registry would do (nothing is changed by planning)."""
+
+    registrations: list[Registration] = field(default_factory=list)  # to add
+    tokens: list[EnrollmentToken] = field(default_factory=list)  # to add
+    unchanged: int = 0  # already there, identical
+    conflicts: list[str] = field(default_factory=list)  # refused, one line each
+    next_id: int = FIRST_ID
+
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class Registry(Protocol):
+    """What the server, the CLI and the importer use, whatever the backend."""
+
+    @property
+    def where(self) -> str:
+        """Where the registry lives, for messages (a file, or a Redis URL without password)."""
+
+    def get(self, registration_id: str) -> Registration | None: ...
+    def public_key_of(self, registration_id: str) -> bytes | None: ...
+    def all(self) -> list[Registration]: ...
+    def route(self, host: str) -> str | None: ...
+    def tokens(self) -> list[EnrollmentToken]: ...
+    def snapshot(self) -> Snapshot: ...
+
+    async def register(
+        self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
+    ) -> Registration: ...
+    async def unregister(self, registration_id: str) -> None: ...
+    async def add_alias(self, alias: str, registration_id: str) -> None: ...
+    async def remove_alias(self, alias: str, registration_id: str | None = None) -> None: ...
+    async def create_token(
+        self, note: str, *, for_id: str | None = None
+    ) -> tuple[EnrollmentToken, str]: ...
+    async def revoke_token(self, token_id: str) -> None: ...
+    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
+        """Add a planned import; what another writer took meanwhile comes back as conflicts."""
+
+    def close(self) -> None: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the in-memory view fresh while the server runs (a no-op for a file)."""
 
 
 class FileRegistry:
@@ -112,9 +200,14 @@ class FileRegistry:
         if path.exists():
             self._load()
 
+    @property
+    def where(self) -> str:
+        """The file, for messages."""
+        return f"registry {self.path}"
+
     def _load(self) -> None:
         document = read_json(self.path, what="registry")
-        where = f"registry {self.path}"
+        where = self.where
         if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
             raise ConfigError(f"{where}: not a petit registry (version {FORMAT_VERSION})")
         entries = document.get("registrations")
@@ -126,12 +219,12 @@ class FileRegistry:
             raise ConfigError(f"{where}: 'tokens' must be an object")
         for rid, entry in entries.items():
             try:
-                self._registrations[rid] = _registration_from_json(rid, entry)
+                self._registrations[rid] = registration_from_json(rid, entry)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: registration {rid} is malformed ({exc})") from None
         for token_id, entry in tokens.items():
             try:
-                self._tokens[token_id] = _token_from_json(token_id, entry)
+                self._tokens[token_id] = token_from_json(token_id, entry)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: token {token_id} is malformed ({exc})") from None
         self._next_id = max([next_id, *(int(r) + 1 for r in self._registrations)])
@@ -172,6 +265,10 @@ class FileRegistry:
         finally:
             self._index_aliases()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to keep fresh: this process is the file's only writer."""
+        task_status.started()
+
     # ---------------------------------------------------------------- registrations
 
     def get(self, registration_id: str) -> Registration | None:
@@ -179,23 +276,30 @@ class FileRegistry:
         return self._registrations.get(registration_id)
 
     def public_key_of(self, registration_id: str) -> bytes | None:
-        """The registered public key of an ID, or None."""
+        """The registered public key of an ID, or None (also while it awaits its claim)."""
         registration = self._registrations.get(registration_id)
-        return None if registration is None else registration.public_key
+        return None if registration is None else registration.public_key or None
 
     def all(self) -> list[Registration]:
         """Every registration, by ID."""
         return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
 
-    def register(
+    def snapshot(self) -> Snapshot:
+        """A deep copy of everything."""
+        return copy.deepcopy(Snapshot(self.all(), self.tokens(), self._next_id))
+
+    async def register(
         self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
     ) -> Registration:
         """Create a registration with a fresh ID and port; saved before it is returned.
 
-        With ``token`` (the server requires one), it must be a valid unused enrollment token;
-        it is consumed in the same save, so it can never register twice.
+        With ``token`` (the server requires one, or it is a claim token), it must be a valid
+        unused token; it is consumed in the same save, so it can never register twice. A
+        claim token gives ``public_key`` to the keyless registration it is bound to instead.
         """
         enrollment = None if token is None else self._unused_token(token)
+        if enrollment is not None and enrollment.for_id is not None:
+            return self._claim(enrollment, public_key, vitae)
         used_ports = {r.port for r in self._registrations.values()}
         port = self._first_port
         while port in used_ports:
@@ -215,28 +319,51 @@ class FileRegistry:
                 enrollment.used_at = registration.created
         return registration
 
-    def unregister(self, registration_id: str) -> None:
+    def _claim(
+        self, enrollment: EnrollmentToken, public_key: bytes, vitae: dict[str, str]
+    ) -> Registration:
+        registration = self._registrations.get(enrollment.for_id or "")
+        if registration is None or registration.public_key:
+            raise AuthError(CLAIM_REFUSED)  # never replace a key: no takeover
+        with self._change():
+            registration.public_key = public_key
+            registration.vitae = {**registration.vitae, **vitae}
+            enrollment.used_by = registration.registration_id
+            enrollment.used_at = time.time()
+        return registration
+
+    async def unregister(self, registration_id: str) -> None:
         """Remove a registration and its aliases (the caller has checked the proof)."""
         if registration_id not in self._registrations:
             return
         with self._change():
             del self._registrations[registration_id]
 
+    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
+        """Add a planned import in one save (the plan was made from this registry's snapshot)."""
+        with self._change():
+            for registration in plan.registrations:
+                self._registrations[registration.registration_id] = copy.deepcopy(registration)
+            for token in plan.tokens:
+                self._tokens[token.token_id] = copy.deepcopy(token)
+            self._next_id = max(self._next_id, plan.next_id)
+        if progress is not None:
+            progress(len(plan.registrations), len(plan.registrations))
+        return []
+
+    def close(self) -> None:
+        """Nothing to close: the file is only open while it is read or written."""
+
     # ---------------------------------------------------------------- aliases
 
     def route(self, host: str) -> str | None:
         """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
-        name = host.strip().lower().partition(":")[0]
-        owner = self._alias_owner.get(name)
-        if owner is not None:
-            return owner
-        registration_id = registration_id_for_host(host)
-        return registration_id if registration_id in self._registrations else None
+        return route_host(host, self._alias_owner, self._registrations)
 
-    def add_alias(self, alias: str, registration_id: str) -> None:
+    async def add_alias(self, alias: str, registration_id: str) -> None:
         """Bind a hostname to a registration; RegistryError says why not."""
         alias = alias.lower()
-        _check_alias(alias)
+        check_alias(alias)
         registration = self._registrations.get(registration_id)
         if registration is None:
             raise RegistryError(f"No such registeredId {registration_id}.")
@@ -245,7 +372,7 @@ class FileRegistry:
         with self._change():
             registration.aliases.append(alias)
 
-    def remove_alias(self, alias: str, registration_id: str | None = None) -> None:
+    async def remove_alias(self, alias: str, registration_id: str | None = None) -> None:
         """Unbind a hostname (from ``registration_id`` only, when given)."""
         alias = alias.lower()
         owner = self._alias_owner.get(alias)
@@ -262,22 +389,20 @@ class FileRegistry:
         """Every token ever created, oldest first."""
         return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
-    def create_token(self, note: str) -> tuple[EnrollmentToken, str]:
+    async def create_token(
+        self, note: str, *, for_id: str | None = None
+    ) -> tuple[EnrollmentToken, str]:
         """A new token and its secret (the only time the secret exists outside the client)."""
-        if len(note) > MAX_NOTE or not note.isprintable():
-            raise RegistryError(f"A token note is at most {MAX_NOTE} printable characters.")
-        secret = ENROLLMENT_PREFIX + secrets.token_urlsafe(24)
-        token = EnrollmentToken(
-            token_id=str(max((int(t) for t in self._tokens), default=0) + 1),
-            digest=_digest(secret),
-            note=note,
-            created=time.time(),
+        if for_id is not None:
+            check_claimable(self._registrations.get(for_id), for_id)
+        token, secret = new_token(
+            str(max((int(t) for t in self._tokens), default=0) + 1), note, for_id
         )
         with self._change():
             self._tokens[token.token_id] = token
         return token, secret
 
-    def revoke_token(self, token_id: str) -> None:
+    async def revoke_token(self, token_id: str) -> None:
         """Make an unused token worthless."""
         token = self._tokens.get(token_id)
         if token is None:
@@ -288,42 +413,193 @@ class FileRegistry:
             self._tokens[token_id].revoked_at = time.time()
 
     def _unused_token(self, secret: str) -> EnrollmentToken:
-        digest = _digest(secret)
+        digest = token_digest(secret)
         for token in self._tokens.values():
             if hmac.compare_digest(token.digest, digest) and token.state == "unused":
                 return token
+        raise AuthError(CLAIM_REFUSED if secret.startswith(CLAIM_PREFIX) else ENROLLMENT_REFUSED)
+
+
+# -------------------------------------------------------------------- shared by both backends
+
+
+def open_registry(
+    config: ServerConfig, *, load: bool = True, on_removed: Callable[[str], None] | None = None
+) -> Registry:
+    """The configured backend. A file is read at once; Redis is read at once with ``load``
+    (blocking: for the CLI), else by its ``run`` task. ``on_removed(id)`` is called when
+    another node removed a registration."""
+    if config.registry_backend == "file":
+        return FileRegistry(config.registry_file, first_port=config.first_port)
+    try:
+        from petit_server.redis_registry import (
+            RedisRegistry,  # the optional extra, only when chosen
+        )
+    except ImportError:
+        raise ConfigError(
+            '[server.registry] backend = "redis" needs the redis package: '
+            "pip install 'petit[redis]'"
+        ) from None
+    registry = RedisRegistry(
+        config.registry_url,
+        prefix=config.registry_prefix,
+        first_port=config.first_port,
+        on_removed=on_removed,
+    )
+    if load:
+        try:
+            registry.load()
+        except BaseException:
+            registry.close()
+            raise
+    return registry
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:****@{host}"))
+
+
+def route_host(
+    host: str, alias_owner: dict[str, str], registrations: dict[str, Registration]
+) -> str | None:
+    """The routing rule on a registry's data: an alias first, then ``<ID>[-…].<domain>``."""
+    name = host.strip().lower().partition(":")[0]
+    owner = alias_owner.get(name)
+    if owner is not None:
+        return owner
+    registration_id = registration_id_for_host(host)
+    return registration_id if registration_id in registrations else None
+
+
+def token_to_present(token: str | None, *, require_token: bool) -> str | None:
+    """The token a registration request must be checked against: every claim token (so a
+    mistyped one is refused rather than silently registering a new ID), an enrollment token
+    only when the server requires one (otherwise it is ignored, as before)."""
+    if token is not None and (require_token or token.startswith(CLAIM_PREFIX)):
+        return token
+    if require_token:
         raise AuthError(ENROLLMENT_REFUSED)
+    return None
 
 
-def apply_command(registry: FileRegistry, verb: str, args: list[str]) -> dict[str, object] | None:
+def new_token(token_id: str, note: str, for_id: str | None) -> tuple[EnrollmentToken, str]:
+    """A fresh token (checked note) and its secret."""
+    if len(note) > MAX_NOTE or not note.isprintable():
+        raise RegistryError(f"A token note is at most {MAX_NOTE} printable characters.")
+    prefix = ENROLLMENT_PREFIX if for_id is None else CLAIM_PREFIX
+    secret = prefix + secrets.token_urlsafe(24)
+    token = EnrollmentToken(
+        token_id=token_id,
+        digest=token_digest(secret),
+        note=note,
+        created=time.time(),
+        for_id=for_id,
+    )
+    return token, secret
+
+
+def check_claimable(registration: Registration | None, registration_id: str) -> None:
+    """A claim token is only for an existing registration that has no key yet."""
+    if registration is None:
+        raise RegistryError(f"No such registeredId {registration_id}.")
+    if registration.public_key:
+        raise RegistryError(
+            f"Registration {registration_id} already has a key: only a registration imported "
+            "without a usable key can be claimed."
+        )
+
+
+def plan_merge(target: Snapshot, source: Snapshot) -> MergePlan:
+    """What importing ``source`` into ``target`` adds, keeping IDs, ports, keys and aliases.
+
+    Idempotent: what is already there identically is counted as unchanged. Nothing in the
+    target is ever replaced: an ID held by another key, a port or an alias held by another
+    ID is a conflict, and that registration is not imported.
+    """
+    plan = MergePlan(next_id=max(target.next_id, source.next_id))
+    by_id = {r.registration_id: r for r in target.registrations}
+    port_owner = {r.port: r.registration_id for r in target.registrations}
+    alias_owner = {a: r.registration_id for r in target.registrations for a in r.aliases}
+    for registration in sorted(source.registrations, key=lambda r: int(r.registration_id)):
+        rid = registration.registration_id
+        plan.next_id = max(plan.next_id, int(rid) + 1)
+        existing = by_id.get(rid)
+        if existing is not None:
+            if _same_identity(existing, registration):
+                plan.unchanged += 1
+            else:
+                plan.conflicts.append(f"ID {rid} already exists with another key or port")
+            continue
+        if registration.port in port_owner:
+            owner = port_owner[registration.port]
+            plan.conflicts.append(f"ID {rid}: port {registration.port} belongs to ID {owner}")
+            continue
+        taken = [a for a in registration.aliases if a in alias_owner]
+        if taken:
+            owner = alias_owner[taken[0]]
+            plan.conflicts.append(f"ID {rid}: alias {taken[0]} belongs to ID {owner}")
+            continue
+        plan.registrations.append(registration)
+        by_id[rid] = registration
+        port_owner[registration.port] = rid
+        alias_owner.update(dict.fromkeys(registration.aliases, rid))
+    digests = {t.digest for t in target.tokens}
+    token_ids = {int(t.token_id) for t in target.tokens}
+    for token in source.tokens:
+        if token.digest in digests:
+            plan.unchanged += 1
+            continue
+        if int(token.token_id) in token_ids:  # keep the secret and state, not the number
+            token = copy.deepcopy(token)
+            token.token_id = str(max(token_ids) + 1)
+        plan.tokens.append(token)
+        digests.add(token.digest)
+        token_ids.add(int(token.token_id))
+    return plan
+
+
+def _same_identity(one: Registration, other: Registration) -> bool:
+    return (one.public_key, one.port) == (other.public_key, other.port)
+
+
+async def apply_command(registry: Registry, verb: str, args: list[str]) -> dict[str, object] | None:
     """The control commands that change the registry, as the live server and offline edits
     both run them: ``ADDALIAS <id> <alias>``, ``DELALIAS [<id>] <alias>``, ``TOKEN CREATE
-    [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if ``verb`` is none of them.
+    [note…]``, ``TOKEN CLAIM <id> [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if
+    ``verb`` is none of them.
     """
     subcommand = args[0].upper() if verb == "TOKEN" and args else ""
     try:
         match verb, args:
             case "ADDALIAS", [registration_id, alias]:
-                registry.add_alias(alias, registration_id)
+                await registry.add_alias(alias, registration_id)
             case "DELALIAS", [alias]:
-                registry.remove_alias(alias)
+                await registry.remove_alias(alias)
             case "DELALIAS", [registration_id, alias]:
-                registry.remove_alias(alias, registration_id)
+                await registry.remove_alias(alias, registration_id)
             case "TOKEN", [_, *note] if subcommand == "CREATE":
-                token, secret = registry.create_token(" ".join(note))
+                token, secret = await registry.create_token(" ".join(note))
+                return {"success": True, "id": token.token_id, "token": secret}
+            case "TOKEN", [_, for_id, *note] if subcommand == "CLAIM":
+                token, secret = await registry.create_token(" ".join(note), for_id=for_id)
                 return {"success": True, "id": token.token_id, "token": secret}
             case "TOKEN", [_] if subcommand == "LIST":
                 return {"success": True, "tokens": [_token_summary(t) for t in registry.tokens()]}
             case "TOKEN", [_, token_id] if subcommand == "REVOKE":
-                registry.revoke_token(token_id)
+                await registry.revoke_token(token_id)
             case (("ADDALIAS" | "DELALIAS" | "TOKEN"), _):
                 return {"success": False, "error": f"usage: {COMMAND_USAGE[verb]}"}
             case _:
                 return None
-    except RegistryError as exc:
+    except (RegistryError, RegistryUnavailableError) as exc:
         return {"success": False, "error": str(exc)}
     except OSError as exc:
-        return {"success": False, "error": f"cannot save {registry.path}: {exc.strerror or exc}"}
+        return {"success": False, "error": f"cannot save {registry.where}: {exc.strerror or exc}"}
     return {"success": True}
 
 
@@ -335,10 +611,12 @@ def _token_summary(token: EnrollmentToken) -> dict[str, object]:
         "state": token.state,
         "usedBy": token.used_by,
         "usedAt": token.used_at,
+        "forId": token.for_id,
     }
 
 
-def _check_alias(alias: str) -> None:
+def check_alias(alias: str) -> None:
+    """An alias is a DNS hostname that cannot be mistaken for an ID route."""
     labels = alias.split(".")
     if len(alias) > MAX_HOSTNAME or not all(_LABEL.fullmatch(label) for label in labels):
         raise RegistryError(
@@ -352,16 +630,18 @@ def _check_alias(alias: str) -> None:
         )
 
 
-def _digest(secret: str) -> str:
+def token_digest(secret: str) -> str:
+    """What the registry keeps of a token: its SHA-256, hex."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _registration_from_json(rid: str, entry: object) -> Registration:
+def registration_from_json(rid: str, entry: object) -> Registration:
+    """A registration from its stored JSON form; ValueError/TypeError/KeyError if malformed."""
     if not is_valid_id(rid) or not isinstance(entry, dict):
         raise ValueError("bad ID or entry")
     public_key = bytes.fromhex(entry["public_key"])
-    if len(public_key) != 32:
-        raise ValueError("public_key must be 32 bytes")
+    if len(public_key) not in (0, 32):
+        raise ValueError("public_key must be 32 bytes (or empty: awaiting its claim)")
     vitae = entry.get("vitae", {})
     aliases = entry.get("aliases", [])
     if not isinstance(vitae, dict) or not isinstance(aliases, list):
@@ -376,12 +656,14 @@ def _registration_from_json(rid: str, entry: object) -> Registration:
     )
 
 
-def _token_from_json(token_id: str, entry: object) -> EnrollmentToken:
+def token_from_json(token_id: str, entry: object) -> EnrollmentToken:
+    """A token from its stored JSON form; ValueError/TypeError/KeyError if malformed."""
     if not token_id.isdigit() or not isinstance(entry, dict):
         raise ValueError("bad ID or entry")
     digest = entry["sha256"]
     if not isinstance(digest, str) or len(bytes.fromhex(digest)) != 32:
         raise ValueError("sha256 must be 64 hex digits")
+    for_id = entry.get("for_id")
     return EnrollmentToken(
         token_id=token_id,
         digest=digest,
@@ -390,6 +672,7 @@ def _token_from_json(token_id: str, entry: object) -> EnrollmentToken:
         used_by=None if entry.get("used_by") is None else str(entry["used_by"]),
         used_at=_optional_time(entry.get("used_at")),
         revoked_at=_optional_time(entry.get("revoked_at")),
+        for_id=None if for_id is None else str(for_id),
     )
 
 

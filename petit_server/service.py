@@ -28,7 +28,7 @@ from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
 from petit_server.hub import Attachment, Hub
 from petit_server.ingress import Routing, serve_ingress
-from petit_server.registry import FileRegistry, Registration, apply_command
+from petit_server.registry import Registration, Registry, apply_command, open_registry
 from petit_server.tcpports import TcpPorts
 
 log = logging.getLogger("petit.server")
@@ -39,7 +39,9 @@ class ServerService:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
+        # A bad or unreachable registry is a one-line error here, before start backgrounds.
+        self.registry: Registry = open_registry(config)
+        self.registry.close()
         self.hub = Hub()
         self.tcp_ports = TcpPorts(
             self.hub,
@@ -59,7 +61,7 @@ class ServerService:
             return {"success": True, "type": "didPing1", "version": __version__}
         if verb == "STATUS" and len(args) <= 1:
             return self._status(args[0] if args else None)
-        reply = apply_command(self.registry, verb, args)
+        reply = await apply_command(self.registry, verb, args)
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply
@@ -111,7 +113,8 @@ class ServerService:
         config = self.config
         self._stop = stop
         # Read again now that we hold the lock: an offline edit may have landed since __init__.
-        self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
+        # (Redis: read by the registry's run task, in a worker thread, below.)
+        self.registry = open_registry(config, load=False, on_removed=self.hub.forget)
         ssl_context = server_ssl_context(config.certificate, config.key)
         fingerprint = certificate_fingerprint(pem_to_der(config.certificate.read_bytes()))
         https_source = certificate_source(config)
@@ -127,6 +130,7 @@ class ServerService:
         public = config.bind_addr
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
+                await listeners.start(self.registry.run)
                 tunnel = partial(
                     serve_websocket,
                     gateway.handle,
@@ -179,6 +183,7 @@ class ServerService:
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
             await self._drain(handlers)
+        self.registry.close()
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         log.info("stopping: draining %d in-flight stream(s)", self.hub.active_streams)

@@ -109,7 +109,7 @@ def gateway(tmp_path: Path) -> Gateway:
         key=tmp_path / "server.key",
     )
     registry = FileRegistry(config.registry_file, first_port=config.first_port)
-    registry.register(bytes(32), {})
+    trio.run(registry.register, bytes(32), {})
     return Gateway(config, registry, Hub(), secrets.token_bytes(32))
 
 
@@ -124,12 +124,13 @@ unregister_requests = documents({"id": ids, "signature": base64ish})
 def test_unproven_registration_requests_are_refused_and_change_nothing(
     gateway: Gateway, register: dict[str, object], unregister: dict[str, object]
 ) -> None:
-    before = gateway.registry.path.read_bytes()
+    registry_file = gateway.config.registry_file
+    before = registry_file.read_bytes()
     nonce = secrets.token_bytes(32)
     for answer, request in ((gateway._register, register), (gateway._unregister, unregister)):
         with pytest.raises(PetitError):
-            answer(request, nonce, "192.0.2.1")
-    assert gateway.registry.path.read_bytes() == before
+            trio.run(answer, request, nonce, "192.0.2.1")
+    assert registry_file.read_bytes() == before
     assert gateway.registry.public_key_of("1001") == bytes(32)
 
 
@@ -266,7 +267,7 @@ async def send_in_pieces(caller: trio.abc.HalfCloseableStream, data: bytes, piec
         pass  # the ingress answered and closed early
 
 
-def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) -> None:
+async def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) -> None:
     """The refusals above come from the proofs, not from a parser that refuses everything."""
     key, nonce = generate_key(), secrets.token_bytes(32)
     public = public_key_raw(key)
@@ -275,4 +276,4 @@ def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) ->
         "public_key": base64.b64encode(public).decode(),
         "signature": base64.b64encode(signature).decode(),
     }
-    assert gateway._register(request, nonce, "192.0.2.1")["type"] == "registered"
+    assert (await gateway._register(request, nonce, "192.0.2.1"))["type"] == "registered"
