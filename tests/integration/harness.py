@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import redis
 import tomli_w
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -903,3 +904,54 @@ def registry_entry(server: PetitServer, registration_id: str) -> dict[str, Any] 
     document = json.loads(server.registry.read_text())
     entry: dict[str, Any] | None = document["registrations"].get(registration_id)
     return entry
+
+
+# ----------------------------------------------------------------------------- redis
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free loopback port, its data (AOF) in its own directory.
+
+    ``stop`` and ``start`` again keep the data, as a restarted production Redis would.
+    """
+
+    directory: Path
+    reaper: Reaper
+    port: int = field(default_factory=free_port)
+    child: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A synchronous redis-py client (for setting up and inspecting data in tests)."""
+        return redis.Redis(port=self.port, socket_timeout=5, decode_responses=True)
+
+    async def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(self.directory), "--appendonly", "yes", "--save", ""]
+        self.child = self.reaper.spawn(argv, log=self.directory / "redis.log")
+
+        def answering() -> bool:
+            assert self.child is not None
+            if self.child.poll() is not None:
+                raise AssertionError(f"redis-server exited:\n{tail(self.directory / 'redis.log')}")
+            try:
+                with self.client() as client:
+                    return bool(client.ping())
+            except redis.ConnectionError:  # also BusyLoadingError, while it reads its AOF
+                return False
+
+        await wait_until(answering, READY_TIMEOUT, what="redis-server to answer")
+
+    async def stop(self) -> None:
+        """SIGTERM (Redis flushes its AOF) and wait for the exit."""
+        assert self.child is not None
+        self.child.terminate()
+        await wait_exit(self.child)
