@@ -95,11 +95,10 @@ async def test_concurrent_registrations_on_two_nodes_never_collide(
         ports = {r.port for r in made}
         assert len(ids) == len(ports) == 40
         assert ports == set(range(FIRST_PORT, FIRST_PORT + 40))
+        await wait_until(lambda: len(a.all()) == len(b.all()) == 40, SEEN, what="all 40 seen")
+        everything = {x.registration_id: x.public_key for x in made}
         for registry in (a, b):
-            await wait_until(lambda r=registry: len(r.all()) == 40, SEEN, what="all 40 seen")
-            assert {x.registration_id: x.public_key for x in registry.all()} == {
-                x.registration_id: x.public_key for x in made
-            }
+            assert {x.registration_id: x.public_key for x in registry.all()} == everything
 
 
 async def test_a_token_registers_once_across_nodes(redis_server: RedisServer) -> None:
