@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
 import trio
@@ -14,23 +13,20 @@ from petit_server.hub import Attachment, Hub
 from petit_server.registry import Registration
 from petit_server.tcpports import TcpPorts
 from tests.integration.harness import (
-    READY_TIMEOUT,
     ClientFactory,
     PetitServer,
     PythonBackend,
-    Reaper,
+    RedisServer,
     ServerFactory,
     free_port,
     http_request,
     run_cli,
-    tail,
     wait_until,
 )
 from tests.io.helpers import REGISTRATION_ID, session_pair
 
 pytestmark = pytest.mark.integration
 
-REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 LOOPBACK = "127.0.0.1"  # tcpAddr in every test: registration ports from a free one up
 PORT_BOUND = 5.0  # seconds for a TCP port to open or close after its client came or went
@@ -59,38 +55,18 @@ async def registration_port(server: PetitServer, registration_id: str) -> int:
     return port
 
 
-async def start_redis(directory: Path, reaper: Reaper) -> int:
-    assert REDIS_SERVER is not None
-    port = free_port()
-    directory.mkdir()
-    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(directory)]
-    child = reaper.spawn(argv, log=directory / "redis.log")
-
-    async def answering() -> bool:
-        if child.poll() is not None:
-            raise AssertionError(
-                f"redis exited {child.returncode}:\n{tail(directory / 'redis.log')}"
-            )
-        return await accepts(port)
-
-    await wait_until(answering, READY_TIMEOUT, what="redis-server to listen")
-    return port
-
-
 async def redis_cli(port: int, *command: str) -> str:
     assert REDIS_CLI is not None
     result = await run_cli([REDIS_CLI, "-h", "127.0.0.1", "-p", str(port), *command], timeout=10)
     return result.stdout.strip()
 
 
-@pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None, reason="redis is not installed")
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed")
 async def test_redis_through_the_registration_port_while_the_client_is_online(
-    server_factory: ServerFactory, client_factory: ClientFactory, reaper: Reaper, tmp_path: Path
+    server_factory: ServerFactory, client_factory: ClientFactory, redis_server: RedisServer
 ) -> None:
-    redis_port = await start_redis(tmp_path / "redis", reaper)
     server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
-    client = await client_factory(server, redis_port)
+    client = await client_factory(server, redis_server.port)
     port = await registration_port(server, client.registration_id)
     await wait_until(lambda: accepts(port), PORT_BOUND, what=f"TCP port {port} to open")
 
