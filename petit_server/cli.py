@@ -34,6 +34,7 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
+from petit_server.importer import import_registry, migrate_registry
 from petit_server.registry import FileRegistry, Registry, apply_command, open_registry, redacted_url
 from petit_server.service import ServerService
 
@@ -418,3 +419,5 @@ def _control_host(listen_addr: str) -> str:
 
 
 main.add_command(service_commands("server", DEFAULT_CONFIG_PATH))
+main.add_command(import_registry)
+main.add_command(migrate_registry)

@@ -563,8 +563,9 @@ def plan_merge(target: Snapshot, source: Snapshot) -> MergePlan:
     return plan
 
 
-def _same_identity(one: Registration, other: Registration) -> bool:
-    return (one.public_key, one.port) == (other.public_key, other.port)
+def _same_identity(existing: Registration, imported: Registration) -> bool:
+    """Already imported: same port and key, or imported keyless and claimed since."""
+    return existing.port == imported.port and imported.public_key in (existing.public_key, b"")
 
 
 async def apply_command(registry: Registry, verb: str, args: list[str]) -> dict[str, object] | None:
