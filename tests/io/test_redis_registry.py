@@ -142,8 +142,9 @@ async def test_claim_token_gives_a_key_to_a_keyless_registration_once(
         with pytest.raises(RegistryError, match="already has a key"):
             await a.create_token("", for_id=str((await a.register(key(1), {})).registration_id))
         _, claim = await a.create_token("for ana", for_id="4001")
+        _, second = await a.create_token("also for 4001", for_id="4001")
         assert claim.startswith("pc_")
-        await wait_until(lambda: len(b.tokens()) == 1, SEEN, what="B: claim token")
+        await wait_until(lambda: len(b.tokens()) == 2, SEEN, what="B: claim tokens")
         claimed = await b.register(key(7), {"hostname": "new"}, token=claim)
         assert (claimed.registration_id, claimed.port, claimed.public_key) == (
             "4001",
@@ -152,8 +153,9 @@ async def test_claim_token_gives_a_key_to_a_keyless_registration_once(
         )
         assert claimed.aliases == ["old.example.com"]
         assert claimed.vitae == {"hostname": "new"}
-        with pytest.raises(AuthError, match="claim token is unknown, used or revoked"):
-            await a.register(key(8), {}, token=claim)
+        for spent in (claim, second):  # a key, once given, is never replaced
+            with pytest.raises(AuthError, match="claim token is unknown, used or revoked"):
+                await a.register(key(8), {}, token=spent)
         await wait_until(lambda: a.public_key_of("4001") == key(7), SEEN, what="A: claimed key")
 
 

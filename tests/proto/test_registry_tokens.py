@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from petit.errors import AuthError, ConfigError
-from petit_server.registry import ENROLLMENT_REFUSED, FileRegistry, RegistryError, apply_command
+from petit_server.registry import (
+    ENROLLMENT_REFUSED,
+    FileRegistry,
+    MergePlan,
+    Registration,
+    RegistryError,
+    apply_command,
+)
 
 FIRST_PORT = 20000
 
@@ -170,3 +177,25 @@ async def test_token_control_commands(registry: FileRegistry) -> None:
         assert reply is not None
         assert reply["success"] is False
         assert str(reply["error"]).startswith("usage: TOKEN CREATE")
+
+
+async def test_a_claim_gives_a_key_once_and_never_replaces_one(registry: FileRegistry) -> None:
+    keyless = Registration("4001", b"", 11090, 1.0, {"hostname": "old"}, ["old.example.com"])
+    assert await registry.merge(MergePlan(registrations=[keyless], next_id=4002)) == []
+    assert registry.public_key_of("4001") is None  # nothing proves it before the claim
+    _, first = await registry.create_token("", for_id="4001")
+    _, second = await registry.create_token("", for_id="4001")
+    assert first.startswith("pc_")
+    claimed = await registry.register(key(1), {"hostname": "new"}, token=first)
+    assert (claimed.registration_id, claimed.port, claimed.aliases) == (
+        "4001",
+        11090,
+        ["old.example.com"],
+    )
+    with pytest.raises(AuthError, match="claim token is unknown, used or revoked"):
+        await registry.register(key(2), {}, token=second)  # a second holder takes nothing
+    assert reloaded(registry).public_key_of("4001") == key(1)
+    with pytest.raises(RegistryError, match="already has a key"):
+        await registry.create_token("", for_id="4001")
+    with pytest.raises(RegistryError, match="No such registeredId 4999"):
+        await registry.create_token("", for_id="4999")
