@@ -12,7 +12,6 @@ import click
 import trio
 
 from petit import __version__
-from petit.auth import key_fingerprint
 from petit.cli import (
     CliError,
     ExitCode,
@@ -162,7 +161,7 @@ def _echo_details(connection: dict[str, object]) -> None:
 @config_option
 @verbose_option
 def registrations(config_path: Path, verbose: bool) -> None:
-    """List registrations (from the registry file) and, if the server runs, who is online."""
+    """List registrations (from the registry) and, if the server runs, who is online."""
     with exit_codes():
         config = load_server_config(config_path)
         registry = _read_registry(config)
@@ -183,7 +182,7 @@ def registrations(config_path: Path, verbose: bool) -> None:
             [
                 registration.registration_id,
                 str(registration.port),
-                key_fingerprint(registration.public_key),
+                registration.fingerprint,
                 ", ".join(registration.aliases) or "-",
                 "yes" if connected else "no",
                 _when(live.get("since")) if connected else "-",
@@ -213,7 +212,7 @@ def show_config(config_path: Path, verbose: bool) -> None:
         f"{len(tokens)} enrollment token(s) ({unused} unused)."
     )
     for registration in entries:
-        fingerprint = key_fingerprint(registration.public_key)
+        fingerprint = registration.fingerprint
         click.echo(f"  id: {registration.registration_id}, fingerprint: {fingerprint}")
         for alias in registration.aliases:
             click.echo(f"      a.k.a. {alias}")

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from petit.auth import is_valid_id
+from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.statefile import read_json, write_json_atomic
 from petit_server.config import ServerConfig
@@ -82,6 +82,11 @@ class Registration:
     created: float
     vitae: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        """The key's short form for status output, or why there is none yet."""
+        return key_fingerprint(self.public_key) if self.public_key else "(awaiting its claim)"
 
     def to_json(self) -> dict[str, object]:
         """The registry file's form."""

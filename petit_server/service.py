@@ -17,7 +17,6 @@ import trio
 from trio_websocket import serve_websocket
 
 from petit import __version__
-from petit.auth import key_fingerprint
 from petit.control import serve_control
 from petit.errors import PetitError
 from petit.lockfile import ProcessLock
@@ -101,7 +100,7 @@ class ServerService:
             "registeredId": registration.registration_id,
             "connected": self.hub.is_online(registration.registration_id),
             "port": registration.port,
-            "fingerprint": key_fingerprint(registration.public_key),
+            "fingerprint": registration.fingerprint,
             "aliases": registration.aliases,
             "since": min((a.since for a in serving), default=None),
             "remotes": sorted({a.remote for a in serving}),

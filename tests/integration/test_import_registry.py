@@ -120,6 +120,8 @@ async def test_original_file_imports_keyless_and_the_customer_claims_the_same_id
 
     await server.start()
     assert (await http_request(server.http_port, "shop.example.com")).status == 503
+    listed = await server.cli("registrations")
+    assert "1003  11083  (awaiting its claim)" in listed.stdout, listed
     # Nobody can take the keyless ID by registering: new registrations get new IDs and ports.
     fresh = await signed_request(server, REGISTER_PATH, register_request(generate_key()))
     assert (fresh["id"], fresh["port"]) != ("1001", 11081), fresh
@@ -196,6 +198,8 @@ async def test_migration_round_trip_keeps_everything(
     edit_config(server.config, "server", registry={"backend": "redis", "url": url})
     await server.start()
     assert (await http_request(server.http_port, "shop.example.com")).status == 503
+    listed = await server.cli("registrations")
+    assert "1003  11083  (awaiting its claim)" in listed.stdout, listed
     listed = (await server.control("TOKEN LIST"))["tokens"]
     assert isinstance(listed, list)
     assert [t["state"] for t in listed] == ["used", "used", "used", "revoked", "unused"]
