@@ -18,6 +18,8 @@ from petit_server.registry import (
 )
 from tests.integration.harness import RedisServer, free_port, wait_until
 
+pytestmark = pytest.mark.integration
+
 FIRST_PORT = 21000
 SEEN = 3.0  # seconds for one node's change to reach another (it takes ~0.2 s)
 
