@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from petit.auth import generate_key
-from petit.transport import REGISTER_PATH
+from petit.transport import REGISTER_PATH, UNREGISTER_PATH
 from tests.integration.harness import (
     UNAVAILABLE,
     ClientFactory,
@@ -23,6 +23,7 @@ from tests.integration.harness import (
     register_request,
     signed_request,
     tail,
+    unregister_request,
     wait_until,
 )
 
@@ -95,6 +96,15 @@ async def test_two_servers_share_registrations_aliases_and_tokens(
     # Removing the alias on A stops it routing on A.
     await a.cli("removealias", "shop.example.com")
     assert await answers(a, "shop.example.com", 404)
+
+    # Unregistered through B (proven with its key), the registration goes from A too, and A
+    # ends the tunnel that served it.
+    reply = await signed_request(b, UNREGISTER_PATH, unregister_request(client.key(), rid))
+    assert reply == {"type": "unregistered", "id": rid}, reply
+    await wait_until(lambda: answers(a, client.host, 404), SEEN, what="A to forget it")
+    await wait_until(
+        lambda: "serves no registration any more" in tail(a.log, 50), SEEN, what="A to close"
+    )
 
 
 async def test_registrations_on_two_servers_at_once_never_collide(
