@@ -367,11 +367,12 @@ class RedisRegistry:
     def _call(self, function: Callable[..., T], *args: Any, starting: bool = False) -> T:
         try:
             result = function(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as error:
             url = redacted_url(self.url)
+            reason = str(error).rstrip(".")  # redis-py ends its messages with one
             if starting:
                 raise RegistryUnavailableError(
-                    f"cannot reach the Redis registry at {url}: {exc}; "
+                    f"cannot reach the Redis registry at {url}: {reason}; "
                     "start redis-server or fix [server.registry] url"
                 ) from None
             if self._reachable:
@@ -380,10 +381,10 @@ class RedisRegistry:
                     "the Redis registry at %s is unreachable (%s): known registrations keep "
                     "routing, registry changes fail until it is back",
                     url,
-                    exc,
+                    reason,
                 )
             raise RegistryUnavailableError(
-                f"the registry is unavailable (Redis at {url}: {exc}); try again later"
+                f"the registry is unavailable (Redis at {url}: {reason}); try again later"
             ) from None
         if not self._reachable:
             self._reachable = True
@@ -430,7 +431,7 @@ class RedisRegistry:
                 fetched[rid] = self._parse_registration(rid, raw, aliases)
         return fetched
 
-    def _parse_registration(self, rid: str, raw: object, aliases: object) -> _Fetched:
+    def _parse_registration(self, rid: str, raw: object, aliases: Any) -> _Fetched:
         key = self._key(f"registration:{rid}")
         if isinstance(raw, Exception):
             return f"key {key} is corrupt ({raw})"
@@ -443,7 +444,7 @@ class RedisRegistry:
             registration = registration_from_json(rid, {**entry, "aliases": []})
         except (KeyError, TypeError, ValueError) as exc:
             return f"key {key} is corrupt ({exc})"
-        registration.aliases = sorted(str(a) for a in aliases)  # type: ignore[attr-defined]
+        registration.aliases = sorted(str(a) for a in aliases)
         return registration
 
     def _fetch_tokens(self, token_ids: Sequence[str]) -> dict[str, _Fetched]:
@@ -597,6 +598,7 @@ class RedisRegistry:
     ) -> Registration:
         """A fresh ID and port (or, with a claim token, the key of the ID it is bound to)."""
         digest = "" if token is None else token_digest(token)
+        token_ids = [t.token_id for t in self._tokens.values() if t.digest == digest]
         reply = await self._change(
             "register",
             [
@@ -607,7 +609,7 @@ class RedisRegistry:
                 digest,
                 FIRST_ID - 1,
             ],
-            lambda r: ([r[1]] if r[0] == "ok" else [], self._token_ids_for(digest)),
+            lambda r: ([r[1]] if r[0] == "ok" else [], token_ids),
         )
         if reply[0] != "ok":
             assert token is not None
@@ -616,10 +618,6 @@ class RedisRegistry:
         if registration is None:
             raise RegistryError(f"{self.where}: registration {reply[1]} vanished at once")
         return registration
-
-    def _token_ids_for(self, digest: str) -> list[str]:
-        """The token IDs to re-read after using the token with this digest."""
-        return [t.token_id for t in self._tokens.values() if t.digest == digest]
 
     async def unregister(self, registration_id: str) -> None:
         """Remove a registration, its port and its aliases."""
