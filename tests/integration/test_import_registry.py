@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from petit.auth import generate_key
+from petit.auth import generate_key, key_fingerprint, public_key_raw
 from petit.transport import REGISTER_PATH
 from petit_server.registry import FileRegistry
 from tests.integration.harness import (
@@ -237,3 +237,33 @@ async def test_a_corrupt_original_file_is_one_line(
     result = await server.cli("import-registry", "--from-file", str(broken), check=False)
     assert result.returncode == 3, result
     assert result.stderr.startswith(f"error: registry {broken} is corrupt (line 1"), result
+
+
+async def test_a_large_import_reports_progress_and_keeps_ed25519_keys(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    customer = generate_key()
+    pem = (
+        customer.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    count = 1200
+    with redis_server.client() as client:
+        pipe = client.pipeline(transaction=False)
+        for n in range(count):
+            rid = str(5001 + n)
+            pipe.sadd("g2c/allids", rid)
+            pipe.set(f"g2c/ids/{rid}/port", str(20000 + n))
+            pipe.set(f"g2c/ids/{rid}/key", pem)
+        pipe.execute()
+    registry = {"backend": "redis", "url": redis_server.url}
+    server = await server_factory(start=False, registry=registry)
+    result = await server.cli("import-registry", "--from-redis", redis_server.url)
+    assert result.stdout.startswith(f"Imported {count} registration(s) (0 awaiting a key)"), result
+    progress = [line for line in result.stderr.splitlines() if line.startswith("imported ")]
+    assert progress == ["imported 500/1200", "imported 1000/1200", "imported 1200/1200"], result
+    await server.start()
+    listed = await server.cli("registrations")
+    assert len(listed.stdout.splitlines()) == count + 1  # the header and one row each
+    assert listed.stdout.count(key_fingerprint(public_key_raw(customer))) == count

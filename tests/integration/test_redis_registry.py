@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -237,3 +238,32 @@ async def test_a_key_of_the_wrong_type_is_an_error_naming_it(redis_server: Redis
     with pytest.raises(ConfigError, match=r"key petit:ids is corrupt .*WRONGTYPE"):
         registry.load()
     registry.close()
+
+
+async def test_a_hung_redis_never_blocks_the_event_loop(redis_server: RedisServer) -> None:
+    async with node(redis_server.url) as registry:
+        await registry.register(key(1), {})
+        assert redis_server.child is not None
+        redis_server.child.send_signal(signal.SIGSTOP)  # accepts, never answers
+        try:
+            outcome: list[BaseException] = []
+            finished = trio.Event()
+
+            async def register() -> None:
+                try:
+                    await registry.register(key(2), {})
+                except RegistryUnavailableError as exc:
+                    outcome.append(exc)
+                finished.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(register)
+                for _ in range(20):  # the loop keeps running, and routing keeps answering
+                    await trio.sleep(0.01)
+                    assert registry.route("1001.example.com") == "1001"
+                assert not finished.is_set()  # the registration waits in its worker thread
+                with trio.fail_after(10):
+                    await finished.wait()
+            assert "Timeout reading from socket" in str(outcome[0]), outcome
+        finally:
+            redis_server.child.send_signal(signal.SIGCONT)
