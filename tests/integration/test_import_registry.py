@@ -198,8 +198,6 @@ async def test_migration_round_trip_keeps_everything(
     edit_config(server.config, "server", registry={"backend": "redis", "url": url})
     await server.start()
     assert (await http_request(server.http_port, "shop.example.com")).status == 503
-    listed = await server.cli("registrations")
-    assert "1003  11083  (awaiting its claim)" in listed.stdout, listed
     listed = (await server.control("TOKEN LIST"))["tokens"]
     assert isinstance(listed, list)
     assert [t["state"] for t in listed] == ["used", "used", "used", "revoked", "unused"]
