@@ -27,8 +27,8 @@ COPY demo/backend.py /opt/petit/demo/backend.py
 
 USER petit
 WORKDIR /var/lib/petit
-# tunnel endpoint, HTTP ingress, HTTPS ingress, control port
-EXPOSE 3014 8090 8453 3016
+# tunnel endpoint, HTTP ingress, HTTPS ingress, control port, admin API
+EXPOSE 3014 8090 8453 3016 8100
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s \
   CMD ["/opt/petit/bin/petit-server", "status", "-c", "/var/lib/petit/config.toml"]

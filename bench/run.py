@@ -175,7 +175,14 @@ GatewayPorts no
         client_config = self.root / "client" / "config.toml"
         petit_server, petit_client = str(VENV_BIN / "petit-server"), str(VENV_BIN / "petit-client")
         self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"])
-        _set(server_config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0")
+        _set(
+            server_config,
+            bindAddr='"127.0.0.1"',
+            backPort="0",
+            proxyPort="0",
+            listenPort="0",
+            adminPort="0",
+        )
         self.run([petit_server, "start", "-c", str(server_config)])
         self.cleanups.append([petit_server, "stop", "-c", str(server_config)])
         server_pid, server_ports = _pid_file(server_config.parent / "server.pid")
@@ -193,7 +200,7 @@ GatewayPorts no
                 f"127.0.0.1:{backend_port}",
             ]
         )
-        _set(client_config, listenPort="0")
+        _set(client_config, listenPort="0", statusPort="0")
         registered = self.run([petit_client, "register", "-c", str(client_config)])
         match = re.search(r"Registered with ID (\d+)", registered)
         if match is None:

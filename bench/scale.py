@@ -149,6 +149,7 @@ async def scale(clients: int, workdir: Path) -> dict[str, float]:
         "backPort": "0",
         "proxyPort": "0",
         "listenPort": "0",
+        "adminPort": "0",
         "pingInterval": "30",
     }.items():
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import trio
@@ -24,6 +28,7 @@ import trio
 from petit.control import ControlError, send_control
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
+from petit.logs import LogSettings, configure_daemon_logging
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
@@ -72,14 +77,52 @@ def exit_codes() -> Iterator[None]:
         raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
 
 
-def configure_logging(level: str, *, verbose: bool) -> None:
-    """Log to stderr (the background start sends it to the log file)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+_Item = TypeVar("_Item")
+SPIN_INTERVAL = 0.1  # seconds between two frames of a progress spinner
+
+
+@contextlib.contextmanager
+def progress(label: str) -> Iterator[None]:
+    """A spinner line on stderr (``- Waiting for the tunnel ... 3s``) while the body runs.
+
+    Only on a terminal: piped or logged output stays free of carriage returns. A thread
+    draws it, so it keeps turning while the body blocks (in ``trio.run``, in a key
+    generation); the line is erased when the body ends.
+    """
+    stream = sys.stderr
+    if not stream.isatty():
+        yield
+        return
+    done = threading.Event()
+    began = time.monotonic()
+
+    def spin() -> None:
+        for frame in itertools.cycle("-\\|/"):
+            stream.write(f"\r{frame} {label} ... {time.monotonic() - began:.0f}s")
+            stream.flush()
+            if done.wait(SPIN_INTERVAL):
+                return
+
+    spinner = threading.Thread(target=spin, name="progress", daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        done.set()
+        spinner.join()
+        stream.write("\r\x1b[K")  # back to the line's start and erase it
+        stream.flush()
+
+
+def progress_items(items: Iterable[_Item], *, length: int, label: str) -> Iterator[_Item]:
+    """``items`` with a progress bar on stderr when it is a terminal (for imports and
+    other loops over many records); just ``items`` otherwise."""
+    stream = sys.stderr
+    if not stream.isatty():
+        yield from items
+        return
+    with click.progressbar(items, length=length, label=label, file=stream) as bar:
+        yield from bar
 
 
 def run_service(service: Callable[[trio.Event], Awaitable[None]]) -> None:
@@ -123,13 +166,15 @@ def _sole_failure(group: ExceptionGroup[Exception]) -> Exception:
 
 
 def start_in_background(argv: list[str], directory: Path, name: str, log_file: Path) -> PidInfo:
-    """Spawn ``argv`` (a ``start --foreground`` command) detached and wait until it is ready.
+    """Spawn ``argv`` (a ``start --foreground --detached`` command) and wait until it is ready.
 
-    Ready means its pid file says so. If the daemon exits first, the last line it logged
-    becomes the error.
+    Ready means its pid file says so. The daemon logs to its own rotating file; ``log_file``
+    catches what it prints on stdout and stderr (the ``error:`` line of a failed start, a
+    crash). If the daemon exits first, the last line there becomes the error.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
+        before = log.tell()  # what earlier runs left there is not this run's reason
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -149,13 +194,16 @@ def start_in_background(argv: list[str], directory: Path, name: str, log_file: P
         if process.poll() is None:
             process.terminate()
             raise CliError(f"{name} did not become ready; see {log_file}", ExitCode.FAILURE)
-        raise CliError(_last_line(log_file) or f"{name} exited; see {log_file}", ExitCode.FAILURE)
+        reason = _last_line(log_file, before)
+        raise CliError(reason or f"{name} exited; see {log_file}", ExitCode.FAILURE)
 
     return trio.run(wait_ready)
 
 
-def _last_line(log_file: Path) -> str:
-    lines = log_file.read_text(errors="replace").strip().splitlines()
+def _last_line(log_file: Path, offset: int) -> str:
+    with log_file.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").strip().splitlines()
     if not lines:
         return ""
     last = lines[-1]
@@ -218,16 +266,18 @@ def start_daemon(
     module: str,
     started: str,
     config_path: Path,
-    log_level: str,
+    log: LogSettings,
     verbose: bool,
     foreground: bool,
+    detached: bool,
     serve: Callable[[trio.Event, ProcessLock], Awaitable[None]],
-) -> None:
+) -> PidInfo | None:
     """The ``start`` command of both daemons.
 
-    In the foreground: take the lock (a stale one is taken over with one log line), run
-    ``serve`` until a signal or STOP, release the lock. Otherwise spawn the foreground
-    command detached and print ``started`` (the original's wording, with ``{pid}``).
+    In the foreground: log to the log file (and to stderr unless ``detached``), take the lock
+    (a stale one is taken over with one log line), run ``serve`` until a signal or STOP,
+    release the lock. Otherwise spawn the foreground command detached, print ``started``
+    (the original's wording, with ``{pid}``) and return the daemon's pid file.
     """
     directory = config_path.parent
     if not foreground:
@@ -236,22 +286,33 @@ def start_daemon(
             raise CliError(
                 f"{name.capitalize()} is already running on pid {running.pid}.", ExitCode.RUNNING
             )
-        argv = [sys.executable, "-m", module, "start", "--foreground", "-c", str(config_path)]
-        argv += ["-v"] if verbose else []
-        info = start_in_background(argv, directory, name, directory / "logs" / f"{name}.log")
+        argv = [sys.executable, "-m", module, "start", "--foreground", "--detached"]
+        argv += ["-c", str(config_path)] + (["-v"] if verbose else [])
+        info = start_in_background(argv, directory, name, log.file.parent / f"{name}.stderr")
         click.echo(started.format(pid=info.pid))
-        return
-    configure_logging(log_level, verbose=verbose)
+        return info
     with exit_codes():
-        lock = ProcessLock(directory, name)
-        if lock.acquire():
-            logging.getLogger("petit").warning(
-                "took over a stale lock left by a %s that is gone", name
-            )
-        try:
-            run_service(lambda stop: serve(stop, lock))
-        finally:
-            lock.release()
+        configure_daemon_logging(log, verbose=verbose, to_stderr=not detached)
+    logger = logging.getLogger("petit")
+    try:
+        with exit_codes():
+            lock = ProcessLock(directory, name)
+            if lock.acquire():
+                logger.warning("took over a stale lock left by a %s that is gone", name)
+            try:
+                run_service(lambda stop: serve(stop, lock))
+            finally:
+                lock.release()
+    except CliError as exc:
+        logger.error("%s", exc.format_message())  # the log file says why the daemon ended
+        raise
+    return None
+
+
+def detached_option(function: Callable[..., None]) -> Callable[..., None]:
+    """``--detached`` (hidden): the foreground daemon a background ``start`` spawns; it logs
+    only to its file, since its stderr is not a terminal anyone reads."""
+    return click.option("--detached", is_flag=True, hidden=True)(function)
 
 
 def config_option(default: Path, what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

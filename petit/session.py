@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import operator
 import secrets
 from collections import deque
@@ -62,6 +63,7 @@ log = logging.getLogger("petit.session")
 
 MAX_CARRIER_MESSAGE = 256 * 1024  # bytes per carrier message; frames may span messages
 RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
+CLOSE_GRACE = 1.0  # seconds an ending session gives the send in progress and its last frames
 
 
 class Carrier(Protocol):
@@ -145,6 +147,8 @@ class TunnelSession:
         self._handler_nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
         self._pong_waiters: dict[bytes, trio.Event] = {}  # ping opaque -> set by its PONG
+        self._sending = trio.CancelScope()  # shields the writer's send in progress
+        self._send_deadline = math.inf  # set once the session ends
         self.closed = trio.Event()
         self.going_away: GoAwayReceived | None = None
         self.close_reason = ""
@@ -220,7 +224,10 @@ class TunnelSession:
                 nursery.start_soon(self._write_loop)
                 nursery.start_soon(self._keepalive)
                 task_status.started()
-                await self._read_loop()
+                try:
+                    await self._read_loop()
+                finally:  # every end of the session passes here, cancellation included
+                    self._end_sends_by(trio.current_time() + CLOSE_GRACE)
                 nursery.cancel_scope.cancel()
         except ExceptionGroup as group:
             # The reader, writer and keepalive stop together: raise the failure that stopped
@@ -228,7 +235,7 @@ class TunnelSession:
             raise first_leaf(group) from None
         finally:
             self._end_all_streams()
-            with trio.move_on_after(1, shield=True):
+            with trio.move_on_after(CLOSE_GRACE, shield=True):
                 await self._flush_and_close_carrier()
 
     async def _read_loop(self) -> None:
@@ -294,6 +301,10 @@ class TunnelSession:
         except Exception:  # per-stream boundary: one bad stream never ends the session
             log.exception("stream %d handler failed", stream.stream_id)
         finally:
+            if trio.current_effective_deadline() == -math.inf:
+                # Cancelled: only the session's end does that. A RESET now would tell the
+                # server its open was refused (502); the session's end says the client left.
+                stream._abort(None)
             await stream.aclose()
 
     async def _write_loop(self) -> None:
@@ -301,8 +312,17 @@ class TunnelSession:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
             data = self.connection.data_to_send()
-            for start in range(0, len(data), MAX_CARRIER_MESSAGE):
-                await self._carrier.send(data[start : start + MAX_CARRIER_MESSAGE])
+            # A send cancelled half-way breaks the carrier (a TLS stream cannot resume) and
+            # the GOAWAY flushed after it is lost: when the session ends, the send in
+            # progress is not cancelled but bounded by _end_sends_by.
+            with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
+                for start in range(0, len(data), MAX_CARRIER_MESSAGE):
+                    await self._carrier.send(data[start : start + MAX_CARRIER_MESSAGE])
+
+    def _end_sends_by(self, deadline: float) -> None:
+        """Cancel the send in progress, and any later one, at ``deadline`` at the latest."""
+        self._send_deadline = min(self._send_deadline, deadline)
+        self._sending.deadline = self._send_deadline
 
     async def _keepalive(self) -> None:
         tick = self._ping_interval / 4
@@ -313,6 +333,7 @@ class TunnelSession:
             if now - self._last_received > 1.5 * self._ping_interval:
                 self.close_reason = f"no traffic for {now - self._last_received:.1f}s"
                 self.connection.close(ErrorCode.TIMEOUT, "keepalive timeout")
+                self._end_sends_by(now)  # a silent peer reads nothing and answers no close
                 raise KeepaliveTimeoutError(self.close_reason)
             if now - last_ping >= self._ping_interval:
                 last_ping = now
@@ -331,7 +352,8 @@ class TunnelSession:
     async def _flush_and_close_carrier(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self._send_queued_now()
-        await self._carrier.aclose()
+        with trio.CancelScope(deadline=self._send_deadline):  # a silent peer: do not wait
+            await self._carrier.aclose()  # (a WebSocket waits for the peer's close frame)
 
     # ---------------------------------------------------------------- for streams and owners
 

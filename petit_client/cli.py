@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from petit.cli import (
     ExitCode,
     config_option as shared_config_option,
     control_command,
+    detached_option,
     exit_codes,
+    progress,
     running_daemon,
     service_commands,
     start_daemon,
@@ -36,8 +39,10 @@ from petit.cli import (
     verbose_option,
 )
 from petit.config import LOG_LEVELS
+from petit.control import ControlError, send_control
 from petit.errors import ConfigError, RemoteProtocolError
-from petit.lockfile import read_pid
+from petit.lockfile import PidInfo, read_pid
+from petit.logs import audit, audit_to_file, cli_actor
 from petit.pki import client_ssl_context
 from petit.statefile import write_atomic
 from petit.transport import (
@@ -306,21 +311,28 @@ def register(config_path: Path, verbose: bool, tenant: str | None, token: str | 
     """Create a key and register it with the server; print the ID and public URL."""
     config = _load(config_path)
     name = _tenant_to_register(config, tenant)
-    click.echo("Generating key ...", err=True)
-    key = generate_key()
+    with progress("Generating a key"):
+        key = generate_key()
 
     def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
         extra: dict[str, object] = {"vitae": config.vitae, **({"token": token} if token else {})}
         return messages.register_request(key, nonce, fingerprint, **extra)
 
-    click.echo(f"Registering with {config.server} ...", err=True)
-    with exit_codes():
+    with exit_codes(), progress(f"Registering with {config.server}"):
         reply = trio.run(_exchange, config, REGISTER_PATH, request_for, "registration")
     _check_reply(reply, "registered", "Unable to register")
     with exit_codes():
         registration = _registration_from(reply)
         directory = save_registration(config, name, private_key_to_pem(key), registration)
     rid = registration.registration_id
+    _audit(
+        config,
+        "registration.created",
+        f"registered {rid} for tenant {name}",
+        id=rid,
+        tenant=name,
+        server=str(config.server),
+    )
     click.echo(f'Registered with ID {rid} (tenant "{name}", key in {directory / "key"}).')
     click.echo(f"Public URL: {registration.endpoint}")
     _reload_running_client(config)
@@ -365,11 +377,25 @@ def _unregister(config: ClientConfig, tenant: Tenant) -> None:
     def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
         return messages.unregister_request(key, nonce, fingerprint, rid)
 
-    with exit_codes():
+    with exit_codes(), progress(f"Unregistering {rid} from {config.server}"):
         reply = trio.run(_exchange, config, UNREGISTER_PATH, request_for, "unregistration")
     _check_reply(reply, "unregistered", f"Unable to unregister {rid} (tenant {tenant.name})")
     with exit_codes():
         forget_registration(tenant)
+    _audit(
+        config,
+        "registration.deleted",
+        f"unregistered {rid} (tenant {tenant.name})",
+        id=rid,
+        tenant=tenant.name,
+        server=str(config.server),
+    )
+
+
+def _audit(config: ClientConfig, event: str, message: str, **fields: object) -> None:
+    """An audit record of a change this command made, in the client's audit file."""
+    with exit_codes(), audit_to_file(config.log):
+        audit(event, message, actor=cli_actor(), **fields)
 
 
 def _find_tenant(config: ClientConfig, registration_id: str | None, name: str | None) -> Tenant:
@@ -443,6 +469,13 @@ def evict(config_path: Path, verbose: bool, registration_id: str | None, name: s
     with exit_codes():
         if tenant.directory.exists():  # unregistering removed it unless it is a lease
             remove_tenant(tenant)
+    _audit(
+        config,
+        "tenant.evicted",
+        f"evicted tenant {tenant.name}",
+        tenant=tenant.name,
+        directory=str(tenant.directory),
+    )
     click.echo(f"Evicted tenant at {tenant.directory}.")
     if tenant.registration is not None:
         _reload_running_client(config)
@@ -455,23 +488,67 @@ def evict(config_path: Path, verbose: bool, registration_id: str | None, name: s
 @config_option
 @verbose_option
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
-def start(config_path: Path, verbose: bool, foreground: bool) -> None:
-    """Open the tunnel (in the background unless --foreground) and keep it up."""
+@detached_option
+def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) -> None:
+    """Open the tunnel (in the background unless --foreground) and keep it up.
+
+    In the background, wait until the tunnel is up, or until the first attempt failed
+    (the client keeps trying), and say which.
+    """
     config = _load(config_path)
     with exit_codes():
         if not registered_tenants(config):
             raise ConfigError(
                 f"This client isn't registered: run petit-client register -c {config.path}"
             )
-    start_daemon(
+    started = start_daemon(
         name="client",
         module="petit_client",
         started="Client started on pid {pid}.",
         config_path=config.path,
-        log_level=config.log_level,
+        log=config.log,
         verbose=verbose,
         foreground=foreground,
+        detached=detached,
         serve=ClientService(config).serve,
+    )
+    if started is not None:
+        _report_tunnel(config, started)
+
+
+def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
+    """Wait for the new daemon's first connection attempt to end; say how it went."""
+    timeout = config.connect_timeout + config.handshake_timeout
+    host = _control_host(config)
+
+    async def first_attempt() -> dict[str, object]:
+        reply: dict[str, object] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                reply = await send_control(host, started.listen, "STATUS")
+                if reply.get("status") == "connected" or reply.get("lastError"):
+                    break
+                await trio.sleep(0.1)
+        return reply
+
+    with progress(f"Waiting for the tunnel to {config.server}"):
+        try:
+            reply = trio.run(first_attempt)
+        except ControlError as exc:
+            reply = {"lastError": str(exc)}
+    if reply.get("status") == "connected":
+        ids = [
+            r.get("id")
+            for r in _objects(reply.get("registration"))
+            if r.get("state") == "connected"
+        ]
+        click.echo(f"Tunnel up to {config.server} for {', '.join(map(str, ids))}.")
+        return
+    why = reply.get("lastError") or f"not up within {timeout:g} s"
+    click.echo(
+        f"warning: the tunnel is not up yet ({why}); the client keeps trying "
+        f"(petit-client status -c {config.path})",
+        err=True,
     )
 
 
@@ -487,13 +564,52 @@ def stop(config_path: Path, verbose: bool) -> None:
 @main.command()
 @config_option
 @verbose_option
-def status(config_path: Path, verbose: bool) -> None:
-    """Show the running client's state per registration, traffic and last error (JSON)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the STATUS reply as JSON.")
+def status(config_path: Path, verbose: bool, as_json: bool) -> None:
+    """Show the running client's state, server, traffic, reconnects and last error, then
+    each registration (+ connected, - not)."""
     config = _load(config_path)
     with exit_codes():
         info = running_daemon(config.directory, "client")
         reply = control_command(_control_host(config), info.listen, "STATUS")
-    click.echo(json.dumps({"pid": info.pid, **reply}, indent=2))
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    since = reply.get("connectedSince")
+    connected = f", connected since {_when(since)}" if since else ""
+    click.echo(
+        f'Client has status "{reply.get("status")}" on pid {info.pid}: server '
+        f"{reply.get('server')}{connected}, up {reply.get('uptime')} s."
+    )
+    click.echo(
+        f"{reply.get('activeStreams')} stream(s) in flight, {reply.get('bytesIn')} bytes in, "
+        f"{reply.get('bytesOut')} bytes out, {reply.get('reconnects')} reconnect(s)."
+    )
+    if reply.get("lastError"):
+        click.echo(f"Last error at {_when(reply.get('lastErrorAt'))}: {reply.get('lastError')}")
+    for registration in _objects(reply.get("registration")):
+        mark = "+" if registration.get("state") == "connected" else "-"
+        click.echo(
+            f" {mark} {registration.get('id')} {registration.get('tenant')} "
+            f"{registration.get('state')} -> {registration.get('local')}: "
+            f"{registration.get('activeStreams')} stream(s), {registration.get('bytesIn')} bytes "
+            f"in, {registration.get('bytesOut')} bytes out"
+        )
+    if info.extra.get("ports"):
+        ports = info.extra["ports"]
+        if isinstance(ports, dict) and "status" in ports:
+            click.echo(f"As JSON: curl http://127.0.0.1:{ports['status']}/status")
+
+
+def _objects(value: object) -> list[dict[str, object]]:
+    """The JSON objects in a reply's list (anything else is skipped)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _when(timestamp: object) -> str:
+    if not isinstance(timestamp, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 @main.command()

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from petit.config import LOG_LEVELS, Table, load_toml, root_table
+from petit.config import Table, load_toml, root_table
+from petit.errors import ConfigError
+from petit.logs import LogSettings, log_keys, read_log_settings
 from petit.proxy import parse_proxy_url
 from petit.transport import ServerAddress
 
@@ -45,15 +47,18 @@ class ClientConfig:
     """Everything the client needs; paths are absolute."""
 
     path: Path
-    server: ServerAddress
+    server: ServerAddress  # the first of ``servers``: register and unregister go there
     ca: Path | None  # None: the system trust store
+    servers: tuple[ServerAddress, ...] = ()  # empty: just ``server``
+    server_sessions: int = 0  # sessions kept, each to another server; 0: one per server
     listen_addr: str = "127.0.0.1"
     listen_port: int = 3015
+    status_port: int = 3017  # JSON status over HTTP, on 127.0.0.1 only
     ping_interval: float = 15.0
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 5.0
-    log_level: str = "info"
+    log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     proxy: str | None = field(default=None, repr=False)  # may hold credentials
     local: LocalTarget = field(default_factory=LocalTarget)
     vitae: dict[str, str] = field(default_factory=dict)
@@ -62,6 +67,16 @@ class ClientConfig:
     def directory(self) -> Path:
         """The config directory: tenants, keys, lock, pid and logs live here."""
         return self.path.parent
+
+    @property
+    def tunnel_servers(self) -> tuple[ServerAddress, ...]:
+        """Every server the client may keep a session to, in the configured order."""
+        return self.servers or (self.server,)
+
+    @property
+    def session_count(self) -> int:
+        """How many sessions the client keeps at once, each to a different server."""
+        return self.server_sessions or len(self.tunnel_servers)
 
 
 def _checked_proxy(value: str | None) -> str | None:
@@ -76,17 +91,26 @@ def load_client_config(path: Path) -> ClientConfig:
     path = path.expanduser().resolve()
     document = load_toml(path, init_hint=f"petit-client init -c {path}")
     client = root_table(document, "client", path)
+    single = ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014))
+    servers = tuple(
+        parse_server_address(value, default_port=single.port, key="client.servers")
+        for value in client.string_list("servers", [])
+    )
+    server_sessions = client.integer("serverSessions", 0, low=0, high=max(len(servers), 1))
     config = ClientConfig(
         path=path,
-        server=ServerAddress(client.string("host", "localhost"), client.port("backPort", 3014)),
+        server=servers[0] if servers else single,
+        servers=servers,
+        server_sessions=server_sessions,
         ca=client.optional_path("ca"),
         listen_addr=client.string("listenAddr", "127.0.0.1"),
         listen_port=client.port("listenPort", 3015),
+        status_port=client.port("statusPort", 3017),
         ping_interval=client.number("pingInterval", 15.0, low=0.05, high=3600),
         handshake_timeout=client.number("handshakeTimeout", 10.0, low=0.1, high=600),
         connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
-        log_level=client.choice("logLevel", "info", LOG_LEVELS),
+        log=read_log_settings(client, "client"),
         proxy=_checked_proxy(client.optional_string("proxy")),
         local=read_local_target(client.table("local"), LocalTarget()),
         vitae=client.scalars("vitae"),
@@ -95,19 +119,36 @@ def load_client_config(path: Path) -> ClientConfig:
     return config
 
 
+def parse_server_address(value: str, *, default_port: int, key: str) -> ServerAddress:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError names ``key``."""
+    host, port = value, str(default_port)
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return ServerAddress(host, int(port))
+
+
 def config_document(config: ClientConfig) -> dict[str, object]:
     """The effective config in the file's own layout, safe to print: no proxy password."""
     client: dict[str, object] = {
         "host": config.server.host,
         "backPort": config.server.port,
+        **({"servers": [str(s) for s in config.servers]} if config.servers else {}),
+        "serverSessions": config.server_sessions,
         **({"ca": str(config.ca)} if config.ca else {}),
         "listenAddr": config.listen_addr,
         "listenPort": config.listen_port,
+        "statusPort": config.status_port,
         "pingInterval": config.ping_interval,
         "handshakeTimeout": config.handshake_timeout,
         "connectTimeout": config.connect_timeout,
         "reconnectMaxDelay": config.reconnect_max_delay,
-        "logLevel": config.log_level,
+        **log_keys(config.log),
         **({"proxy": mask_password(config.proxy)} if config.proxy else {}),
         "vitae": dict(config.vitae),
         "local": {
@@ -146,12 +187,18 @@ backPort = {port}
 # Control port (STOP, STATUS, PING, LOG <level>, RELOAD, each ended by \\x03), loopback only.
 listenAddr = "127.0.0.1"
 listenPort = 3015
+# What status shows, as JSON over HTTP: curl http://127.0.0.1:3017/status (127.0.0.1 only).
+statusPort = 3017
 # Seconds between keepalive pings; a tunnel silent for two intervals is re-dialled.
 pingInterval = 15
 # Longest wait between reconnection attempts, in seconds.
 reconnectMaxDelay = 5
-# debug, info, warning or error
+# debug, info, warning or error (petit-client log LEVEL changes it while running)
 logLevel = "info"
+# JSON lines, rotated at logMaxBytes keeping logBackups old files; registrations,
+# unregistrations and evictions also go to auditFile.
+logFile = "./logs/client.log"
+auditFile = "./logs/audit.log"
 # Reach the server through an HTTP CONNECT proxy (HTTPS_PROXY is used when this is unset).
 # proxy = "http://user:password@proxy.example.com:3128"
 

@@ -1,10 +1,14 @@
-"""The client process: keep one tunnel session up and splice its streams to local services.
+"""The client process: keep tunnel sessions up and splice their streams to local services.
 
-The reconnect loop retries forever with capped exponential backoff and full jitter, so a
-fleet of clients does not stampede a server that comes back. Each stream the server opens is
+With one server there is one session. With several (``servers``, for a cluster of server
+nodes) the client keeps ``serverSessions`` of them, each to a different server and each with
+its own reconnect loop, so losing a node loses no registration: a session whose server fails
+moves to a server no other session uses. Each reconnect loop retries forever with capped
+exponential backoff and full jitter, so a fleet of clients does not stampede a server that
+comes back. Each stream the server opens is
 dialled to its registration's local target (over verified TLS when the target says so)
 before it is accepted, so the server can answer 502 at once when the private service is down.
-RELOAD re-reads the tenants; when the set of registrations changed, the session is replaced
+RELOAD re-reads the tenants; when the set of registrations changed, the sessions are replaced
 at once, since a session claims its registrations only in its handshake.
 """
 
@@ -12,23 +16,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import random
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from trio_websocket import WebSocketConnection
 
 from petit import __version__
 from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
-from petit.config import LOG_LEVELS
 from petit.connection import Role, TunnelConnection
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
+from petit.httpapi import loopback_json, serve_api
 from petit.lockfile import ProcessLock
+from petit.logs import set_level
 from petit.pki import client_ssl_context
 from petit.session import (
     KeepaliveTimeoutError,
@@ -40,6 +46,7 @@ from petit.session import (
 )
 from petit.transport import (
     TUNNEL_PATH,
+    ServerAddress,
     ServerUnreachableError,
     WebSocketCarrier,
     open_websocket,
@@ -89,6 +96,35 @@ class Usage:
     active_streams: int = 0
 
 
+@dataclass(slots=True, eq=False)
+class _Link:
+    """One tunnel session slot: the server it uses now and the state of its session."""
+
+    server: ServerAddress
+    session: TunnelSession | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reconnect_now: trio.Event = field(default_factory=trio.Event)
+    accepted: set[str] = field(default_factory=set)
+    state: str = "connecting"
+    connected_since: float | None = None
+    last_error: str = ""
+    last_error_at: float | None = None
+
+    def record_error(self, error: str) -> None:
+        """The last error and when it happened ("" clears it: the tunnel is up)."""
+        self.last_error = error
+        self.last_error_at = time.time() if error else None
+
+    def reconnect(self) -> None:
+        """Replace the session at once (the registrations changed)."""
+        if self.state == "connected" and self.session is not None:
+            self.session.close("the client's registrations changed")
+        else:
+            self.scope.cancel()
+        self.state, self.accepted = "connecting", set()  # no stale "connected" meanwhile
+        self.reconnect_now.set()
+
+
 class ClientService:
     """One running client."""
 
@@ -98,15 +134,36 @@ class ClientService:
         self._tenants: dict[str, Tenant] = {}
         self._local_contexts: dict[LocalTarget, ssl.SSLContext] = {}
         self._usage: dict[str, Usage] = {}
-        self._session: TunnelSession | None = None
-        self._session_scope = trio.CancelScope()
-        self._reconnect_now = trio.Event()
-        self._accepted: set[str] = set()
-        self._state = "connecting"
-        self._connected_since: float | None = None
+        servers = config.tunnel_servers
+        first = random.randrange(len(servers))  # noqa: S311 - spreads clients over servers
+        self._links = [
+            _Link(servers[(first + i) % len(servers)]) for i in range(config.session_count)
+        ]
+        self._listening = False  # no registration to claim until RELOAD
         self._started = time.time()
-        self._last_error = ""
+        self._reconnects = 0  # dials after the first: after a failure, a drop or a RELOAD
         self._stop = trio.Event()
+
+    @property
+    def _state(self) -> str:
+        """connected if any session is; else connecting while any tries; else disconnected."""
+        if self._listening:
+            return "listening"
+        states = {link.state for link in self._links}
+        return next(s for s in ("connected", "connecting", "disconnected") if s in states)
+
+    def _connected(self) -> list[_Link]:
+        return [link for link in self._links if link.state == "connected"]
+
+    @property
+    def _accepted(self) -> set[str]:
+        return set().union(*(link.accepted for link in self._connected()))
+
+    @property
+    def _last_failure(self) -> _Link | None:
+        """The session slot whose error is the most recent, if any has one."""
+        failed = [link for link in self._links if link.last_error_at is not None]
+        return max(failed, key=lambda link: link.last_error_at or 0, default=None)
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
         """The control port's commands: STOP, STATUS, PING, LOG [LEVEL], RELOAD."""
@@ -118,14 +175,16 @@ class ClientService:
         if verb == "PING":
             return await self._ping_server()
         if verb == "LOG":
-            return self._set_log_level(args[0].lower() if args else "debug")
+            return set_level(args[0].lower() if args else "debug")
         if verb == "RELOAD":
             return self.reload()
         return {"success": False, "error": f"unknown command {verb}"}
 
     def status(self) -> dict[str, object]:
-        """What the client is doing, as JSON."""
-        session = self._session
+        """What the client is doing, as JSON: the control port's STATUS and the status
+        endpoint's answer, the client's side of what the server's STATUS shows."""
+        connected = self._connected()
+        last_failure = self._last_failure
         registrations = [
             {
                 "id": rid,
@@ -143,14 +202,30 @@ class ClientService:
         ]
         return {
             "success": True,
+            "pid": os.getpid(),
             "status": self._state,
-            "server": str(self.config.server),
+            "server": str(connected[0].server if connected else self.config.server),
+            "servers": [
+                {
+                    "server": str(link.server),
+                    "status": link.state,
+                    "connectedSince": link.connected_since,
+                    "lastError": link.last_error,
+                }
+                for link in self._links
+            ],
             "uptime": round(time.time() - self._started, 1),
-            "connectedSince": self._connected_since,
-            "activeStreams": 0 if session is None else session.active_streams,
+            "connectedSince": min(
+                (link.connected_since or math.inf for link in connected), default=None
+            ),
+            "activeStreams": sum(
+                link.session.active_streams for link in connected if link.session is not None
+            ),
             "bytesIn": sum(usage.traffic.a_to_b for usage in self._usage.values()),
             "bytesOut": sum(usage.traffic.b_to_a for usage in self._usage.values()),
-            "lastError": self._last_error,
+            "reconnects": self._reconnects,
+            "lastError": "" if last_failure is None else last_failure.last_error,
+            "lastErrorAt": None if last_failure is None else last_failure.last_error_at,
             "registration": registrations,
         }
 
@@ -163,9 +238,10 @@ class ClientService:
         return self._usage.setdefault(registration_id, Usage(Traffic()))
 
     async def _ping_server(self) -> dict[str, object]:
-        session = self._session
-        if session is None or self._state != "connected":
-            reason = f": {self._last_error}" if self._last_error else ""
+        session = next((link.session for link in self._connected()), None)
+        if session is None:
+            failure = self._last_failure
+            reason = "" if failure is None else f": {failure.last_error}"
             return {"success": False, "error": f"Can't ping: the tunnel is {self._state}{reason}"}
         try:
             with trio.fail_after(PING_TIMEOUT):
@@ -175,13 +251,6 @@ class ClientService:
         except SessionClosedError as exc:
             return {"success": False, "error": f"Can't ping: {exc}"}
         return {"success": True, "type": "didPing1", "roundTrip": seconds}
-
-    def _set_log_level(self, level: str) -> dict[str, object]:
-        if level not in LOG_LEVELS:
-            return {"success": False, "error": f"log level must be one of {', '.join(LOG_LEVELS)}"}
-        logging.getLogger("petit").setLevel(level.upper())
-        log.info("log level set to %s", level)
-        return {"success": True, "level": level}
 
     def reload(self) -> dict[str, object]:
         """Re-read the tenants; replace the session at once if the registrations changed."""
@@ -195,12 +264,9 @@ class ClientService:
         self._tenants, self._local_contexts = tenants, contexts
         if changed:
             log.info("registrations now %s: reconnecting", ", ".join(tenants) or "none")
-            if self._state == "connected" and self._session is not None:
-                self._session.close("the client's registrations changed")
-            else:
-                self._session_scope.cancel()
-            self._state, self._accepted = "connecting", set()  # no stale "connected" meanwhile
-            self._reconnect_now.set()
+            self._listening = False
+            for link in self._links:
+                link.reconnect()
         return {"success": True, "registration": list(tenants), "reconnecting": changed}
 
     @staticmethod
@@ -228,67 +294,109 @@ class ClientService:
                     task_status=task_status,
                 )
             )
-            lock.write_pid(control_port, ready=True, ports={"control": control_port})
+            status_port = await self._serve_status(nursery)
+            ports = {"control": control_port, "status": status_port}
+            lock.write_pid(control_port, ready=True, ports=ports)
             log.info(
-                "client %s started for %s; control on %s:%d",
+                "client %s started for %s; control on %s:%d, status on http://127.0.0.1:%d/status",
                 __version__,
                 ", ".join(self._tenants),
                 self.config.listen_addr,
                 control_port,
+                status_port,
             )
-            nursery.start_soon(self._keep_connected)
+            for link in self._links:
+                nursery.start_soon(self._keep_connected, link)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
         log.info("stopped")
 
-    async def _keep_connected(self) -> None:
+    async def _serve_status(self, nursery: trio.Nursery) -> int:
+        """The status endpoint: GET /status on 127.0.0.1 answers what STATUS does."""
+        try:
+            port: int = await nursery.start(
+                lambda task_status: serve_api(
+                    loopback_json({"/status": self.status}),
+                    host="127.0.0.1",
+                    port=self.config.status_port,
+                    task_status=task_status,
+                )
+            )
+        except OSError as exc:
+            raise PetitError(
+                f"cannot listen for the status endpoint on 127.0.0.1:{self.config.status_port}: "
+                f"{exc.strerror or exc}; stop what uses the port or change statusPort"
+            ) from None
+        return port
+
+    async def _keep_connected(self, link: _Link) -> None:
         delays = backoff(self.config.reconnect_max_delay)
+        dialled = False
         while True:
-            self._reconnect_now = trio.Event()
+            link.reconnect_now = trio.Event()
             if not self._tenants:
-                self._state = "listening"  # as the original: nothing to claim until RELOAD
-                await self._reconnect_now.wait()
+                self._listening = True  # as the original: nothing to claim until RELOAD
+                await link.reconnect_now.wait()
                 continue
+            if dialled:
+                self._reconnects += 1
+            dialled = True
             began = trio.current_time()
             failure = ""
-            with trio.CancelScope() as self._session_scope:
+            with trio.CancelScope() as link.scope:
                 try:
-                    await self._run_session()
+                    await self._run_session(link)
                 except* RETRYABLE as group:
                     failure = str(group.exceptions[0])
-            if self._reconnect_now.is_set() or trio.current_time() - began > STABLE_SESSION:
+            if link.reconnect_now.is_set() or trio.current_time() - began > STABLE_SESSION:
                 delays = backoff(self.config.reconnect_max_delay)
-            self._state = "disconnected"
-            self._connected_since = None
-            self._accepted = set()
-            self._last_error = failure or (self._session.close_reason if self._session else "")
-            if self._reconnect_now.is_set():
+            link.state = "disconnected"
+            link.connected_since = None
+            link.accepted = set()
+            link.record_error(failure or (link.session.close_reason if link.session else ""))
+            if link.reconnect_now.is_set():
                 continue
             delay = next(delays)
-            log.warning("tunnel down (%s); reconnecting in %.1fs", self._last_error, delay)
+            log.warning(
+                "tunnel to %s down (%s); reconnecting in %.1fs", link.server, link.last_error, delay
+            )
+            link.server = self._next_server(link)
             with trio.move_on_after(delay):
-                await self._reconnect_now.wait()
+                await link.reconnect_now.wait()
 
-    async def _run_session(self) -> None:
-        self._state = "connecting"
+    def _next_server(self, link: _Link) -> ServerAddress:
+        """After a failure: the next server in the list that no other session uses, if any."""
+        servers = self.config.tunnel_servers
+        taken = {other.server for other in self._links if other is not link}
+        start = servers.index(link.server)
+        for step in range(1, len(servers) + 1):
+            candidate = servers[(start + step) % len(servers)]
+            if candidate not in taken:
+                return candidate
+        return link.server
+
+    async def _run_session(self, link: _Link) -> None:
+        link.state = "connecting"
         deadline = trio.current_time() + self.config.connect_timeout
         with trio.CancelScope(deadline=deadline) as connecting:
             async with open_websocket(
-                self.config.server, self._ssl_context, TUNNEL_PATH, proxy=self.config.proxy
+                link.server, self._ssl_context, TUNNEL_PATH, proxy=self.config.proxy
             ) as (websocket, fingerprint):
                 connecting.deadline = math.inf  # connected: the session has its own keepalive
-                await self._run_handshaken(websocket, fingerprint)
+                await self._run_handshaken(link, websocket, fingerprint)
         if connecting.cancelled_caught:
-            raise trio.TooSlowError(f"no connection to {self.config.server} within the timeout")
+            raise trio.TooSlowError(f"no connection to {link.server} within the timeout")
 
-    async def _run_handshaken(self, websocket: WebSocketConnection, fingerprint: bytes) -> None:
+    async def _run_handshaken(
+        self, link: _Link, websocket: WebSocketConnection, fingerprint: bytes
+    ) -> None:
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
             WebSocketCarrier(websocket),
             ping_interval=self.config.ping_interval,
             stream_handler=self._handle_stream,
         )
-        self._session = session
+        link.session = session
 
         def make_hello(nonce: bytes) -> bytes:
             transcript = hello_transcript(nonce, fingerprint, list(self._tenants))
@@ -300,15 +408,15 @@ class ClientService:
                 await session.handshake_as_client(make_hello), what="welcome"
             )
         rejected = welcome.get("rejected") or []
-        self._last_error = ""
+        link.record_error("")
         if rejected:
-            self._last_error = f"the server refused registration(s) {rejected}"
+            link.record_error(f"the server refused registration(s) {rejected}")
             log.error("the server refused registration(s) %s: their keys do not match", rejected)
         accepted = welcome.get("accepted")
-        self._accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()
-        self._state = "connected"
-        self._connected_since = time.time()
-        log.info("tunnel up to %s for %s", self.config.server, welcome.get("accepted"))
+        link.accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()
+        link.state = "connected"
+        link.connected_since = time.time()
+        log.info("tunnel up to %s for %s", link.server, welcome.get("accepted"))
         await session.serve()
 
     def _vitae(self) -> dict[str, str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import click
@@ -17,24 +19,29 @@ from petit.cli import (
     ExitCode,
     config_option as shared_config_option,
     control_command,
+    detached_option,
     exit_codes,
+    progress,
     running_daemon,
     service_commands,
     start_daemon,
     stop_daemon,
     verbose_option,
 )
+from petit.config import LOG_LEVELS
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
+from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
 from petit.statefile import write_atomic
 from petit_server.config import (
     DEFAULT_CONFIG_PATH,
+    ClusterConfig,
     ServerConfig,
     default_config_text,
     load_server_config,
 )
 from petit_server.importer import import_registry, migrate_registry
-from petit_server.registry import FileRegistry, Registry, apply_command, open_registry, redacted_url
+from petit_server.registry import FileRegistry, Registry, apply_command, open_registry
 from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
@@ -64,13 +71,15 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         certificates = path.parent / "certificates"
         certificates.mkdir(mode=0o700, exist_ok=True)
-        ca = create_ca()
-        server = issue_server_certificate(ca, names)
+        with progress("Generating the CA and the server certificate"):
+            ca = create_ca()
+            server = issue_server_certificate(ca, names)
         write_atomic(certificates / "ca.key", ca.key_pem, mode=0o600)
         write_atomic(certificates / "ca.crt", ca.cert_pem, mode=0o644)
         write_atomic(certificates / "server.key", server.key_pem, mode=0o600)
         write_atomic(certificates / "server.crt", server.cert_pem, mode=0o644)
-        write_atomic(path, default_config_text(hostname=names[0]).encode(), mode=0o600)
+        text = default_config_text(hostname=names[0], admin_token=secrets.token_urlsafe(32))
+        write_atomic(path, text.encode(), mode=0o600)
         config = load_server_config(path)
         FileRegistry(config.registry_file, first_port=config.first_port).save()
     click.echo(f'Created configuration file "{path}".')
@@ -81,13 +90,17 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         f"{', '.join(names)}, localhost."
     )
     click.echo(f"Clients pin the CA: petit-client init --ca {certificates / 'ca.crt'}")
+    click.echo(
+        f"Admin API on {config.admin_addr}:{config.admin_port} (token: adminToken in {path.name})."
+    )
 
 
 @main.command()
 @config_option
 @verbose_option
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
-def start(config_path: Path, verbose: bool, foreground: bool) -> None:
+@detached_option
+def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) -> None:
     """Start the server (in the background unless --foreground)."""
     with exit_codes():
         config = load_server_config(config_path)
@@ -97,9 +110,10 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
         module="petit_server",
         started="Server started with pid {pid}.",
         config_path=config.path,
-        log_level=config.log_level,
+        log=config.log,
         verbose=verbose,
         foreground=foreground,
+        detached=detached,
         serve=service.serve,
     )
 
@@ -218,10 +232,11 @@ def show_config(config_path: Path, verbose: bool) -> None:
             click.echo(f"      a.k.a. {alias}")
 
 
-def _effective_config(config: ServerConfig) -> dict[str, object]:
+def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]:
     """The ``[server]`` table as loaded, under the file's key names; secrets masked.
 
-    A field hidden from the dataclass repr is a secret.
+    A field hidden from the dataclass repr is a secret; a sub-table ([server.cluster]) is
+    shown the same way.
     """
     renamed = {"registry_file": "registryfile"}
     table: dict[str, object] = {}
@@ -229,14 +244,17 @@ def _effective_config(config: ServerConfig) -> dict[str, object]:
         if spec.name == "path":
             continue
         value = getattr(config, spec.name)
+        if isinstance(value, LogSettings):
+            table.update(log_keys(value))
+            continue
         if not spec.repr and value is not None:
             value = "********"
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif spec.name == "registry_url":
-            value = redacted_url(value)
+        elif isinstance(value, ClusterConfig):
+            value = _effective_config(value)
         head, *rest = spec.name.split("_")
         table[renamed.get(spec.name, head + "".join(word.capitalize() for word in rest))] = value
     return table
@@ -354,7 +372,10 @@ def _registry_command(config_path: Path, command: str, failure: str) -> dict[str
                 verb, *args = command.split()
                 registry = _read_registry(config)
                 try:
-                    offline = trio.run(apply_command, registry, verb, args)
+                    with audit_to_file(config.log):
+                        offline = trio.run(
+                            partial(apply_command, registry, verb, args, actor=cli_actor())
+                        )
                 finally:
                     registry.close()
             finally:
@@ -403,6 +424,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [headers, *rows]
     )
+
+
+# Logs: the level of the running server (the client has the same command).
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+def log(config_path: Path, verbose: bool, level: str) -> None:
+    """Change the running server's log level (debug, info, warning or error)."""
+    with exit_codes():
+        config = load_server_config(config_path)
+        info = running_daemon(config.directory, "server")
+    reply = _control(config, info.listen, f"LOG {level.lower()}")
+    click.echo(f'Logging level set to "{reply.get("level", level)}".')
 
 
 @main.command()

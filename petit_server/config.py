@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petit.config import LOG_LEVELS, load_toml, root_table
+from petit.config import Table, load_toml, root_table
+from petit.errors import ConfigError
+from petit.logs import LogSettings, read_log_settings
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
+MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
+
+
+MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """``[server.cluster]``: this node's place among several server nodes (on when
+    ``redisUrl`` is set)."""
+
+    redis_url: str = field(repr=False)  # may hold a password
+    node_id: str
+    internal_addr: str
+    internal_port: int
+    advertise_addr: str  # where the other nodes reach internal_port
+    secret: str = field(repr=False)
+    heartbeat_interval: float = 1.0
+    node_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,12 +63,17 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     header_timeout: float = 10.0
     response_timeout: float = 60.0
-    log_level: str = "info"
+    log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
     # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
     registry_backend: str = "file"
-    registry_url: str = "redis://127.0.0.1:6379/0"
+    registry_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # has a password?
     registry_prefix: str = "petit:"
+    # Admin API (petit_server/admin.py): off while admin_token is unset.
+    admin_addr: str = "127.0.0.1"
+    admin_port: int = 8100
+    admin_token: str | None = field(default=None, repr=False)
+    cluster: ClusterConfig | None = None  # None: a single node
 
     @property
     def directory(self) -> Path:
@@ -65,6 +93,8 @@ def load_server_config(path: Path) -> ServerConfig:
     document = load_toml(path, init_hint=f"petit-server init -c {path}")
     server = root_table(document, "server", path)
     registry = server.table("registry")
+    backend = registry.choice("backend", "file", ("file", "redis"))
+    registry_url = registry.string("url", "redis://127.0.0.1:6379/0")
     config = ServerConfig(
         path=path,
         bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
@@ -92,19 +122,88 @@ def load_server_config(path: Path) -> ServerConfig:
         shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
         header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
-        log_level=server.choice("logLevel", "info", LOG_LEVELS),
+        log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
-        registry_backend=registry.choice("backend", "file", ("file", "redis")),
-        registry_url=registry.string("url", "redis://127.0.0.1:6379/0"),
+        registry_backend=backend,
+        registry_url=registry_url,
         registry_prefix=registry.string("prefix", "petit:"),
+        # Admin API
+        admin_addr=server.string("adminAddr", "127.0.0.1"),
+        admin_port=server.port("adminPort", 8100),
+        admin_token=_admin_token(server.optional_string("adminToken")),
+        cluster=read_cluster(server.table("cluster"), registry_url if backend == "redis" else None),
     )
     registry.finish()
     server.finish()
     return config
 
 
-def default_config_text(*, hostname: str) -> str:
-    """The commented config ``petit-server init`` writes."""
+def _admin_token(token: str | None) -> str | None:
+    if token is not None and len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(
+            f"server.adminToken: expected at least {MIN_ADMIN_TOKEN} characters "
+            "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+        )
+    return token
+
+
+def read_cluster(table: Table, registry_url: str | None) -> ClusterConfig | None:
+    """``[server.cluster]``, checked whole even when off. On when ``redisUrl`` is set, or,
+    with a Redis registry (``registry_url``), when ``secret`` is: the node directory then
+    lives in the registry's Redis, so one URL serves both."""
+    secret = table.optional_string("secret")
+    redis_url = table.optional_string("redisUrl")
+    if redis_url is None and secret is not None:
+        redis_url = registry_url
+    node_id = table.optional_string("nodeId")
+    internal_addr = table.string("internalAddr", "0.0.0.0")  # noqa: S104 - peers on other hosts
+    internal_port = table.port("internalPort", 3018)
+    advertise_addr = table.optional_string("advertiseAddr")
+    heartbeat = table.number("heartbeatInterval", 1.0, low=0.05, high=60)
+    timeout = table.number("nodeTimeout", 5.0, low=0.2, high=600)
+    table.finish()
+    if redis_url is None:
+        return None
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"server.cluster.redisUrl: expected a redis://, rediss:// or unix:// URL, "
+            f"got {redis_url.split('@')[-1]!r}"
+        )
+    if secret is None or len(secret) < MIN_CLUSTER_SECRET:
+        raise ConfigError(
+            f"server.cluster.secret: expected the nodes' shared secret, at least "
+            f"{MIN_CLUSTER_SECRET} characters (e.g. openssl rand -hex 32)"
+        )
+    if timeout < 2 * heartbeat:
+        raise ConfigError(
+            f"server.cluster.nodeTimeout: expected at least twice heartbeatInterval "
+            f"({2 * heartbeat:g}), got {timeout:g}"
+        )
+    if advertise_addr is None:
+        advertise_addr = socket.gethostname() if _unspecified(internal_addr) else internal_addr
+    return ClusterConfig(
+        redis_url=redis_url,
+        node_id=node_id or f"{socket.gethostname()}-{internal_port}",
+        internal_addr=internal_addr,
+        internal_port=internal_port,
+        advertise_addr=advertise_addr,
+        secret=secret,
+        heartbeat_interval=heartbeat,
+        node_timeout=timeout,
+    )
+
+
+def _unspecified(address: str) -> bool:
+    """True for a wildcard bind address (0.0.0.0, ::), which peers cannot dial."""
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
+
+
+def default_config_text(*, hostname: str, admin_token: str | None = None) -> str:
+    """The commented config ``petit-server init`` writes (with a fresh admin token)."""
+    token_line = "# adminToken = " if admin_token is None else "adminToken = "
     return f"""\
 # petit server configuration. Relative paths are relative to this file's directory.
 [server]
@@ -114,7 +213,7 @@ bindAddr = "0.0.0.0"
 backPort = 3014
 # HTTP ingress, routed by Host: <ID>.<domain>, <ID>-anything.<domain>, or an alias.
 proxyPort = 8090
-# Control port: STOP, STATUS, PING, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
+# Control port: STOP, STATUS, PING, LOG, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
 # only by default, and only peers in listenAllow are answered.
 listenAddr = "127.0.0.1"
 listenPort = 3016
@@ -151,8 +250,17 @@ openTimeout = 15
 responseTimeout = 60
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
-# debug, info, warning or error
+# debug, info, warning or error (petit-server log LEVEL changes it while running)
 logLevel = "info"
+# JSON lines, rotated at logMaxBytes keeping logBackups old files; changes to
+# registrations, aliases and tokens also go to auditFile.
+logFile = "./logs/server.log"
+auditFile = "./logs/audit.log"
+# Admin API: JSON, /metrics and /dashboard, for requests bearing "Authorization: Bearer
+# <adminToken>". Loopback only by default; off while adminToken is unset.
+adminAddr = "127.0.0.1"
+adminPort = 8100
+{token_line}"{admin_token or "a long random secret"}"
 
 [server.vitae]
 environment = "local"

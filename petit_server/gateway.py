@@ -180,7 +180,9 @@ class Gateway:
         token = token_to_present(
             offered if isinstance(offered, str) else None, require_token=self.config.require_token
         )
-        registration = await self.registry.register(public_key, vitae, token=token)
+        registration = await self.registry.register(
+            public_key, vitae, token=token, actor=f"tunnel:{remote}"
+        )
         rid = registration.registration_id
         log.info("registered %s (port %d) from %s", rid, registration.port, remote)
         return {
@@ -202,7 +204,7 @@ class Gateway:
         transcript = unregister_transcript(nonce, self.certificate_fingerprint, rid)
         if not verify(key or _NOBODY, signature, transcript) or key is None:
             raise AuthError("unregistration refused: not proven with the registration's key")
-        await self.registry.unregister(rid)
+        await self.registry.unregister(rid, actor=f"tunnel:{remote}")
         self.hub.forget(rid)
         log.info("unregistered %s from %s", rid, remote)
         return {"type": "unregistered", "id": rid}

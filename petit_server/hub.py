@@ -2,6 +2,9 @@
 
 Plain data, synchronous methods (trio switches tasks only at ``await``). Several sessions
 may serve one registration; new streams go round-robin to the ones not draining.
+
+``Upstreams`` is what the ingress and the TCP ports need to reach a private service: the
+Hub provides it on a single node, ``cluster.Cluster`` (the hub, else another node) on several.
 """
 
 from __future__ import annotations
@@ -9,10 +12,31 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
-from petit.session import TunnelSession
+from petit.logs import audit
+from petit.session import SessionClosedError, TunnelSession, TunnelStream
+
+
+class Upstreams(Protocol):
+    """Where public connections for a registration go."""
+
+    @property
+    def changed(self) -> trio.Event:
+        """Set (and replaced) whenever ``served_ids`` may have changed."""
+
+    def served_ids(self) -> set[str]:
+        """Registrations that can be reached now."""
+
+    async def open_stream(self, registration_id: str) -> trio.abc.HalfCloseableStream:
+        """A new stream to the registration's private service.
+
+        Raises:
+            SessionClosedError: nobody serves the registration (503).
+            StreamRefusedError: the private service refused (502).
+        """
 
 
 @dataclass(slots=True)
@@ -62,6 +86,13 @@ class Hub:
             if not attachment.registration_ids:
                 attachment.session.go_away("registration unregistered")
                 attachment.emptied.set()
+                audit(
+                    "session.evicted",
+                    f"tunnel from {attachment.remote} evicted: {registration_id} unregistered",
+                    actor="server",
+                    id=registration_id,
+                    remote=attachment.remote,
+                )
         self._notify()
 
     def _notify(self) -> None:
@@ -78,6 +109,13 @@ class Hub:
         if not candidates:
             return None
         return candidates[next(self._turn) % len(candidates)]
+
+    async def open_stream(self, registration_id: str) -> TunnelStream:
+        """A new stream through one of the registration's sessions (see ``Upstreams``)."""
+        session = self.session_for(registration_id)
+        if session is None:
+            raise SessionClosedError(f"registration {registration_id} is offline")
+        return await session.open_stream(registration_id)
 
     def is_online(self, registration_id: str) -> bool:
         """True if a session serves this registration."""

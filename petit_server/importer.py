@@ -107,8 +107,11 @@ def read_redis_source(url: str, prefix: str | None) -> Source:
         if client.exists(f"{original}allids"):
             return _original_redis(client, original)
         petit_prefix = prefix if prefix is not None else PETIT_PREFIX
-        registry = open_registry(_redis_config(url, petit_prefix))
+        from petit_server.redis_registry import RedisRegistry  # redis is importable here
+
+        registry = RedisRegistry(url, prefix=petit_prefix, first_port=0)
         try:
+            registry.load()
             return Source(registry.snapshot())
         finally:
             registry.close()
@@ -297,19 +300,6 @@ def _report(outcome: Outcome, target: Registry, *, dry_run: bool, claim_file: Pa
             "nothing in the target was replaced",
             ExitCode.FAILURE,
         )
-
-
-def _redis_config(url: str, prefix: str) -> ServerConfig:
-    """A config whose only purpose is to open a Redis registry."""
-    return ServerConfig(
-        path=Path("/nonexistent/config.toml"),
-        registry_file=Path("/nonexistent/registry.json"),
-        certificate=Path("/nonexistent/server.crt"),
-        key=Path("/nonexistent/server.key"),
-        registry_backend="redis",
-        registry_url=url,
-        registry_prefix=prefix,
-    )
 
 
 def _write_into(

@@ -29,7 +29,8 @@ import h11
 import trio
 
 from petit.errors import first_leaf
-from petit.session import SessionClosedError, StreamRefusedError, TunnelSession, TunnelStream
+from petit.session import SessionClosedError, StreamRefusedError
+from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
 
@@ -72,17 +73,19 @@ class Routing:
     """What the ingress needs from the server: which registration a Host names, who serves it."""
 
     route: Callable[[str], str | None]  # Host header -> registered ID (alias or ID rule) or None
-    session_for: Callable[[str], TunnelSession | None]
+    # a stream to a registration's private service (hub.Upstreams.open_stream)
+    open_upstream: Callable[[str], Awaitable[trio.abc.HalfCloseableStream]]
     open_timeout: float
     header_timeout: float
     response_timeout: float = 60.0
     idle_timeout: float = 75.0
+    usage: UsageStore | None = None  # where each routed request's usage is recorded
 
 
 class _Upstream:
     """One tunnel stream to one registration's private service, with its own h11 client."""
 
-    def __init__(self, registration_id: str, stream: TunnelStream) -> None:
+    def __init__(self, registration_id: str, stream: trio.abc.HalfCloseableStream) -> None:
         self.registration_id = registration_id
         self.stream = stream
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -91,7 +94,7 @@ class _Upstream:
         while True:
             event = self.http.next_event()
             if event is h11.NEED_DATA:
-                self.http.receive_data(await self.stream.receive_some(READ_CHUNK))
+                self.http.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
                 continue
             assert isinstance(event, h11.Event), "h11 pauses only between cycles"
             return event
@@ -137,6 +140,7 @@ class IngressConnection:
         self._redirect_to_port = redirect_to_port
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
+        self._meter = RequestMeter(routing.usage)
 
     async def run(self) -> None:
         """Serve requests until the connection should close."""
@@ -145,14 +149,17 @@ class IngressConnection:
                 request = await self._read_request_head()
                 if request is None:
                     return
+                self._meter.begin(request)
                 if self._redirect_to_port is None:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
+                self._meter.end(complete=self._http.our_state in (h11.DONE, h11.MUST_CLOSE))
                 if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
                     return  # must close, or a response was cut short
                 self._http.start_next_cycle()
         finally:
+            self._meter.end(complete=False)  # a request an exception cut short, if any
             await self._drop_upstream()
 
     async def _receive_into_http(self) -> None:
@@ -160,6 +167,7 @@ class IngressConnection:
             data = bytes(await self._stream.receive_some(READ_CHUNK))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        self._meter.received(len(data))
         self._http.receive_data(data)
 
     async def _next_public_event(self) -> h11.Event:
@@ -212,6 +220,9 @@ class IngressConnection:
         if registration_id is None:
             await self._refuse(404)
             return
+        self._meter.routed(registration_id)
+        # Never the target: a query string may carry the caller's secrets.
+        log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
         if self._http.they_are_waiting_for_100_continue:
             await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
         bad_body: h11.RemoteProtocolError | None = None
@@ -236,12 +247,9 @@ class IngressConnection:
         if self._upstream is not None and self._upstream.registration_id == registration_id:
             return self._upstream
         await self._drop_upstream()
-        session = self._routing.session_for(registration_id)
-        if session is None:
-            raise _UpstreamFailedError(503)
         try:
             with trio.fail_after(self._routing.open_timeout):
-                stream = await session.open_stream(registration_id)
+                stream = await self._routing.open_upstream(registration_id)
         except StreamRefusedError:
             raise _UpstreamFailedError(502) from None
         except trio.TooSlowError:
@@ -347,6 +355,7 @@ class IngressConnection:
     async def _send_public(self, event: h11.Event) -> None:
         data = self._http.send(event)
         if data:
+            self._meter.sent(event, len(data))
             await self._stream.send_all(data)
 
     async def _redirect_to_https(self, request: h11.Request, port: int) -> None:
@@ -358,6 +367,7 @@ class IngressConnection:
             await self._send_simple(308, b"", extra_headers=[(b"location", location)])
 
     async def _refuse(self, status: int) -> None:
+        self._meter.refused()
         await self._discard_request_body()
         await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
 

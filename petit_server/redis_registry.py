@@ -47,6 +47,7 @@ from petit_server.registry import (
     CLAIM_REFUSED,
     ENROLLMENT_REFUSED,
     FIRST_ID,
+    SERVER_ACTOR,
     EnrollmentToken,
     MergePlan,
     Progress,
@@ -54,6 +55,11 @@ from petit_server.registry import (
     RegistryError,
     RegistryUnavailableError,
     Snapshot,
+    audit_alias,
+    audit_registered,
+    audit_token_created,
+    audit_token_revoked,
+    audit_unregistered,
     check_alias,
     new_token,
     redacted_url,
@@ -131,7 +137,7 @@ if token then
   changed('token', tid)
 end
 changed('registration', id)
-return {'ok', id, port}
+return {'ok', id, port, tid or ''}
 """
 )
 
@@ -142,17 +148,18 @@ _UNREGISTER = (
 local id = ARGV[2]
 local key = p .. 'registration:' .. id
 local raw = redis.call('GET', key)
-if not raw then return 0 end
+if not raw then return {'missing'} end
 local port = cjson.decode(raw).port
 if redis.call('GET', p .. 'port:' .. port) == id then redis.call('DEL', p .. 'port:' .. port) end
-for _, alias in ipairs(redis.call('SMEMBERS', p .. 'aliases:' .. id)) do
+local aliases = redis.call('SMEMBERS', p .. 'aliases:' .. id)
+for _, alias in ipairs(aliases) do
   local alias_key = p .. 'alias:' .. alias
   if redis.call('GET', alias_key) == id then redis.call('DEL', alias_key) end
 end
 redis.call('DEL', key, p .. 'aliases:' .. id)
 redis.call('SREM', p .. 'ids', id)
 changed('registration', id)
-return 1
+return {'ok', unpack(aliases)}
 """
 )
 
@@ -173,12 +180,12 @@ _REMOVE_ALIAS = (
     _LUA_HEAD
     + """
 local owner = redis.call('GET', p .. 'alias:' .. ARGV[2])
-if not owner then return 'not an alias' end
-if ARGV[3] ~= '' and owner ~= ARGV[3] then return 'not yours' end
+if not owner then return {'not an alias'} end
+if ARGV[3] ~= '' and owner ~= ARGV[3] then return {'not yours'} end
 redis.call('DEL', p .. 'alias:' .. ARGV[2])
 redis.call('SREM', p .. 'aliases:' .. owner, ARGV[2])
 changed('registration', owner)
-return 'ok'
+return {'ok', owner}
 """
 )
 
@@ -594,11 +601,15 @@ class RedisRegistry:
         return reply
 
     async def register(
-        self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
+        self,
+        public_key: bytes,
+        vitae: dict[str, str],
+        *,
+        token: str | None = None,
+        actor: str = SERVER_ACTOR,
     ) -> Registration:
         """A fresh ID and port (or, with a claim token, the key of the ID it is bound to)."""
         digest = "" if token is None else token_digest(token)
-        token_ids = [t.token_id for t in self._tokens.values() if t.digest == digest]
         reply = await self._change(
             "register",
             [
@@ -609,7 +620,7 @@ class RedisRegistry:
                 digest,
                 FIRST_ID - 1,
             ],
-            lambda r: ([r[1]] if r[0] == "ok" else [], token_ids),
+            lambda r: ([r[1]], [r[3]] if r[3] else []) if r[0] == "ok" else ([], []),
         )
         if reply[0] != "ok":
             assert token is not None
@@ -617,13 +628,23 @@ class RedisRegistry:
         registration = self._registrations.get(reply[1])
         if registration is None:
             raise RegistryError(f"{self.where}: registration {reply[1]} vanished at once")
+        token_id = reply[3] or None
+        used = None if token_id is None else self._tokens.get(token_id)
+        claimed = used is not None and used.for_id is not None
+        audit_registered(registration, token_id, claimed=claimed, actor=actor)
         return registration
 
-    async def unregister(self, registration_id: str) -> None:
+    async def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Remove a registration, its port and its aliases."""
-        await self._change("unregister", [registration_id], lambda _: ([registration_id], []))
+        reply = await self._change(
+            "unregister", [registration_id], lambda _: ([registration_id], [])
+        )
+        if reply[0] == "ok":
+            audit_unregistered(registration_id, sorted(reply[1:]), actor=actor)
 
-    async def add_alias(self, alias: str, registration_id: str) -> None:
+    async def add_alias(
+        self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Bind a hostname to a registration; RegistryError says why not."""
         alias = alias.lower()
         check_alias(alias)
@@ -634,23 +655,26 @@ class RedisRegistry:
             raise RegistryError(f"No such registeredId {registration_id}.")
         if reply == "exists":
             raise RegistryError(f"Alias {alias} already exists.")
+        audit_alias("alias.added", alias, registration_id, actor=actor)
 
-    async def remove_alias(self, alias: str, registration_id: str | None = None) -> None:
+    async def remove_alias(
+        self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Unbind a hostname (from ``registration_id`` only, when given)."""
         alias = alias.lower()
-        owner = self._alias_owner.get(alias)
         reply = await self._change(
             "remove_alias",
             [alias, registration_id or ""],
-            lambda _: ([owner] if owner else [], []),
+            lambda r: (r[1:], []),
         )
-        if reply == "not an alias":
+        if reply[0] == "not an alias":
             raise RegistryError(f"{alias} is not an alias.")
-        if reply == "not yours":
+        if reply[0] == "not yours":
             raise RegistryError(f"{alias} is not an alias of {registration_id}.")
+        audit_alias("alias.removed", alias, reply[1], actor=actor)
 
     async def create_token(
-        self, note: str, *, for_id: str | None = None
+        self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
     ) -> tuple[EnrollmentToken, str]:
         """A new token and its secret (the only time the secret exists outside the client)."""
         token, secret = new_token("0", note, for_id)
@@ -668,15 +692,17 @@ class RedisRegistry:
                 "without a usable key can be claimed."
             )
         token.token_id = reply[1]
+        audit_token_created(token, actor=actor)
         return token, secret
 
-    async def revoke_token(self, token_id: str) -> None:
+    async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Make an unused token worthless."""
         reply = await self._change("revoke_token", [token_id, _now()], lambda _: ([], [token_id]))
         if reply == "missing":
             raise RegistryError(f"No such token {token_id}.")
         if reply != "ok":
             raise RegistryError(f"Token {token_id} is already {reply}.")
+        audit_token_revoked(token_id, actor=actor)
 
     async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
         """Add a planned import, each registration atomically; what another writer took

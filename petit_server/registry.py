@@ -33,6 +33,7 @@ import trio
 
 from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, ConfigError, PetitError
+from petit.logs import audit
 from petit.statefile import read_json, write_json_atomic
 from petit_server.config import ServerConfig
 from petit_server.ingress import registration_id_for_host
@@ -41,6 +42,7 @@ FIRST_ID = 1001
 FORMAT_VERSION = 1
 ENROLLMENT_PREFIX = "pt_"
 CLAIM_PREFIX = "pc_"  # a token bound to one registration that awaits its key (see importer)
+SERVER_ACTOR = "server"  # who changed the registry, in audit records, unless the caller says
 MAX_NOTE = 200  # characters
 MAX_HOSTNAME = 253  # characters, the DNS limit
 ENROLLMENT_REFUSED = (
@@ -173,16 +175,27 @@ class Registry(Protocol):
     def tokens(self) -> list[EnrollmentToken]: ...
     def snapshot(self) -> Snapshot: ...
 
+    # ``actor`` (who asked: ``tunnel:<ip>``, ``control``, ``admin:<ip>``, ``offline:<user>``)
+    # goes into the audit records each change writes.
     async def register(
-        self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
+        self,
+        public_key: bytes,
+        vitae: dict[str, str],
+        *,
+        token: str | None = None,
+        actor: str = SERVER_ACTOR,
     ) -> Registration: ...
-    async def unregister(self, registration_id: str) -> None: ...
-    async def add_alias(self, alias: str, registration_id: str) -> None: ...
-    async def remove_alias(self, alias: str, registration_id: str | None = None) -> None: ...
+    async def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None: ...
+    async def add_alias(
+        self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
+    ) -> None: ...
+    async def remove_alias(
+        self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
+    ) -> None: ...
     async def create_token(
-        self, note: str, *, for_id: str | None = None
+        self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
     ) -> tuple[EnrollmentToken, str]: ...
-    async def revoke_token(self, token_id: str) -> None: ...
+    async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None: ...
     async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
         """Add a planned import; what another writer took meanwhile comes back as conflicts."""
 
@@ -294,7 +307,12 @@ class FileRegistry:
         return copy.deepcopy(Snapshot(self.all(), self.tokens(), self._next_id))
 
     async def register(
-        self, public_key: bytes, vitae: dict[str, str], *, token: str | None = None
+        self,
+        public_key: bytes,
+        vitae: dict[str, str],
+        *,
+        token: str | None = None,
+        actor: str = SERVER_ACTOR,
     ) -> Registration:
         """Create a registration with a fresh ID and port; saved before it is returned.
 
@@ -304,7 +322,7 @@ class FileRegistry:
         """
         enrollment = None if token is None else self._unused_token(token)
         if enrollment is not None and enrollment.for_id is not None:
-            return self._claim(enrollment, public_key, vitae)
+            return self._claim(enrollment, public_key, vitae, actor)
         used_ports = {r.port for r in self._registrations.values()}
         port = self._first_port
         while port in used_ports:
@@ -322,10 +340,12 @@ class FileRegistry:
             if enrollment is not None:
                 enrollment.used_by = registration.registration_id
                 enrollment.used_at = registration.created
+        token_id = None if enrollment is None else enrollment.token_id
+        audit_registered(registration, token_id, claimed=False, actor=actor)
         return registration
 
     def _claim(
-        self, enrollment: EnrollmentToken, public_key: bytes, vitae: dict[str, str]
+        self, enrollment: EnrollmentToken, public_key: bytes, vitae: dict[str, str], actor: str
     ) -> Registration:
         registration = self._registrations.get(enrollment.for_id or "")
         if registration is None or registration.public_key:
@@ -335,14 +355,17 @@ class FileRegistry:
             registration.vitae = {**registration.vitae, **vitae}
             enrollment.used_by = registration.registration_id
             enrollment.used_at = time.time()
+        audit_registered(registration, enrollment.token_id, claimed=True, actor=actor)
         return registration
 
-    async def unregister(self, registration_id: str) -> None:
+    async def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Remove a registration and its aliases (the caller has checked the proof)."""
-        if registration_id not in self._registrations:
+        registration = self._registrations.get(registration_id)
+        if registration is None:
             return
         with self._change():
             del self._registrations[registration_id]
+        audit_unregistered(registration_id, registration.aliases, actor=actor)
 
     async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
         """Add a planned import in one save (the plan was made from this registry's snapshot)."""
@@ -365,7 +388,9 @@ class FileRegistry:
         """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
         return route_host(host, self._alias_owner, self._registrations)
 
-    async def add_alias(self, alias: str, registration_id: str) -> None:
+    async def add_alias(
+        self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Bind a hostname to a registration; RegistryError says why not."""
         alias = alias.lower()
         check_alias(alias)
@@ -376,8 +401,11 @@ class FileRegistry:
             raise RegistryError(f"Alias {alias} already exists.")
         with self._change():
             registration.aliases.append(alias)
+        audit_alias("alias.added", alias, registration_id, actor=actor)
 
-    async def remove_alias(self, alias: str, registration_id: str | None = None) -> None:
+    async def remove_alias(
+        self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Unbind a hostname (from ``registration_id`` only, when given)."""
         alias = alias.lower()
         owner = self._alias_owner.get(alias)
@@ -387,6 +415,7 @@ class FileRegistry:
             raise RegistryError(f"{alias} is not an alias of {registration_id}.")
         with self._change():
             self._registrations[owner].aliases.remove(alias)
+        audit_alias("alias.removed", alias, owner, actor=actor)
 
     # ---------------------------------------------------------------- enrollment tokens
 
@@ -395,7 +424,7 @@ class FileRegistry:
         return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
     async def create_token(
-        self, note: str, *, for_id: str | None = None
+        self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
     ) -> tuple[EnrollmentToken, str]:
         """A new token and its secret (the only time the secret exists outside the client)."""
         if for_id is not None:
@@ -405,9 +434,10 @@ class FileRegistry:
         )
         with self._change():
             self._tokens[token.token_id] = token
+        audit_token_created(token, actor=actor)
         return token, secret
 
-    async def revoke_token(self, token_id: str) -> None:
+    async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Make an unused token worthless."""
         token = self._tokens.get(token_id)
         if token is None:
@@ -416,6 +446,7 @@ class FileRegistry:
             raise RegistryError(f"Token {token_id} is already {token.state}.")
         with self._change():
             self._tokens[token_id].revoked_at = time.time()
+        audit_token_revoked(token_id, actor=actor)
 
     def _unused_token(self, secret: str) -> EnrollmentToken:
         digest = token_digest(secret)
@@ -458,6 +489,67 @@ def open_registry(
             registry.close()
             raise
     return registry
+
+
+def audit_registered(
+    registration: Registration, token_id: str | None, *, claimed: bool, actor: str
+) -> None:
+    """The audit records of a new registration (or a claimed one) and of the token it used;
+    both backends write the same records."""
+    rid = registration.registration_id
+    audit(
+        "registration.claimed" if claimed else "registration.created",
+        f"{'claimed' if claimed else 'registered'} {rid}",
+        actor=actor,
+        id=rid,
+        port=registration.port,
+        fingerprint=registration.fingerprint,
+    )
+    if token_id is not None:
+        audit(
+            "token.used",
+            f"token {token_id} registered {rid}",
+            actor=actor,
+            token=token_id,
+            id=rid,
+        )
+
+
+def audit_unregistered(registration_id: str, aliases: list[str], *, actor: str) -> None:
+    """The audit record of a removed registration (with the aliases that went with it)."""
+    audit(
+        "registration.deleted",
+        f"unregistered {registration_id}",
+        actor=actor,
+        id=registration_id,
+        aliases=aliases,
+    )
+
+
+def audit_alias(event: str, alias: str, registration_id: str, *, actor: str) -> None:
+    """The audit record of ``alias.added`` or ``alias.removed``."""
+    preposition = "to" if event == "alias.added" else "from"
+    verb = event.partition(".")[2]
+    audit(
+        event,
+        f"alias {alias} {verb} {preposition} {registration_id}",
+        actor=actor,
+        alias=alias,
+        id=registration_id,
+    )
+
+
+def audit_token_created(token: EnrollmentToken, *, actor: str) -> None:
+    """The audit record of a new token: its ID and note (a claim token: its ID to claim)."""
+    fields: dict[str, object] = {"token": token.token_id, "note": token.note}
+    if token.for_id is not None:
+        fields["for_id"] = token.for_id
+    audit("token.created", f"token {token.token_id} created", actor=actor, **fields)
+
+
+def audit_token_revoked(token_id: str, *, actor: str) -> None:
+    """The audit record of a revoked token."""
+    audit("token.revoked", f"token {token_id} revoked", actor=actor, token=token_id)
 
 
 def redacted_url(url: str) -> str:
@@ -573,31 +665,36 @@ def _same_identity(existing: Registration, imported: Registration) -> bool:
     return existing.port == imported.port and imported.public_key in (existing.public_key, b"")
 
 
-async def apply_command(registry: Registry, verb: str, args: list[str]) -> dict[str, object] | None:
+async def apply_command(
+    registry: Registry, verb: str, args: list[str], *, actor: str
+) -> dict[str, object] | None:
     """The control commands that change the registry, as the live server and offline edits
     both run them: ``ADDALIAS <id> <alias>``, ``DELALIAS [<id>] <alias>``, ``TOKEN CREATE
     [note…]``, ``TOKEN CLAIM <id> [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if
-    ``verb`` is none of them.
+    ``verb`` is none of them. ``actor`` (``control``, ``admin:<ip>``, ``offline:<user>``)
+    goes into the audit records.
     """
     subcommand = args[0].upper() if verb == "TOKEN" and args else ""
     try:
         match verb, args:
             case "ADDALIAS", [registration_id, alias]:
-                await registry.add_alias(alias, registration_id)
+                await registry.add_alias(alias, registration_id, actor=actor)
             case "DELALIAS", [alias]:
-                await registry.remove_alias(alias)
+                await registry.remove_alias(alias, actor=actor)
             case "DELALIAS", [registration_id, alias]:
-                await registry.remove_alias(alias, registration_id)
+                await registry.remove_alias(alias, registration_id, actor=actor)
             case "TOKEN", [_, *note] if subcommand == "CREATE":
-                token, secret = await registry.create_token(" ".join(note))
+                token, secret = await registry.create_token(" ".join(note), actor=actor)
                 return {"success": True, "id": token.token_id, "token": secret}
             case "TOKEN", [_, for_id, *note] if subcommand == "CLAIM":
-                token, secret = await registry.create_token(" ".join(note), for_id=for_id)
+                token, secret = await registry.create_token(
+                    " ".join(note), for_id=for_id, actor=actor
+                )
                 return {"success": True, "id": token.token_id, "token": secret}
             case "TOKEN", [_] if subcommand == "LIST":
                 return {"success": True, "tokens": [_token_summary(t) for t in registry.tokens()]}
             case "TOKEN", [_, token_id] if subcommand == "REVOKE":
-                await registry.revoke_token(token_id)
+                await registry.revoke_token(token_id, actor=actor)
             case (("ADDALIAS" | "DELALIAS" | "TOKEN"), _):
                 return {"success": False, "error": f"usage: {COMMAND_USAGE[verb]}"}
             case _:

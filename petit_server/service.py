@@ -9,6 +9,8 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 from __future__ import annotations
 
 import logging
+import ssl
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -19,16 +21,21 @@ from trio_websocket import serve_websocket
 from petit import __version__
 from petit.control import serve_control
 from petit.errors import PetitError
+from petit.httpapi import serve_api
 from petit.lockfile import ProcessLock
+from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
+from petit_server.admin import AdminApi, AdminSources
+from petit_server.cluster import Cluster
 from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
-from petit_server.hub import Attachment, Hub
+from petit_server.hub import Attachment, Hub, Upstreams
 from petit_server.ingress import Routing, serve_ingress
 from petit_server.registry import Registration, Registry, apply_command, open_registry
 from petit_server.tcpports import TcpPorts
+from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
 
@@ -42,16 +49,30 @@ class ServerService:
         self.registry: Registry = open_registry(config)
         self.registry.close()
         self.hub = Hub()
+        self.usage = UsageStore()
+        self.cluster = (
+            None
+            if config.cluster is None
+            else Cluster(
+                config.cluster,
+                self.hub,
+                ping_interval=config.ping_interval,
+                open_timeout=config.open_timeout,
+                handshake_timeout=config.handshake_timeout,
+            )
+        )
+        self.upstreams: Upstreams = self.hub if self.cluster is None else self.cluster
         self.tcp_ports = TcpPorts(
-            self.hub,
+            self.upstreams,
             lambda rid: self.registry.get(rid),  # late-bound: serve() reloads the registry
             host=config.tcp_addr,
             open_timeout=config.open_timeout,
+            usage=self.usage,
         )
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
-        """The control port's commands: STOP, PING, STATUS [ID], and the registry commands
+        """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
         (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs."""
         if verb == "STOP":
             self._stop.set()
@@ -59,13 +80,15 @@ class ServerService:
         if verb == "PING":
             return {"success": True, "type": "didPing1", "version": __version__}
         if verb == "STATUS" and len(args) <= 1:
-            return self._status(args[0] if args else None)
-        reply = await apply_command(self.registry, verb, args)
+            return self.status(args[0] if args else None)
+        if verb == "LOG":
+            return set_level(args[0].lower() if args else "debug")
+        reply = await apply_command(self.registry, verb, args, actor="control")
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply
 
-    def _status(self, registration_id: str | None) -> dict[str, object]:
+    def status(self, registration_id: str | None) -> dict[str, object]:
         """Every registration in brief, or one with its vitae and sessions."""
         sessions: dict[str, list[Attachment]] = {}
         for attachment in self.hub.attachments():
@@ -75,7 +98,14 @@ class ServerService:
             connections = [
                 self._summary(r, sessions.get(r.registration_id, [])) for r in self.registry.all()
             ]
-            return {"success": True, "status": "running", "connections": connections}
+            cluster = {} if self.cluster is None else {"cluster": self.cluster.status()}
+            return {
+                "success": True,
+                "status": "running",
+                "tasks": _task_count(),
+                "connections": connections,
+                **cluster,
+            }
         registration = self.registry.get(registration_id)
         if registration is None:
             return {"success": False, "error": f"No such registeredId {registration_id}."}
@@ -121,10 +151,11 @@ class ServerService:
         gateway = Gateway(config, self.registry, self.hub, fingerprint)
         routing = Routing(
             route=self.registry.route,
-            session_for=self.hub.session_for,
+            open_upstream=self.upstreams.open_stream,
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
             response_timeout=config.response_timeout,
+            usage=self.usage,
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:
@@ -176,6 +207,23 @@ class ServerService:
                     config.listen_port,
                     control,
                 )
+                if self.cluster is not None:
+                    ports["cluster"] = await self._join_cluster(
+                        self.cluster, listeners, handlers, ssl_context, fingerprint
+                    )
+                if config.admin_token is not None:
+                    api = self._admin_api(config.admin_token)
+                    admin = partial(serve_api, api.answer, handler_nursery=handlers)
+                    ports["admin"] = await _bind(
+                        listeners,
+                        "admin API",
+                        "adminPort",
+                        config.admin_addr,
+                        config.admin_port,
+                        admin,
+                    )
+                else:
+                    log.warning("admin API off: set adminToken in [server] to turn it on")
                 await listeners.start(self.tcp_ports.run, handlers)
                 lock.write_pid(ports["control"], ready=True, ports=ports)
                 log.info("server %s ready: %s", __version__, _describe(config, ports))
@@ -184,13 +232,64 @@ class ServerService:
             await self._drain(handlers)
         self.registry.close()
 
+    def _admin_api(self, token: str) -> AdminApi:
+        sources = AdminSources(
+            registry=self.registry,
+            hub=self.hub,
+            usage=self.usage,
+            status=self.status,
+            registry_command=partial(apply_command, self.registry),
+            started=time.time(),
+        )
+        return AdminApi(token, sources)
+
+    async def _join_cluster(
+        self,
+        cluster: Cluster,
+        listeners: trio.Nursery,
+        handlers: trio.Nursery,
+        ssl_context: ssl.SSLContext,
+        fingerprint: bytes,
+    ) -> int:
+        """Listen for the other nodes' links, then start the heartbeat, which advertises the
+        bound port. Links and heartbeat run in ``handlers``: forwarded streams drain on stop."""
+        links = partial(
+            cluster.serve_links,
+            ssl_context=ssl_context,
+            fingerprint=fingerprint,
+            handler_nursery=handlers,
+        )
+        internal = cluster.config
+        port: int = await _bind(
+            listeners,
+            "cluster link port",
+            "cluster.internalPort",
+            internal.internal_addr,
+            internal.internal_port,
+            links,
+        )
+        await handlers.start(cluster.run)
+        return port
+
     async def _drain(self, handlers: trio.Nursery) -> None:
         log.info("stopping: draining %d in-flight stream(s)", self.hub.active_streams)
         self.hub.go_away_all("server shutting down")
         with trio.move_on_after(self.config.shutdown_grace):
+            if self.cluster is not None:
+                await self.cluster.leave()
+                await self.cluster.wait_idle()
             await self.hub.wait_idle()
         handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+def _task_count() -> int:
+    """The trio tasks alive in this process: a count that keeps growing is a leak."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [] if root is None else [root]
+    for task in tasks:  # grows as it goes: a breadth-first walk of the task tree
+        tasks.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return len(tasks)
 
 
 def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
@@ -203,6 +302,11 @@ def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
         parts.append(f"HTTPS ingress {public}:{ports['https']}")
     parts.append(f"TCP ports on {config.tcp_addr}")
     parts.append(f"control {config.listen_addr}:{ports['control']}")
+    if "admin" in ports:
+        parts.append(f"admin API http://{config.admin_addr}:{ports['admin']}/dashboard")
+    if config.cluster is not None:
+        node = config.cluster
+        parts.append(f"cluster node {node.node_id} links {node.internal_addr}:{ports['cluster']}")
     return ", ".join(parts)
 
 

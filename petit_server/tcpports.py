@@ -2,8 +2,9 @@
 
 # Theory of operation
 
-- One manager task follows the hub: whenever a session attaches or detaches it compares the
-  registrations that are served with the ports that listen, opens the missing listeners and
+- One manager task follows the upstreams (the hub; on a cluster node, also the registrations
+  other nodes hold): whenever they change it compares the registrations that are served with
+  the ports that listen, opens the missing listeners and
   cancels the ones whose registration went offline, so the port is free at once.
 - Each accepted connection opens one tunnel stream to the registration (bounded by
   ``open_timeout``) and is spliced to it; a refused or timed-out open closes the connection.
@@ -25,8 +26,9 @@ from functools import partial
 import trio
 
 from petit.session import StreamRefusedError, splice
-from petit_server.hub import Hub
+from petit_server.hub import Upstreams
 from petit_server.registry import Registration
+from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
 
@@ -45,16 +47,18 @@ class TcpPorts:
 
     def __init__(
         self,
-        hub: Hub,
+        upstreams: Upstreams,
         registration_for: Callable[[str], Registration | None],
         *,
         host: str,
         open_timeout: float,
+        usage: UsageStore | None = None,
     ) -> None:
-        self._hub = hub
+        self._upstreams = upstreams
         self._registration_for = registration_for
         self._host = host
         self._open_timeout = open_timeout
+        self._usage = usage
         self._listeners: dict[str, _Listener] = {}
         self._closing: dict[str, trio.Event] = {}  # set once a cancelled listener let go
         self._listening: set[str] = set()
@@ -73,18 +77,18 @@ class TcpPorts:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Follow the hub until cancelled; cancelling closes every listener."""
+        """Follow the upstreams until cancelled; cancelling closes every listener."""
         async with trio.open_nursery() as listeners:
             task_status.started()
             while True:
-                changed = self._hub.changed  # taken first: a change while we work is not lost
+                changed = self._upstreams.changed  # taken first: a change while we work is not lost
                 self._reconcile(listeners, handler_nursery)
                 await changed.wait()
 
     def _reconcile(self, listeners: trio.Nursery, handler_nursery: trio.Nursery) -> None:
         wanted = {
             rid: registration.port
-            for rid in self._hub.served_ids()
+            for rid in self._upstreams.served_ids()
             if (registration := self._registration_for(rid)) is not None
         }
         for rid, listener in list(self._listeners.items()):
@@ -148,16 +152,16 @@ class TcpPorts:
             log.exception("bug while carrying a TCP connection for %s", registration_id)
 
     async def _splice_to_tunnel(self, registration_id: str, connection: trio.SocketStream) -> None:
-        session = self._hub.session_for(registration_id)
-        if session is None:
-            return
         try:
             with trio.fail_after(self._open_timeout):
-                stream = await session.open_stream(registration_id)
+                stream = await self._upstreams.open_stream(registration_id)
         except (StreamRefusedError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             log.info("TCP connection for %s refused: %s", registration_id, str(exc) or "timeout")
             return
+        traffic = (
+            None if self._usage is None else self._usage.record_tcp_connection(registration_id)
+        )
         try:
-            await splice(connection, stream)
+            await splice(connection, stream, traffic)
         finally:
             await stream.aclose()

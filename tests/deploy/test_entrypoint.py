@@ -38,6 +38,7 @@ def _prepare_state(state: Path) -> None:
         backPort=0,
         proxyPort=0,
         listenPort=0,
+        adminPort=0,
         shutdownGrace=1,
     )
 

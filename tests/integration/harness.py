@@ -59,6 +59,7 @@ EXIT_TIMEOUT = 15.0  # seconds for a stopped daemon to exit
 PING_INTERVAL = 0.5  # seconds, server and client pingInterval in every test config
 RECONNECT_MAX_DELAY = 1.0  # seconds, client reconnectMaxDelay (default 5) to keep tests short
 UNAVAILABLE = b'{"g2c":"unavailable"}'
+SOAK = os.environ.get("PETIT_SOAK") == "1"  # the long variants of the fault tests
 
 Predicate = Callable[[], bool | Awaitable[bool]]
 
@@ -95,6 +96,15 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return f"({path} does not exist)"
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON-lines records of a petit log or audit file (each line must parse)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -264,6 +274,10 @@ class PetitServer:
         return self.directory / "logs" / "server.log"
 
     @property
+    def audit_log(self) -> Path:
+        return self.directory / "logs" / "audit.log"
+
+    @property
     def tunnel_port(self) -> int:
         return self.ports["tunnel"]
 
@@ -287,6 +301,7 @@ class PetitServer:
             "backPort": 0,
             "proxyPort": 0,
             "listenPort": 0,
+            "adminPort": 0,
             "pingInterval": PING_INTERVAL,
         }
         edit_config(self.config, "server", **{**values, **settings})
@@ -329,6 +344,36 @@ class PetitServer:
         """A command on the control port, in-process (what ``petit-server status`` sends)."""
         with trio.fail_after(5):
             return await send_control("127.0.0.1", self.control_port, command)
+
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
+
+    @property
+    def admin_token(self) -> str:
+        """The admin API's bearer token, as ``init`` wrote it into the config."""
+        token = tomllib.loads(self.config.read_text())["server"]["adminToken"]
+        assert isinstance(token, str)
+        return token
+
+    async def admin(
+        self, path: str, *, method: str = "GET", body: bytes = b"", token: str | None = ""
+    ) -> HttpResponse:
+        """One admin API request, bearing the server's token; ``token`` another one, or None
+        for no Authorization header at all."""
+        bearer = self.admin_token if token == "" else token
+        headers = [] if bearer is None else [("Authorization", f"Bearer {bearer}")]
+        return await http_request(
+            self.admin_port, "127.0.0.1", method, path, body, headers=headers, timeout=10
+        )
+
+    async def admin_json(self, path: str) -> dict[str, Any]:
+        """GET an admin endpoint that must answer 200 with a JSON object."""
+        response = await self.admin(path)
+        assert response.status == 200, (path, response)
+        document = json.loads(response.body)
+        assert isinstance(document, dict), document
+        return document
 
     async def sessions_of(self, registration_id: str) -> int:
         """How many tunnel sessions serve a registration right now."""
@@ -390,6 +435,7 @@ class PetitClient:
             self.config,
             "client",
             listenPort=0,
+            statusPort=0,
             pingInterval=PING_INTERVAL,
             reconnectMaxDelay=RECONNECT_MAX_DELAY,
         )
@@ -436,7 +482,7 @@ class PetitClient:
 
     async def status(self) -> dict[str, object]:
         """``petit-client status``, parsed."""
-        document = json.loads((await self.cli("status")).stdout)
+        document = json.loads((await self.cli("status", "--json")).stdout)
         assert isinstance(document, dict)
         return document
 
@@ -932,16 +978,17 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=5, decode_responses=True)
 
     async def start(self) -> None:
-        assert REDIS_SERVER is not None
+        """(Re)start on the same port with the data it had; return once it answers."""
+        assert REDIS_SERVER is not None, "redis-server is not installed"
         self.directory.mkdir(parents=True, exist_ok=True)
-        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--dir", str(self.directory), "--appendonly", "yes", "--save", ""]
-        self.child = self.reaper.spawn(argv, log=self.directory / "redis.log")
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--dir", str(self.directory), "--appendonly", "yes", "--daemonize", "no"]
+        log = self.directory / "redis.log"
+        child = self.child = self.reaper.spawn(argv, log=log)
 
         def answering() -> bool:
-            assert self.child is not None
-            if self.child.poll() is not None:
-                raise AssertionError(f"redis-server exited:\n{tail(self.directory / 'redis.log')}")
+            if child.poll() is not None:
+                raise AssertionError(f"redis-server exited {child.returncode}:\n{tail(log)}")
             try:
                 with self.client() as client:
                     return bool(client.ping())
@@ -954,4 +1001,10 @@ class RedisServer:
         """SIGTERM (Redis flushes its AOF) and wait for the exit."""
         assert self.child is not None
         self.child.terminate()
+        await wait_exit(self.child)
+
+    async def kill(self) -> None:
+        """kill -9 (what was written survives in the AOF), and wait until it is gone."""
+        assert self.child is not None
+        kill_group(self.child.pid)
         await wait_exit(self.child)

@@ -2,7 +2,7 @@
 resets or stops mid-response, a STOP with a request in flight, and a caller that reads slowly.
 
 Each fault must stay with its own request: a concurrent healthy request succeeds, no tunnel
-stream is left open, and the server's memory does not grow with repetitions.
+stream or server task is left behind, and the server's memory does not grow with repetitions.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -20,6 +21,7 @@ import pytest
 import trio
 
 from tests.integration.harness import (
+    SOAK,
     ClientFactory,
     PetitClient,
     PetitServer,
@@ -146,6 +148,13 @@ async def server_streams(server: PetitServer, registration_id: str) -> int:
     return sum(int(session["streams"]) for session in connections[0]["sessions"])
 
 
+async def server_tasks(server: PetitServer) -> int:
+    """The server's live trio tasks, from its STATUS reply."""
+    tasks = (await server.control("STATUS"))["tasks"]
+    assert isinstance(tasks, int), tasks
+    return tasks
+
+
 async def expect_hang(server: PetitServer, client: PetitClient) -> None:
     started = trio.current_time()
     response = await http_request(server.http_port, client.host, target="/hang", timeout=10)
@@ -201,14 +210,30 @@ async def test_backend_fault_stays_with_its_request(
 
     await once(0)  # warm-up: imports, buffers
     await wait_until(streams_closed, 10, what="the server to close every stream")
-    before = rss_kib(server.pid)
+    before, tasks_before = rss_kib(server.pid), await server_tasks(server)
     for batch in range(1, REPETITIONS + 1, BATCH):
         async with trio.open_nursery() as nursery:
             for index in range(batch, batch + BATCH):
                 nursery.start_soon(once, index)
     await wait_until(streams_closed, 10, what="the server to close every stream")
+    tasks_after: list[int] = []
+
+    async def tasks_back() -> bool:
+        tasks_after[:] = [await server_tasks(server)]
+        return tasks_after[0] <= tasks_before
+
+    try:
+        await wait_until(tasks_back, 10, what="the server's task count to come back")
+    except AssertionError:
+        raise AssertionError(
+            f"{path}: {tasks_after[0] - tasks_before} server tasks left over "
+            f"after {REPETITIONS} faults ({tasks_before} before)"
+        ) from None
     growth = rss_kib(server.pid) - before
-    print(f"{path}: server RSS {before} KiB, +{growth} KiB after {REPETITIONS} faults")
+    print(
+        f"{path}: server RSS {before} KiB, +{growth} KiB and {tasks_before} -> "
+        f"{tasks_after[0]} tasks after {REPETITIONS} faults"
+    )
     assert growth < RSS_GROWTH_LIMIT, f"server RSS grew {growth} KiB over {REPETITIONS} faults"
 
 
@@ -277,25 +302,51 @@ async def download(port: int, host: str, target: str, *, rate: float | None = No
     return received
 
 
+@dataclass(frozen=True)
+class SlowCallerShape:
+    """One slow caller beside fast ones: what each downloads and how the result is judged."""
+
+    slow_size: int  # bytes the slow caller asks for (it is cut off once the fast ones are done)
+    slow_rate: int  # bytes/s it reads
+    fast_size: int  # bytes per fast download
+    fast_rounds: int  # fast downloads per measurement
+    min_ratio: float  # fast throughput beside the slow caller / alone, at least
+
+
+# The suite's short run; PETIT_SOAK=1 runs the issue's shape: 100 MiB at 100 KiB/s, within 10%.
+SLOW_CALLER = (
+    SlowCallerShape(100 * MIB, 100 * 1024, 10 * MIB, 40, 0.9)
+    if SOAK
+    else SlowCallerShape(50 * MIB, MIB, 10 * MIB, 4, 0.7)
+)
+SERVER_OVERHEAD = 8 * MIB  # RSS the server may add beyond the windows of the streams in flight
+
+
 async def test_slow_caller_does_not_slow_a_fast_one(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
     python_backend: PythonBackend,
 ) -> None:
+    """The fast callers' throughput beside the slow one is compared with theirs alone (the
+    mean of a run before and one after), and the server's RSS is sampled throughout."""
+    shape = SLOW_CALLER
     server = await server_factory()
     client = await client_factory(server, python_backend.port)
-    fast_size, slow_size = 10 * MIB, 50 * MIB
-    payload(fast_size), payload(slow_size)  # the backend's bodies, made before timing
+    slow_target = f"/bytes/{shape.slow_size}"
+    payload(shape.fast_size), payload(shape.slow_size)  # the backend's bodies, made before timing
+    peak_rss = 0
 
-    async def fast_throughput(rounds: int = 4) -> float:
+    async def fast_throughput(rounds: int = shape.fast_rounds) -> float:
+        nonlocal peak_rss
         started = trio.current_time()
         for _ in range(rounds):
             response = await http_request(
-                server.http_port, client.host, target=f"/bytes/{fast_size}"
+                server.http_port, client.host, target=f"/bytes/{shape.fast_size}"
             )
             assert response.status == 200, response.status
-            assert len(response.body) == fast_size
-        return rounds * fast_size / (trio.current_time() - started)
+            assert response.body == payload(shape.fast_size)
+            peak_rss = max(peak_rss, rss_kib(server.pid))
+        return rounds * shape.fast_size / (trio.current_time() - started)
 
     await fast_throughput(1)  # warm-up
     before = rss_kib(server.pid)
@@ -306,24 +357,28 @@ async def test_slow_caller_does_not_slow_a_fast_one(
         async def slow_caller() -> None:
             nonlocal slow_read
             slow_read = await download(
-                server.http_port, client.host, f"/bytes/{slow_size}", rate=MIB
+                server.http_port, client.host, slow_target, rate=shape.slow_rate
             )
 
         nursery.start_soon(slow_caller)
         await wait_until(
-            lambda: python_backend.progress(f"/bytes/{slow_size}") > 2 * WINDOW,
+            lambda: python_backend.progress(slow_target) > 2 * WINDOW,
             10,
             what="the slow download to fill its window",
         )
+        peak_rss = 0
         beside_slow = await fast_throughput()
-        slow_buffered = python_backend.progress(f"/bytes/{slow_size}")
-        growth = rss_kib(server.pid) - before
+        slow_buffered = python_backend.progress(slow_target)
+        growth = peak_rss - before
         nursery.cancel_scope.cancel()
+    alone = (alone + await fast_throughput()) / 2
     ratio = beside_slow / alone
     print(
-        f"fast caller {alone / MIB:.0f} MiB/s alone, {beside_slow / MIB:.0f} MiB/s beside a "
-        f"1 MiB/s caller (ratio {ratio:.2f}); slow backend wrote {slow_buffered / MIB:.1f} MiB; "
-        f"server RSS +{growth} KiB"
+        f"fast callers {alone / MIB:.0f} MiB/s alone, {beside_slow / MIB:.0f} MiB/s beside a "
+        f"{shape.slow_rate // 1024} KiB/s caller of {shape.slow_size // MIB} MiB "
+        f"(ratio {ratio:.2f}); slow backend wrote {slow_buffered / MIB:.1f} MiB; "
+        f"server RSS peak +{growth} KiB"
     )
-    assert ratio >= 0.7, f"fast caller slowed to {ratio:.0%} of its speed alone"
-    assert growth < (3 * WINDOW + 20 * MIB) // 1024, f"server RSS grew {growth} KiB"
+    assert ratio >= shape.min_ratio, f"fast callers slowed to {ratio:.0%} of their speed alone"
+    bound = (2 * WINDOW + SERVER_OVERHEAD) // 1024  # the slow and a fast stream in flight
+    assert growth < bound, f"server RSS grew {growth} KiB (bound {bound} KiB)"

@@ -188,11 +188,8 @@ async def test_a_failed_hello_says_nothing_about_which_ids_exist(
 
 
 async def accepted_stream(attacker: RawTunnel, host: str) -> int:
-    """Accept the stream a public caller's request opens; its id once the request arrived.
-
-    Waiting for the request keeps the server's writer idle when the attack lands: a write
-    cancelled half-way breaks the TLS stream, and the GOAWAY behind it is lost.
-    """
+    """Accept the stream a public caller's request opens; its id once the request arrived,
+    so the attack lands on a stream in use."""
     stream_id = 0
     while (frame := await attacker.next_frame()) is not None:
         if frame.type is FrameType.OPEN:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from petit.errors import ConfigError
+from petit.logs import LogSettings
 from petit_server.config import ServerConfig
 from petit_server.https import certificate_source
 from petit_server.ingress import https_location
@@ -36,6 +37,7 @@ from tests.integration.harness import (
     ServerFactory,
     edit_config,
     http_request,
+    log_records,
     run_cli,
 )
 
@@ -188,10 +190,10 @@ async def test_pem_reload_without_restart_keeps_the_old_certificate_when_broken(
     for _ in range(2):  # the broken file is reported once, not per connection
         assert await served_certificate(server, client, root_pem) == leaf_der(second)
     assert (await curl_trusting(root_pem, *https_url(server, client))).returncode == 0
-    stale = [line for line in server.log.read_text().splitlines() if STALE_CERTIFICATE in line]
+    stale = [r for r in log_records(server.log) if STALE_CERTIFICATE in r["message"]]
     assert len(stale) == 1, stale
-    assert " ERROR " in stale[0]
-    assert f"{certificate} holds no valid PEM certificate" in stale[0]
+    assert stale[0]["level"] == "ERROR"
+    assert f"{certificate} holds no valid PEM certificate" in stale[0]["message"]
 
 
 async def test_chain_file_and_redirect_from_http(
@@ -298,6 +300,7 @@ def test_half_an_https_setup_is_a_config_error(settings: dict[str, Any], message
         registry_file=Path("/srv/registry.json"),
         certificate=Path("/srv/server.crt"),
         key=Path("/srv/server.key"),
+        log=LogSettings(file=Path("/srv/server.log"), audit_file=Path("/srv/audit.log")),
         **settings,
     )
     with pytest.raises(ConfigError, match=message):

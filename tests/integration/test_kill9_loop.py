@@ -8,7 +8,6 @@ Every restart must work without cleanup, the registry must parse and hold every 
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import h11
@@ -16,6 +15,7 @@ import pytest
 import trio
 
 from tests.integration.harness import (
+    SOAK,
     ClientFactory,
     PetitServer,
     PythonBackend,
@@ -29,7 +29,7 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.integration
 
-CYCLES = 50 if os.environ.get("PETIT_SOAK") == "1" else 5
+CYCLES = 50 if SOAK else 5
 DYING_SERVER_ERRORS = (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError)
 RECONNECT_BOUND = 5.0  # seconds from the server being ready to the client being connected
 

@@ -1,4 +1,5 @@
-"""Dead and frozen clients go offline within two ping intervals; clients outlive server restarts."""
+"""Dead and frozen clients go offline within two ping intervals (503, TCP port closed);
+clients outlive server restarts."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.integration.harness import (
     http_request,
     wait_until,
 )
+from tests.integration.test_tcp_ports import LOOPBACK, accepts, refuses, registration_port
 
 pytestmark = pytest.mark.integration
 
@@ -59,22 +61,28 @@ async def test_killed_client_is_offline_within_two_pings(
 
 
 async def test_frozen_client_is_dropped_by_keepalive_then_reconnects(
-    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+    server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
 ) -> None:
     """SIGSTOP leaves the TCP connection open but silent: only the pings can tell."""
+    server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
     client = await client_factory(server, python_backend.port)
     await assert_serves(server, client)
+    port = await registration_port(server, client.registration_id)
+    await wait_until(lambda: accepts(port), 5, what=f"TCP port {port} to listen")
     since = (await client.control_status())["connectedSince"]
 
+    bound = 2 * PING_INTERVAL + MARGIN
     client.kill(signal.SIGSTOP)
     try:
         # No EOF reaches the server: only the missing pongs can tell it the tunnel is dead.
-        await answers_503_within(server, client, 2 * PING_INTERVAL + MARGIN)
+        took = await answers_503_within(server, client, bound)
+        await wait_until(lambda: refuses(port), bound - took, what=f"TCP port {port} to close")
     finally:
         client.kill(signal.SIGCONT)
 
     await client.wait_connected(not_since=since)
     await assert_serves(server, client)
+    await wait_until(lambda: accepts(port), 5, what=f"TCP port {port} to listen again")
 
 
 async def test_client_reconnects_after_server_restart(

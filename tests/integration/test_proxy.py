@@ -180,11 +180,14 @@ async def test_proxy_credentials(
         assert "wr0ng-pass" not in refused.stdout + refused.stderr
 
     # Percent-encoded in the URL ("%33" is "3"): the proxy must receive it decoded.
-    edit_config(client.config, "client", proxy=f"http://alice:s%33cret@{address}")
+    edit_config(client.config, "client", proxy=f"http://alice:s%33cret@{address}", logLevel="debug")
     await client.register()
     await client.start()
     await assert_tunnel_serves(server, client)
-    assert "s3cret" not in client.log.read_text() + client.outputs["register"].stderr
+    logs = "".join(path.read_text() for path in (client.directory / "logs").iterdir())
+    assert "through the proxy" in logs  # the debug line that names the proxy
+    assert "s3cret" not in logs + client.outputs["register"].stderr
+    assert "s%33cret" not in logs
 
 
 async def test_no_proxy_goes_direct(

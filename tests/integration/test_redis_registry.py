@@ -1,19 +1,26 @@
-"""RedisRegistry against a real redis-server: nodes sharing it, atomicity, outages, bad data."""
+"""RedisRegistry against a real redis-server: nodes sharing it, atomicity, outages, bad data,
+and the same audit records as the file."""
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
 from petit.errors import AuthError, ConfigError
+from petit.logs import AUDIT_LOGGER, JsonFormatter
 from petit_server.redis_registry import RedisRegistry
 from petit_server.registry import (
+    FileRegistry,
     MergePlan,
     Registration,
+    Registry,
     RegistryError,
     RegistryUnavailableError,
 )
@@ -267,3 +274,59 @@ async def test_a_hung_redis_never_blocks_the_event_loop(redis_server: RedisServe
             assert "Timeout reading from socket" in str(outcome[0]), outcome
         finally:
             redis_server.child.send_signal(signal.SIGCONT)
+
+
+class AuditRecords(logging.Handler):
+    """What the registry wrote to ``petit.audit``, without the time."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        document = json.loads(JsonFormatter().format(record))
+        del document["time"]
+        self.seen.append(document)
+
+
+async def audited_changes(registry: Registry) -> list[dict[str, object]]:
+    """The same changes on any backend, and the audit records they wrote."""
+    records = AuditRecords()
+    audit_logger = logging.getLogger(AUDIT_LOGGER)
+    level = audit_logger.level
+    audit_logger.addHandler(records)
+    audit_logger.setLevel(logging.INFO)
+    try:
+        _, secret = await registry.create_token("ci", actor="control")
+        await registry.register(key(1), {}, token=secret, actor="tunnel:192.0.2.1")
+        await registry.add_alias("shop.example.com", "1001", actor="admin:127.0.0.1")
+        await registry.add_alias("blog.example.com", "1001", actor="control")
+        await registry.remove_alias("shop.example.com", actor="offline:ops")
+        unused, _ = await registry.create_token("spare", actor="control")
+        await registry.revoke_token(unused.token_id, actor="control")
+        await registry.unregister("1001", actor="tunnel:192.0.2.1")
+    finally:
+        audit_logger.removeHandler(records)
+        audit_logger.setLevel(level)
+    return records.seen
+
+
+async def test_both_backends_write_the_same_audit_records(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    on_file = await audited_changes(FileRegistry(tmp_path / "r.json", first_port=FIRST_PORT))
+    async with node(redis_server.url) as registry:
+        on_redis = await audited_changes(registry)
+    assert [(r["event"], r["actor"]) for r in on_file] == [
+        ("token.created", "control"),
+        ("registration.created", "tunnel:192.0.2.1"),
+        ("token.used", "tunnel:192.0.2.1"),
+        ("alias.added", "admin:127.0.0.1"),
+        ("alias.added", "control"),
+        ("alias.removed", "offline:ops"),
+        ("token.created", "control"),
+        ("token.revoked", "control"),
+        ("registration.deleted", "tunnel:192.0.2.1"),
+    ]
+    assert on_file[-1]["aliases"] == ["blog.example.com"]
+    assert on_redis == on_file

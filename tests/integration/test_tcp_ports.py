@@ -20,6 +20,7 @@ from tests.integration.harness import (
     ServerFactory,
     free_port,
     http_request,
+    log_records,
     run_cli,
     wait_until,
 )
@@ -144,7 +145,7 @@ async def test_a_port_in_use_is_logged_and_the_tunnel_still_serves(
             )
 
         await wait_until(logged, PORT_BOUND, what="the port-in-use error in the server log")
-        errors = [line for line in server.log.read_text().splitlines() if " ERROR " in line]
+        errors = [r for r in log_records(server.log) if r["level"] == "ERROR"]
         assert len(errors) == 1, errors
         response = await http_request(server.http_port, client.host, timeout=10)
         assert response.status == 200

@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from petit.errors import ErrorCode
-from petit.session import TunnelSession, TunnelStream
+from petit.session import StreamHandler, TunnelStream
+from petit_server.hub import Attachment, Hub
 from petit_server.ingress import (
     UNAVAILABLE_BODY,
     IngressConnection,
@@ -152,10 +153,11 @@ class Site:
 
 async def start_site(nursery: trio.Nursery) -> Site:
     backends = {"1001": HttpBackend("A"), "1002": HttpBackend("B")}
-    sessions: dict[str, TunnelSession] = {}
-    for rid, backend in backends.items():
-        sessions[rid] = (await session_pair(nursery, handler=backend)).server.session
-    sessions["1004"] = (await session_pair(nursery, handler=refuse)).server.session
+    hub = Hub()
+    handlers: dict[str, StreamHandler] = {**backends, "1004": refuse}
+    for rid, handler in handlers.items():
+        session = (await session_pair(nursery, handler=handler)).server.session
+        hub.attach(Attachment(session, [rid], remote="test", vitae={}))
     registered = {"1001", "1002", "1003", "1004"}
 
     def route(host: str) -> str | None:
@@ -164,7 +166,7 @@ async def start_site(nursery: trio.Nursery) -> Site:
 
     routing = Routing(
         route=route,
-        session_for=sessions.get,
+        open_upstream=hub.open_stream,
         open_timeout=5,
         header_timeout=5,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from petit.errors import ConfigError
+from petit.logs import LogSettings
 from petit.transport import ServerAddress
 from petit_client.config import (
     ClientConfig,
@@ -57,6 +58,7 @@ def test_default_server_config_loads_as_the_documented_defaults(tmp_path: Path) 
         registry_file=tmp_path / "registry.json",
         certificate=tmp_path / "certificates" / "server.crt",
         key=tmp_path / "certificates" / "server.key",
+        log=LogSettings(file=tmp_path / "logs/server.log", audit_file=tmp_path / "logs/audit.log"),
         vitae={"environment": "local", "endpoint": "http://REGID.localhost:8090"},
     )
 
@@ -71,6 +73,7 @@ def test_default_client_config_loads_as_the_documented_defaults(
         server=ServerAddress("tunnel.example.com", 4014),
         ca=None if ca is None else tmp_path / "ca.crt",
         local=LocalTarget(host="localhost", port=8080, tls=False),
+        log=LogSettings(file=tmp_path / "logs/client.log", audit_file=tmp_path / "logs/audit.log"),
         vitae={"brand": "ce"},
     )
 
@@ -200,3 +203,90 @@ def test_client_config_refuses_a_malformed_proxy_url_at_load(tmp_path: Path) -> 
     config.write_text('[client]\nproxy = "socks5://127.0.0.1:1080"\n')
     with pytest.raises(ConfigError, match=r"client\.proxy"):
         load_client_config(config)
+
+
+# Several server nodes: [server.cluster] and the client's servers.
+
+CLUSTER = '[server.cluster]\nredisUrl = "redis://10.0.0.9:6379/0"\nsecret = "' + "s" * 32 + '"\n'
+
+
+def cluster_text(line: str) -> str:
+    """A server config in cluster mode with ``line`` added, or replacing the key it sets."""
+    key = line.split(" = ")[0]
+    kept = [old for old in CLUSTER.splitlines() if not old.startswith(key + " = ")]
+    return "[server]\n" + "\n".join([*kept, line]) + "\n"
+
+
+def test_cluster_is_off_unless_redis_url_is_set(tmp_path: Path) -> None:
+    text = "[server]\n[server.cluster]\ninternalPort = 4000\n"
+    assert load_server_config(write(tmp_path, text)).cluster is None
+
+
+def test_cluster_redis_url_defaults_to_the_redis_registry(tmp_path: Path) -> None:
+    secret = 'secret = "' + "s" * 32 + '"\n'
+    registry = '[server.registry]\nbackend = "redis"\nurl = "redis://10.0.0.7:6379/1"\n'
+    text = "[server]\n" + registry + "[server.cluster]\n" + secret
+    cluster = load_server_config(write(tmp_path, text)).cluster
+    assert cluster is not None
+    assert cluster.redis_url == "redis://10.0.0.7:6379/1"
+    # Its own redisUrl wins; with the file registry, a secret alone turns nothing on.
+    own = load_server_config(write(tmp_path, "[server]\n" + registry + CLUSTER)).cluster
+    assert own is not None
+    assert own.redis_url == "redis://10.0.0.9:6379/0"
+    text = "[server]\n[server.cluster]\n" + secret
+    assert load_server_config(write(tmp_path, text)).cluster is None
+
+
+def test_cluster_defaults(tmp_path: Path) -> None:
+    cluster = load_server_config(write(tmp_path, "[server]\n" + CLUSTER)).cluster
+    assert cluster is not None
+    assert cluster.redis_url == "redis://10.0.0.9:6379/0"
+    assert (cluster.internal_addr, cluster.internal_port) == ("0.0.0.0", 3018)
+    assert cluster.node_id.endswith("-3018")
+    assert cluster.advertise_addr not in ("", "0.0.0.0")  # the hostname: peers can dial it
+    assert (cluster.heartbeat_interval, cluster.node_timeout) == (1.0, 5.0)
+    assert "s" * 32 not in repr(cluster)
+    assert "10.0.0.9" not in repr(cluster)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('secret = "short"', r"server\.cluster\.secret: .*at least 16"),
+        ('redisUrl = "http://x"', r"server\.cluster\.redisUrl: expected a redis://"),
+        ("nodeTimeout = 1", r"server\.cluster\.nodeTimeout: expected at least twice"),
+        ("internalPort = -1", r"server\.cluster\.internalPort:"),
+        ("heartbeat = 1", r"unknown key\(s\) server\.cluster\.heartbeat"),
+    ],
+)
+def test_wrong_cluster_value_names_the_key(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_server_config(write(tmp_path, cluster_text(line)))
+
+
+def test_client_servers_replace_host_and_default_to_back_port(tmp_path: Path) -> None:
+    text = (
+        '[client]\nbackPort = 4000\nservers = ["a.example.com:3014", "b.example.com", "[::1]:9"]\n'
+    )
+    config = load_client_config(write(tmp_path, text))
+    assert config.tunnel_servers == (
+        ServerAddress("a.example.com", 3014),
+        ServerAddress("b.example.com", 4000),
+        ServerAddress("::1", 9),
+    )
+    assert config.server == ServerAddress("a.example.com", 3014)
+    assert config.session_count == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('servers = ["a:x"]', r"client\.servers: expected HOST:PORT"),
+        ('servers = [":3014"]', r"client\.servers: expected HOST:PORT"),
+        ('servers = ["a:1", "b:2"]\nserverSessions = 3', r"client\.serverSessions:"),
+        ("serverSessions = 2", r"client\.serverSessions:"),
+    ],
+)
+def test_wrong_client_servers_name_the_key(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_client_config(write(tmp_path, f"[client]\n{line}\n"))

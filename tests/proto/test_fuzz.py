@@ -7,8 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from petit.connection import ConnectionState, Role, StreamState
-from petit.errors import RemoteProtocolError
+from petit.connection import Role, StreamState
 from petit.events import (
     DataReceived,
     StreamOpened,
@@ -16,8 +15,9 @@ from petit.events import (
     WindowUpdated,
 )
 from petit.frames import Frame, FrameDecoder, FrameType, encode_frame
+from tests.fuzz.targets import feed_connection
 
-from .helpers import ConnectionPair, sent_frames
+from .helpers import ConnectionPair
 
 frames = st.builds(
     Frame,
@@ -34,7 +34,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[start:end] for start, end in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-@settings(max_examples=200)
+@settings(max_examples=1000)
 @given(st.lists(frames, max_size=10), st.lists(st.integers(0, 10_000), max_size=30))
 def test_frames_round_trip_through_any_chunking(sent: list[Frame], cuts: list[int]) -> None:
     decoder = FrameDecoder()
@@ -65,7 +65,7 @@ wire_garbage = st.lists(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=1000)
 @given(
     st.sampled_from(Role),
     st.booleans(),
@@ -75,23 +75,7 @@ wire_garbage = st.lists(
 def test_garbage_only_raises_remote_protocol_error(
     receiver: Role, handshake: bool, garbage: list[bytes], cuts: list[int]
 ) -> None:
-    pair = ConnectionPair(handshake=handshake)
-    if handshake:
-        pair.server.open_stream("reg-1")
-    else:
-        pair.server.send_challenge(bytes(32))
-    connection = pair.connection(receiver)
-    connection.data_to_send()
-    for chunk in split(b"".join(garbage), cuts):
-        if not chunk:
-            continue
-        try:
-            connection.receive_data(chunk)
-        except RemoteProtocolError:
-            assert connection.state is ConnectionState.CLOSED
-            assert sent_frames(connection)[-1].type is FrameType.GOAWAY
-            assert connection.receive_data(chunk) == []
-            return
+    feed_connection(receiver, handshake, split(b"".join(garbage), cuts))
 
 
 def test_split_keeps_every_byte() -> None:

@@ -12,26 +12,23 @@ import base64
 import json
 import os
 import secrets
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
-import trio.testing
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from petit.auth import decode_hello, generate_key, public_key_raw, register_transcript, sign
-from petit.control import ETX, send_control, serve_control
+from petit.control import ETX
 from petit.errors import PetitError
 from petit.messages import decode as decode_message
-from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
-from petit_server.hub import Hub
-from petit_server.ingress import IngressConnection, Routing, registration_id_for_host
-from petit_server.registry import FileRegistry
-from tests.io.helpers import session_pair
-from tests.io.test_ingress import HttpBackend
+from tests.fuzz.targets import (
+    control_exchange,
+    ingress_answer,
+    make_gateway,
+    refuse_unproven,
+)
 
 
 def fuzz_settings(default_examples: int) -> settings:
@@ -89,7 +86,7 @@ def test_decode_hello_accepts_or_refuses_with_remote_protocol_error(payload: byt
     assert all(rid.isdigit() for rid in hello.claims)
 
 
-@fuzz_settings(200)
+@fuzz_settings(1000)
 @given(as_payloads(json_values))
 def test_message_decode_returns_an_object_or_refuses(payload: bytes) -> None:
     try:
@@ -102,15 +99,7 @@ def test_message_decode_returns_an_object_or_refuses(payload: bytes) -> None:
 @pytest.fixture
 def gateway(tmp_path: Path) -> Gateway:
     """A gateway over a registry holding one registration (1001)."""
-    config = ServerConfig(
-        path=tmp_path / "config.toml",
-        registry_file=tmp_path / "registry.json",
-        certificate=tmp_path / "server.crt",
-        key=tmp_path / "server.key",
-    )
-    registry = FileRegistry(config.registry_file, first_port=config.first_port)
-    trio.run(registry.register, bytes(32), {})
-    return Gateway(config, registry, Hub(), secrets.token_bytes(32))
+    return make_gateway(tmp_path)
 
 
 register_requests = documents(
@@ -124,35 +113,10 @@ unregister_requests = documents({"id": ids, "signature": base64ish})
 def test_unproven_registration_requests_are_refused_and_change_nothing(
     gateway: Gateway, register: dict[str, object], unregister: dict[str, object]
 ) -> None:
-    registry_file = gateway.config.registry_file
-    before = registry_file.read_bytes()
-    nonce = secrets.token_bytes(32)
-    for answer, request in ((gateway._register, register), (gateway._unregister, unregister)):
-        with pytest.raises(PetitError):
-            trio.run(answer, request, nonce, "192.0.2.1")
-    assert registry_file.read_bytes() == before
-    assert gateway.registry.public_key_of("1001") == bytes(32)
+    refuse_unproven(gateway, register, unregister)
 
 
 # ----------------------------------------------------------------------------- control port
-
-
-async def reply_to(port: int, data: bytes) -> bytes:
-    """Send ``data`` then EOF to a control port; everything it answers before closing."""
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        try:
-            await stream.send_all(data)
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            pass  # it already answered and closed: read what it said
-        reply = bytearray()
-        while chunk := await stream.receive_some(65536):
-            reply += chunk
-        return bytes(reply)
-
-
-async def echo_verb(verb: str, args: list[str]) -> dict[str, object]:
-    return {"success": True, "verb": verb, "args": args}
 
 
 control_inputs = st.one_of(
@@ -168,19 +132,7 @@ control_inputs = st.one_of(
 @fuzz_settings(150)
 @given(st.lists(control_inputs, min_size=1, max_size=3))
 def test_control_port_answers_any_bytes_with_json_and_keeps_serving(inputs: list[bytes]) -> None:
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(serve_control, echo_verb, host="127.0.0.1", port=0, allow=["127.0.0.1"])
-            )
-            with trio.fail_after(10):
-                for data in inputs:
-                    reply = await reply_to(port, data)
-                    assert isinstance(json.loads(reply), dict), reply
-                assert await send_control("127.0.0.1", port, "PING") == await echo_verb("PING", [])
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    control_exchange(inputs)
 
 
 # ----------------------------------------------------------------------------- public HTTP
@@ -221,50 +173,7 @@ http_inputs = st.one_of(
 @example(SMUGGLING_BAD_CHUNK, 64)
 def test_ingress_answers_or_closes_on_any_bytes(data: bytes, piece: int) -> None:
     """Hosts naming 1001 reach a private service through a real session pair; others 404."""
-
-    async def main() -> None:
-        caller, public = trio.testing.memory_stream_pair()
-        answer = bytearray()
-        with trio.fail_after(600):  # virtual seconds: the clock jumps whenever all tasks wait
-            async with trio.open_nursery() as nursery:
-                pair = await session_pair(nursery, handler=HttpBackend("A"))
-                routing = Routing(
-                    route=lambda host: "1001" if registration_id_for_host(host) == "1001" else None,
-                    session_for=lambda registration_id: pair.server.session,
-                    open_timeout=1,
-                    header_timeout=1,
-                    idle_timeout=1,
-                )
-                try:
-                    async with trio.open_nursery() as connection:
-                        connection.start_soon(serve_public, public, routing)
-                        await send_in_pieces(caller, data, piece)
-                        while chunk := await caller.receive_some(65536):
-                            answer += chunk
-                finally:
-                    nursery.cancel_scope.cancel()
-        assert not answer or answer.startswith(b"HTTP/1.1 "), bytes(answer[:80])
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-async def serve_public(public: trio.abc.Stream, routing: Routing) -> None:
-    """One public connection, closed afterwards as the service closes it."""
-    try:
-        await IngressConnection(public, routing, "192.0.2.1").run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the caller went away: the only failure the ingress may let out
-    finally:
-        await trio.aclose_forcefully(public)
-
-
-async def send_in_pieces(caller: trio.abc.HalfCloseableStream, data: bytes, piece: int) -> None:
-    try:
-        for start in range(0, len(data), piece):
-            await caller.send_all(data[start : start + piece])
-        await caller.send_eof()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the ingress answered and closed early
+    ingress_answer(data, piece)
 
 
 async def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) -> None:

@@ -173,6 +173,7 @@ async def test_alias_control_commands(registry: FileRegistry) -> None:
     for command, error in ALIAS_SESSION:
         verb, *args = command.split()
         expected = {"success": True} if error is None else {"success": False, "error": error}
-        assert await apply_command(registry, verb, args) == expected, command
+        assert await apply_command(registry, verb, args, actor="test") == expected, command
     assert registry.route("a.example.com") is None
-    assert await apply_command(registry, "STATUS", []) is None  # not a registry command
+    # STATUS is not a registry command
+    assert await apply_command(registry, "STATUS", [], actor="test") is None

@@ -149,12 +149,12 @@ async def test_a_corrupt_token_entry_is_a_config_error(
 
 
 async def test_token_control_commands(registry: FileRegistry) -> None:
-    created = await apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"])
+    created = await apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"], actor="test")
     assert created is not None
     assert created["success"] is True
     assert str(created["token"]).startswith("pt_")
     assert created["id"] == "1"
-    listing = await apply_command(registry, "TOKEN", ["LIST"])
+    listing = await apply_command(registry, "TOKEN", ["LIST"], actor="test")
     assert listing is not None
     assert listing["tokens"] == [
         {
@@ -167,13 +167,15 @@ async def test_token_control_commands(registry: FileRegistry) -> None:
             "forId": None,
         }
     ]
-    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"]) == {"success": True}
-    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"]) == {
+    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
+        "success": True
+    }
+    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
         "success": False,
         "error": "Token 1 is already revoked.",
     }
     for wrong in ([], ["LIST", "x"], ["REVOKE"], ["DESTROY", "1"]):
-        reply = await apply_command(registry, "TOKEN", wrong)
+        reply = await apply_command(registry, "TOKEN", wrong, actor="test")
         assert reply is not None
         assert reply["success"] is False
         assert str(reply["error"]).startswith("usage: TOKEN CREATE")

@@ -1,0 +1,179 @@
+"""Logging for both daemons: JSON lines in size-rotated files, an audit trail, runtime levels.
+
+One JSON object per line (``time`` in ISO 8601 UTC, ``level``, ``logger``, ``message``, then
+whatever the call passed as ``extra=``), so a log can be searched with jq and shipped as is.
+The daemon log goes to ``logFile``; records of ``petit.audit`` (who changed a registration,
+an alias or a token) go only to ``auditFile``, always at INFO whatever the runtime level.
+In the foreground the daemon also writes to stderr, for a terminal or the journal, as text
+or as JSON (``logFormat``); a daemon ``start`` detached writes only to its file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import getpass
+import json
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from petit.config import LOG_LEVELS, Table
+
+LOG_FORMATS = ("text", "json")
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_BACKUPS = 5
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+AUDIT_LOGGER = "petit.audit"
+DAEMON_LOGGER = "petit"  # the level ``LOG <level>`` changes
+
+audit_log = logging.getLogger(AUDIT_LOGGER)
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the extras, the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRIBUTES and key not in document:
+                document[key] = value
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    """The log keys of a daemon's config table (``[server]`` or ``[client]``)."""
+
+    level: str = "info"
+    file: Path
+    audit_file: Path
+    max_bytes: int = DEFAULT_MAX_BYTES
+    backups: int = DEFAULT_BACKUPS
+    format: str = "text"  # of stderr in the foreground; files are always JSON
+
+
+def read_log_settings(table: Table, role: str) -> LogSettings:
+    """The log keys of ``[server]`` or ``[client]``; ``role`` names the default log file."""
+    return LogSettings(
+        level=table.choice("logLevel", "info", LOG_LEVELS),
+        file=table.path("logFile", f"./logs/{role}.log"),
+        audit_file=table.path("auditFile", "./logs/audit.log"),
+        max_bytes=table.integer("logMaxBytes", DEFAULT_MAX_BYTES, low=1024, high=2**40),
+        backups=table.integer("logBackups", DEFAULT_BACKUPS, low=0, high=1000),
+        format=table.choice("logFormat", "text", LOG_FORMATS),
+    )
+
+
+def log_keys(settings: LogSettings) -> dict[str, object]:
+    """The settings under their config key names, as ``config`` commands print them."""
+    return {
+        "logLevel": settings.level,
+        "logFile": str(settings.file),
+        "auditFile": str(settings.audit_file),
+        "logMaxBytes": settings.max_bytes,
+        "logBackups": settings.backups,
+        "logFormat": settings.format,
+    }
+
+
+def rotating_json_handler(path: Path, settings: LogSettings) -> logging.Handler:
+    """A JSON-lines file rotated at ``max_bytes`` keeping ``backups`` old files (.1 newest)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=settings.max_bytes, backupCount=settings.backups, encoding="utf-8"
+    )
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
+def configure_daemon_logging(settings: LogSettings, *, verbose: bool, to_stderr: bool) -> None:
+    """Set up a daemon's handlers: its log file, its audit file and, if asked, stderr."""
+    level = "DEBUG" if verbose else settings.level.upper()
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    root.addHandler(rotating_json_handler(settings.file, settings))
+    if to_stderr:
+        root.addHandler(stderr_handler(settings.format))
+    logging.getLogger(DAEMON_LOGGER).setLevel(level)
+    configure_audit(settings)
+
+
+def stderr_handler(log_format: str) -> logging.Handler:
+    """Human text, or the same JSON lines as the file (for a collector reading stderr)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    return handler
+
+
+def configure_audit(settings: LogSettings) -> None:
+    """Send ``petit.audit`` records to the audit file only, at INFO whatever the daemon's
+    level, so ``log warning`` never silences the audit trail."""
+    for handler in audit_log.handlers[:]:
+        audit_log.removeHandler(handler)
+        handler.close()
+    audit_log.addHandler(rotating_json_handler(settings.audit_file, settings))
+    audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
+
+
+@contextlib.contextmanager
+def audit_to_file(settings: LogSettings) -> Iterator[None]:
+    """For a CLI command that changes state itself (the daemon is not running): audit
+    records go to the audit file while the body runs."""
+    configure_audit(settings)
+    try:
+        yield
+    finally:
+        for handler in audit_log.handlers[:]:
+            audit_log.removeHandler(handler)
+            handler.close()
+
+
+def audit(event: str, message: str, /, **fields: object) -> None:
+    """One audit record: ``event`` (e.g. ``alias.added``) and its facts, never a secret."""
+    audit_log.info(message, extra={"event": event, **fields})
+
+
+def cli_actor() -> str:
+    """Who ran a command that changed state without a daemon: ``offline:<user>``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        user = f"uid {os.getuid()}"
+    return f"offline:{user}"
+
+
+def set_level(level: str) -> dict[str, object]:
+    """``LOG <level>`` on a control port: change the running daemon's level (not persisted)."""
+    if level not in LOG_LEVELS:
+        return {"success": False, "error": f"log level must be one of {', '.join(LOG_LEVELS)}"}
+    logger = logging.getLogger(DAEMON_LOGGER)
+    logger.setLevel(level.upper())
+    # handle(), not warning(): the change is recorded even when the new level hides warnings.
+    record = logger.makeRecord(
+        logger.name, logging.WARNING, __file__, 0, "log level set to %s", (level,), None
+    )
+    logger.handle(record)
+    return {"success": True, "level": level}

@@ -1,0 +1,156 @@
+"""What a running client tells about itself: ``start``, ``status [--json]`` and the loopback
+status endpoint, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import trio
+
+from tests.integration.harness import (
+    CLI_TIMEOUT,
+    PETIT_CLIENT,
+    ClientFactory,
+    PetitClient,
+    PetitServer,
+    PythonBackend,
+    Reaper,
+    curl,
+    http_request,
+)
+
+
+def status_port(client: PetitClient) -> int:
+    info = client.running()
+    assert info is not None
+    ports = info.extra["ports"]
+    assert isinstance(ports, dict), info
+    return int(ports["status"])
+
+
+async def test_status_endpoint_and_command_show_the_clients_side(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    client = await client_factory(server, python_backend.port)
+    rid = client.registration_id
+    started = client.outputs["start"].stdout
+    assert f"Tunnel up to 127.0.0.1:{server.tunnel_port} for {rid}.\n" in started, started
+
+    response = await http_request(server.http_port, client.host, "POST", "/echo", b"x" * 1000)
+    assert response.status == 200
+    port = status_port(client)
+    fetched = await curl(f"http://127.0.0.1:{port}/status")
+    document = json.loads(fetched.stdout)
+    assert document["pid"] == client.pid
+    assert (document["status"], document["server"]) == (
+        "connected",
+        f"127.0.0.1:{server.tunnel_port}",
+    )
+    assert (document["reconnects"], document["lastError"]) == (0, "")
+    assert isinstance(document["connectedSince"], float)
+    (registration,) = document["registration"]
+    assert (registration["id"], registration["state"]) == (rid, "connected")
+    assert registration["bytesIn"] >= 1000, registration
+    assert registration["bytesOut"] > 0, registration
+    assert document["bytesIn"] == registration["bytesIn"]
+
+    from_cli = json.loads((await client.cli("status", "--json")).stdout)
+    assert set(from_cli) == set(document)
+    assert from_cli["registration"][0]["bytesIn"] == registration["bytesIn"]
+
+    human = (await client.cli("status")).stdout.splitlines()
+    assert re.fullmatch(
+        rf'Client has status "connected" on pid {client.pid}: server 127\.0\.0\.1:'
+        rf"{server.tunnel_port}, connected since .+, up [\d.]+ s\.",
+        human[0],
+    ), human
+    assert re.fullmatch(
+        r"0 stream\(s\) in flight, \d+ bytes in, \d+ bytes out, 0 reconnect\(s\)\.", human[1]
+    )
+    assert human[2].startswith(f" + {rid} default connected -> 127.0.0.1:"), human
+    assert human[-1] == f"As JSON: curl http://127.0.0.1:{port}/status"
+
+    # Loopback only, GET only, one path; a rebound DNS name is not served.
+    assert (await http_request(port, "127.0.0.1", target="/nope")).status == 404
+    assert (await http_request(port, "127.0.0.1", "POST", "/status", b"{}")).status == 405
+    assert (await http_request(port, "evil.example", target="/status")).status == 403
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.2", port)) != 0  # bound to 127.0.0.1 alone
+
+
+async def test_start_says_when_the_tunnel_is_not_up(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    client = await client_factory(server, python_backend.port, start=False)
+    await server.stop()
+    result = await client.cli("start")
+    client.reaper.track_daemon(int(re.findall(r"pid (\d+)", result.stdout)[0]))
+    assert result.returncode == 0, result
+    assert re.fullmatch(
+        r"warning: the tunnel is not up yet \(.+\); the client keeps trying "
+        rf"\(petit-client status -c {client.config}\)\n",
+        result.stderr,
+    ), result
+    await client.stop()
+
+
+def run_on_terminal(argv: list[str]) -> tuple[int, str, str]:
+    """Run a command with stderr on a pseudo-terminal: (exit status, stdout, terminal).
+
+    The terminal is read while the command runs, so a chatty one never blocks on it.
+    """
+    controller, terminal = pty.openpty()
+    deadline = time.monotonic() + CLI_TIMEOUT
+    output = b""
+    try:
+        with subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal
+        ) as child:
+            os.close(terminal)
+            while select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                output += chunk
+            assert child.stdout is not None
+            stdout = child.stdout.read()
+            returncode = child.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        os.close(controller)
+    return returncode, stdout.decode(), output.decode(errors="replace")
+
+
+async def test_long_steps_show_progress_on_a_terminal_only(
+    server: PetitServer, python_backend: PythonBackend, reaper: Reaper, tmp_path: Path
+) -> None:
+    client = PetitClient(tmp_path / "client", server, reaper)
+    await client.init(python_backend.port)
+    base = [str(PETIT_CLIENT), "-c", str(client.config)]
+
+    status, stdout, terminal = await trio.to_thread.run_sync(
+        run_on_terminal, [base[0], "register", *base[1:]]
+    )
+    assert status == 0, terminal
+    assert f"\r- Registering with 127.0.0.1:{server.tunnel_port} ... 0s" in terminal, terminal
+    assert terminal.endswith("\r\x1b[K"), terminal  # the spinner line is erased at the end
+    client.registration_id = re.findall(r"Registered with ID (\d+)", stdout)[0]
+
+    status, stdout, terminal = await trio.to_thread.run_sync(
+        run_on_terminal, [base[0], "start", *base[1:]]
+    )
+    assert status == 0, terminal
+    reaper.track_daemon(int(re.findall(r"pid (\d+)", stdout)[0]))
+    assert f"Waiting for the tunnel to 127.0.0.1:{server.tunnel_port} ... 0s" in terminal
+    await client.stop()
+
+    piped = await client.cli("unregister", "-a")  # stderr is a pipe here: no spinner
+    assert "\r" not in piped.stderr, piped

@@ -1,0 +1,101 @@
+"""The usage store's arithmetic and the bound on metrics labels, without processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from petit_server.hub import Hub
+from petit_server.metrics import OTHER, TOP_REGISTRATIONS, Metrics
+from petit_server.usage import LATENCY_BUCKETS, RegistrationUsage, UsageStore
+
+
+def record(
+    store: UsageStore,
+    rid: str,
+    *,
+    status: int = 200,
+    size: int = 100,
+    unavailable: bool = False,
+    complete: bool = True,
+    seconds: float = 0.02,
+) -> None:
+    """One request of ``size`` bytes in and twice that out."""
+    store.record_request(
+        rid,
+        status=status,
+        unavailable=unavailable,
+        complete=complete,
+        bytes_in=size,
+        bytes_out=2 * size,
+        seconds=seconds,
+    )
+
+
+def test_requests_are_classified_and_bucketed() -> None:
+    store = UsageStore()
+    record(store, "1001", status=200, seconds=0.001)
+    record(store, "1001", status=404, seconds=0.3)
+    record(store, "1001", status=502, seconds=100.0)
+    record(store, "1001", status=503, unavailable=True, seconds=0.01)
+    record(store, "1001", status=200, complete=False, seconds=0.01)
+    usage = store.of("1001")
+    assert usage.requests == 5
+    assert usage.statuses == {"1xx": 0, "2xx": 2, "3xx": 0, "4xx": 1, "5xx": 2}
+    assert (usage.successes, usage.errors, usage.unavailables) == (2, 2, 1)
+    assert (usage.bytes_in, usage.bytes_out) == (500, 1000)
+    assert usage.latency_counts[0] == 1  # 1 ms: the first bucket
+    assert usage.latency_counts[LATENCY_BUCKETS.index(0.5)] == 1  # 300 ms
+    assert usage.latency_counts[-1] == 1  # 100 s: past every bound
+    assert sum(usage.latency_counts) == 5
+    assert usage.latency_sum == pytest.approx(100.321)
+
+
+def test_snapshots_round_trip_through_json_and_merge_by_adding() -> None:
+    store = UsageStore()
+    record(store, "1001")
+    store.record_tcp_connection("1001").a_to_b += 7
+    store.unrouted_requests = 3
+    snapshot = json.loads(json.dumps(store.to_json()))
+    restored = UsageStore()
+    restored.merge_json(snapshot)
+    assert restored.to_json() == store.to_json()
+    restored.merge_json(snapshot)
+    doubled = restored.of("1001")
+    assert (doubled.requests, doubled.tcp_connections, doubled.tcp.a_to_b) == (2, 2, 14)
+    assert doubled.statuses["2xx"] == 2
+    assert sum(doubled.latency_counts) == 2
+    assert restored.unrouted_requests == 6
+    truncated = {**store.of("1001").to_json(), "latency": {"counts": [1], "sum": 0.0}}
+    with pytest.raises(ValueError, match="latency counts"):
+        RegistrationUsage.from_json(truncated)
+
+
+def scrape(metrics: Metrics) -> dict[str, float]:
+    """Bytes received by registration label."""
+    text = metrics.render().decode()
+    return {
+        sample.labels["registration"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "petit_http_received_bytes_total"
+    }
+
+
+async def test_metrics_labels_are_bounded_and_sticky() -> None:
+    store = UsageStore()
+    ids = [str(1001 + n) for n in range(TOP_REGISTRATIONS + 10)]
+    for n, rid in enumerate(ids):
+        record(store, rid, size=n + 1)  # the later the ID, the busier
+    metrics = Metrics(store, Hub(), lambda: ids)
+    first = scrape(metrics)
+    busiest = set(ids[-TOP_REGISTRATIONS:])
+    assert set(first) == busiest | {OTHER}
+    assert first[OTHER] == sum(range(1, 11))  # the ten quietest, summed
+    record(store, ids[0], size=10_000)  # now the busiest of all, but every slot is taken
+    second = scrape(metrics)
+    assert set(second) == busiest | {OTHER}
+    assert second[OTHER] == first[OTHER] + 10_000  # "other" only ever grows
+    assert all(second[rid] == first[rid] for rid in busiest)
