@@ -1,10 +1,14 @@
 """Server processes sharing one Redis registry: what one node changes, every node knows.
 
-(Forwarding a request to the node that holds the tunnel comes later: here a request is
-answered by the node the client is connected to.)
+Without cluster mode (tests/integration/test_cluster.py), a request is answered by the node
+the client is connected to.
 """
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import trio
@@ -14,10 +18,13 @@ from petit.transport import REGISTER_PATH, UNREGISTER_PATH
 from tests.integration.harness import (
     UNAVAILABLE,
     ClientFactory,
+    PetitClient,
     PetitServer,
     PythonBackend,
+    Reaper,
     RedisServer,
     ServerFactory,
+    edit_config,
     free_port,
     http_request,
     register_request,
@@ -105,6 +112,46 @@ async def test_two_servers_share_registrations_aliases_and_tokens(
     await wait_until(
         lambda: "serves no registration any more" in tail(a.log, 50), SEEN, what="A to close"
     )
+
+
+async def test_the_client_registers_and_unregisters_through_any_of_its_servers(
+    server_factory: ServerFactory,
+    python_backend: PythonBackend,
+    redis_server: RedisServer,
+    reaper: Reaper,
+    tmp_path: Path,
+) -> None:
+    """``register`` goes to the first listed server that answers (here the second: nothing
+    listens at the first), ``unregister`` to whichever answers: they share the registry."""
+    first_port = free_port()
+    a = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
+    b = await server_factory(
+        start=False, registry=redis_registry(redis_server), firstPort=first_port
+    )
+    shutil.copytree(a.directory / "certificates", b.directory / "certificates", dirs_exist_ok=True)
+    await b.start()
+    client = PetitClient(tmp_path / "client", a, reaper)
+    await client.init(python_backend.port)
+    nowhere = f"127.0.0.1:{free_port()}"
+    servers = [nowhere, f"127.0.0.1:{b.tunnel_port}", f"127.0.0.1:{a.tunnel_port}"]
+    edit_config(client.config, "client", servers=servers)
+
+    rid = await client.register()
+    await wait_until(lambda: _known(a, rid), SEEN, what=f"A to know {rid}, made on B")
+    made_on_b = [json.loads(line) for line in (b.directory / "logs" / "audit.log").open()]
+    assert [(r["event"], r["id"]) for r in made_on_b] == [("registration.created", rid)]
+
+    edit_config(client.config, "client", servers=[nowhere, f"127.0.0.1:{a.tunnel_port}"])
+    await client.cli("unregister", "-r", rid)
+    await wait_until(lambda: _gone(b, rid), SEEN, what=f"B to forget {rid}")
+
+
+async def _known(server: PetitServer, registration_id: str) -> bool:
+    return (await status_of(server, registration_id)).get("registeredId") == registration_id
+
+
+async def _gone(server: PetitServer, registration_id: str) -> bool:
+    return await status_of(server, registration_id) == {}
 
 
 async def test_registrations_on_two_servers_at_once_never_collide(
