@@ -1,11 +1,11 @@
 """Two server nodes: req/s through the node that must forward, against the node that holds
 the session, side by side in one run.
 
-One command starts nginx on loopback as the backend, a redis-server for the node directory,
-two petit server nodes sharing one certificate and registry, and one client whose only
-server is node A. wrk then loads the same registration through node A (its session is
-there: what a single node does) and through node B (every request crosses the peer link to
-A). Only the ratio B/A means anything: absolute figures drift.
+One command starts nginx on loopback as the backend, a redis-server for the registry and the
+node directory, two petit server nodes sharing one certificate (copied) and that registry,
+and one client whose only server is node A. wrk then loads the same registration through
+node A (its session is there: what a single node does) and through node B (every request
+crosses the peer link to A). Only the ratio B/A means anything: absolute figures drift.
 
 Usage: python bench/cluster.py [--smoke] [--duration S] [--json PATH]
 """
@@ -19,8 +19,10 @@ import secrets
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
+import tomli_w
 from run import (
     ONE_KIB,
     VENV_BIN,
@@ -48,7 +50,7 @@ ROWS = [
 
 
 def start_redis(bench: Bench) -> str:
-    """A throwaway redis-server on loopback; its URL."""
+    """A throwaway redis-server on loopback (in memory only); its URL."""
     port = free_port()
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
     argv = [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
@@ -58,17 +60,22 @@ def start_redis(bench: Bench) -> str:
 
 
 def init_node(bench: Bench, name: str, redis_url: str, secret: str, tcp_addr: str) -> Path:
-    """``petit-server init`` for one node, on loopback ports, in cluster mode (each node's
-    raw TCP ports on its own loopback address, so they never clash)."""
+    """``petit-server init`` for one node, on loopback ports, with the Redis registry and in
+    cluster mode (the node directory in the same Redis; each node's raw TCP ports on its own
+    loopback address, so they never clash)."""
     config = bench.root / name / "config.toml"
     bench.run([PETIT_SERVER, "init", "-c", str(config), "--hostname", "localhost"])
-    _set(config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0", adminPort="0")
-    _set(config, tcpAddr=f'"{tcp_addr}"', firstPort=str(free_port()))
-    with config.open("a") as table:
-        table.write(
-            f'\n[server.cluster]\nredisUrl = "{redis_url}"\nnodeId = "{name}"\n'
-            f'internalAddr = "127.0.0.1"\ninternalPort = 0\nsecret = "{secret}"\n'
-        )
+    _set(config, bindAddr='"127.0.0.1"', backPort="0", proxyPort="0", listenPort="0")
+    _set(config, tcpAddr=f'"{tcp_addr}"', firstPort=str(free_port()), adminPort="0")
+    document = tomllib.loads(config.read_text())
+    document["server"]["registry"] = {"backend": "redis", "url": redis_url}
+    document["server"]["cluster"] = {
+        "nodeId": name,
+        "internalAddr": "127.0.0.1",
+        "internalPort": 0,
+        "secret": secret,
+    }
+    config.write_text(tomli_w.dumps(document))
     return config
 
 
@@ -89,6 +96,7 @@ def start_two_nodes(bench: Bench, backend_port: int) -> tuple[Route, Route]:
         node_a.parent / "certificates", node_b.parent / "certificates", dirs_exist_ok=True
     )
     ports_a = start_node(bench, node_a)
+    ports_b = start_node(bench, node_b)
     client = bench.root / "client" / "config.toml"
     ca = node_a.parent / "certificates" / "ca.crt"
     server = f"localhost:{ports_a['tunnel']}"
@@ -112,8 +120,6 @@ def start_two_nodes(bench: Bench, backend_port: int) -> tuple[Route, Route]:
     match = re.search(r"Registered with ID (\d+)", registered)
     if match is None:
         raise SystemExit(f"bench: petit-client register said: {registered}")
-    shutil.copy(node_a.parent / "registry.json", node_b.parent / "registry.json")
-    ports_b = start_node(bench, node_b)
     bench.run([PETIT_CLIENT, "start", "-c", str(client)])
     bench.cleanups.append([PETIT_CLIENT, "stop", "-c", str(client)])
     host = f"{match.group(1)}.localhost"

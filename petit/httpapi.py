@@ -3,14 +3,15 @@ status endpoint.
 
 HTTP is h11's. One task per connection, keep-alive, request heads and bodies bounded in size
 and time, every reply with a length. What a request means is the caller's ``answer``
-function: it gets the parsed request and returns a ``Reply``, or raises ``HttpError``.
+function: an async function that gets the parsed request and returns a ``Reply``, or raises
+``HttpError`` (async, because an answer may change a registry that lives on the network).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -58,7 +59,7 @@ class Reply:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
-Answer: TypeAlias = Callable[[Request], Reply]
+Answer: TypeAlias = Callable[[Request], Awaitable[Reply]]
 
 
 def json_reply(document: Mapping[str, object], status: int = 200) -> Reply:
@@ -81,7 +82,7 @@ def loopback_json(routes: Mapping[str, Callable[[], Mapping[str, object]]]) -> A
     only for a Host of localhost, 127.0.0.1 or [::1], so a web page whose DNS name was
     rebound to 127.0.0.1 cannot read it."""
 
-    def answer(request: Request) -> Reply:
+    async def answer(request: Request) -> Reply:
         host = request.headers.get(b"host", b"").decode("latin-1").lower()
         if host.rpartition(":")[0] not in LOOPBACK_HOSTS and host not in LOOPBACK_HOSTS:
             raise HttpError(403, "only served to Host localhost, 127.0.0.1 or [::1]")
@@ -147,12 +148,12 @@ class _Connection:
             if body is None:
                 await self._send(error_reply(HttpError(413, "request body too large")), close=True)
                 return
-            await self._send(self._reply(request, body), close=False)
+            await self._send(await self._reply(request, body), close=False)
             if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
                 return
             self._http.start_next_cycle()
 
-    def _reply(self, request: h11.Request, body: bytes) -> Reply:
+    async def _reply(self, request: h11.Request, body: bytes) -> Reply:
         headers: dict[bytes, bytes] = {}
         for name, value in request.headers:
             headers[name] = headers[name] + b", " + value if name in headers else value
@@ -164,7 +165,7 @@ class _Connection:
             peer=self._peer,
         )
         try:
-            return self._answer(parsed)
+            return await self._answer(parsed)
         except HttpError as exc:
             return error_reply(exc)
 

@@ -263,26 +263,40 @@ def version(config_path: Path, verbose: bool) -> None:
 
 async def _exchange(
     config: ClientConfig, path: str, request_for: RequestFor, what: str
-) -> dict[str, object]:
-    """One signed request to the server: its nonce in, our request out, its reply back."""
+) -> tuple[ServerAddress, dict[str, object]]:
+    """One signed request: the server's nonce in, our request out, its reply back; and the
+    server that answered.
+
+    The servers are tried in the configured order until one takes the request (the nodes of
+    a cluster share one registry). Once a request is sent its outcome is final, whatever it
+    is, so a registration is never made twice.
+    """
     timeout = config.connect_timeout + config.handshake_timeout
-    try:
-        with trio.fail_after(timeout):
-            async with open_websocket(
-                config.server, client_ssl_context(config.ca), path, proxy=config.proxy
-            ) as (websocket, fingerprint):
-                challenge = messages.decode(await websocket.get_message(), what="challenge")
-                nonce = b64decode(str(challenge.get("nonce", "")), what="challenge nonce")
-                await websocket.send_message(messages.encode(request_for(nonce, fingerprint)))
-                return messages.decode(await websocket.get_message(), what=f"{what} reply")
-    except trio.TooSlowError:
-        raise ServerUnreachableError(
-            f"no {what} answer from the server at {config.server} within {timeout:g} s"
-        ) from None
-    except ConnectionClosed:
-        raise ServerUnreachableError(
-            f"the server at {config.server} closed the connection without a {what} answer"
-        ) from None
+    unreached: list[str] = []
+    for server in config.tunnel_servers:
+        sent = False
+        try:
+            with trio.fail_after(timeout):
+                async with open_websocket(
+                    server, client_ssl_context(config.ca), path, proxy=config.proxy
+                ) as (websocket, fingerprint):
+                    challenge = messages.decode(await websocket.get_message(), what="challenge")
+                    nonce = b64decode(str(challenge.get("nonce", "")), what="challenge nonce")
+                    request = messages.encode(request_for(nonce, fingerprint))
+                    await websocket.send_message(request)
+                    sent = True
+                    reply = messages.decode(await websocket.get_message(), what=f"{what} reply")
+                    return server, reply
+        except trio.TooSlowError:
+            error = f"no {what} answer from the server at {server} within {timeout:g} s"
+        except ConnectionClosed:
+            error = f"the server at {server} closed the connection without a {what} answer"
+        except ServerUnreachableError as exc:
+            error = str(exc)
+        if sent:
+            raise ServerUnreachableError(error)
+        unreached.append(error)
+    raise ServerUnreachableError("; ".join(unreached))
 
 
 def _check_reply(reply: dict[str, object], expected_type: str, failure: str) -> None:
@@ -318,8 +332,8 @@ def register(config_path: Path, verbose: bool, tenant: str | None, token: str | 
         extra: dict[str, object] = {"vitae": config.vitae, **({"token": token} if token else {})}
         return messages.register_request(key, nonce, fingerprint, **extra)
 
-    with exit_codes(), progress(f"Registering with {config.server}"):
-        reply = trio.run(_exchange, config, REGISTER_PATH, request_for, "registration")
+    with exit_codes(), progress(f"Registering with {_servers(config)}"):
+        server, reply = trio.run(_exchange, config, REGISTER_PATH, request_for, "registration")
     _check_reply(reply, "registered", "Unable to register")
     with exit_codes():
         registration = _registration_from(reply)
@@ -331,7 +345,7 @@ def register(config_path: Path, verbose: bool, tenant: str | None, token: str | 
         f"registered {rid} for tenant {name}",
         id=rid,
         tenant=name,
-        server=str(config.server),
+        server=str(server),
     )
     click.echo(f'Registered with ID {rid} (tenant "{name}", key in {directory / "key"}).')
     click.echo(f"Public URL: {registration.endpoint}")
@@ -377,8 +391,8 @@ def _unregister(config: ClientConfig, tenant: Tenant) -> None:
     def request_for(nonce: bytes, fingerprint: bytes) -> dict[str, object]:
         return messages.unregister_request(key, nonce, fingerprint, rid)
 
-    with exit_codes(), progress(f"Unregistering {rid} from {config.server}"):
-        reply = trio.run(_exchange, config, UNREGISTER_PATH, request_for, "unregistration")
+    with exit_codes(), progress(f"Unregistering {rid} from {_servers(config)}"):
+        server, reply = trio.run(_exchange, config, UNREGISTER_PATH, request_for, "unregistration")
     _check_reply(reply, "unregistered", f"Unable to unregister {rid} (tenant {tenant.name})")
     with exit_codes():
         forget_registration(tenant)
@@ -388,8 +402,13 @@ def _unregister(config: ClientConfig, tenant: Tenant) -> None:
         f"unregistered {rid} (tenant {tenant.name})",
         id=rid,
         tenant=tenant.name,
-        server=str(config.server),
+        server=str(server),
     )
+
+
+def _servers(config: ClientConfig) -> str:
+    """The servers a registration request may go to, for progress labels."""
+    return " or ".join(str(server) for server in config.tunnel_servers)
 
 
 def _audit(config: ClientConfig, event: str, message: str, **fields: object) -> None:

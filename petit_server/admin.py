@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
@@ -31,7 +31,7 @@ from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.hub import Hub
 from petit_server.metrics import Metrics
-from petit_server.registry import FileRegistry
+from petit_server.registry import Registry
 from petit_server.usage import UsageStore
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
@@ -57,12 +57,12 @@ DASHBOARD_HEADERS: Final = [
 class AdminSources:
     """What the API reads and changes, bound once the server holds its registry."""
 
-    registry: FileRegistry
+    registry: Registry
     hub: Hub
     usage: UsageStore
     status: Callable[[str | None], dict[str, object]]  # the control port's STATUS reply
     # The control port's registry commands; ``actor`` goes into their audit records.
-    registry_command: Callable[..., dict[str, object] | None]
+    registry_command: Callable[..., Awaitable[dict[str, object] | None]]
     started: float  # wall-clock time the server started
 
 
@@ -75,7 +75,7 @@ class AdminApi:
         self._metrics = Metrics(sources.usage, sources.hub, self._registered_ids)
         self._dashboard = files("petit_server").joinpath("dashboard.html").read_bytes()
 
-    def answer(self, request: Request) -> Reply:
+    async def answer(self, request: Request) -> Reply:
         """The reply to one request; HttpError becomes its JSON error."""
         method, body, peer = request.method, request.body, request.peer
         url = urlsplit(request.target)
@@ -92,9 +92,9 @@ class AdminApi:
             return Reply(200, self._metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts == ["aliases"] and method == "POST":
-            return json_reply(self._add_alias(body, peer))
+            return json_reply(await self._add_alias(body, peer))
         if parts[0] == "aliases" and len(parts) == 2 and method == "DELETE":
-            return json_reply(self._remove_alias(parts[1], peer))
+            return json_reply(await self._remove_alias(parts[1], peer))
         allow(method, "GET")
         return json_reply(self._read(parts, query))
 
@@ -215,25 +215,25 @@ class AdminApi:
             for a in self._sources.hub.attachments()
         ]
 
-    def _add_alias(self, body: bytes, peer: str) -> dict[str, object]:
+    async def _add_alias(self, body: bytes, peer: str) -> dict[str, object]:
         request = _json_body(body)
         alias, rid = request.get("alias"), request.get("registeredId")
         if not isinstance(alias, str) or not isinstance(rid, str):
             raise HttpError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
         self._known(rid)
-        return self._change(["ADDALIAS", rid, alias], peer)
+        return await self._change(["ADDALIAS", rid, alias], peer)
 
-    def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
+    async def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
         if alias.lower() not in self._alias_owners():
             raise HttpError(404, f"{alias} is not an alias.")
-        return self._change(["DELALIAS", alias], peer)
+        return await self._change(["DELALIAS", alias], peer)
 
-    def _change(self, command: list[str], peer: str) -> dict[str, object]:
+    async def _change(self, command: list[str], peer: str) -> dict[str, object]:
         """Run a registry command; the registry writes its audit record, naming us."""
         if any(word.split() != [word] for word in command):
             raise HttpError(400, "alias and ID must be single words")
         verb, *args = command
-        reply = self._sources.registry_command(verb, args, actor=f"admin:{peer}")
+        reply = await self._sources.registry_command(verb, args, actor=f"admin:{peer}")
         assert reply is not None, f"{verb} is a registry command"
         if reply.get("success") is not True:
             raise HttpError(400, str(reply.get("error")))

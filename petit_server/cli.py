@@ -7,12 +7,13 @@ import json
 import secrets
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import click
+import trio
 
 from petit import __version__
-from petit.auth import key_fingerprint
 from petit.cli import (
     CliError,
     ExitCode,
@@ -39,7 +40,8 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
-from petit_server.registry import FileRegistry, apply_command
+from petit_server.importer import import_registry, migrate_registry
+from petit_server.registry import FileRegistry, Registry, apply_command, open_registry
 from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
@@ -173,7 +175,7 @@ def _echo_details(connection: dict[str, object]) -> None:
 @config_option
 @verbose_option
 def registrations(config_path: Path, verbose: bool) -> None:
-    """List registrations (from the registry file) and, if the server runs, who is online."""
+    """List registrations (from the registry) and, if the server runs, who is online."""
     with exit_codes():
         config = load_server_config(config_path)
         registry = _read_registry(config)
@@ -194,7 +196,7 @@ def registrations(config_path: Path, verbose: bool) -> None:
             [
                 registration.registration_id,
                 str(registration.port),
-                key_fingerprint(registration.public_key),
+                registration.fingerprint,
                 ", ".join(registration.aliases) or "-",
                 "yes" if connected else "no",
                 _when(live.get("since")) if connected else "-",
@@ -220,11 +222,11 @@ def show_config(config_path: Path, verbose: bool) -> None:
     tokens = registry.tokens()
     unused = sum(token.state == "unused" for token in tokens)
     click.echo(
-        f"Registry {config.registry_file}: {len(entries)} registration(s), "
+        f"{registry.where.capitalize()}: {len(entries)} registration(s), "
         f"{len(tokens)} enrollment token(s) ({unused} unused)."
     )
     for registration in entries:
-        fingerprint = key_fingerprint(registration.public_key)
+        fingerprint = registration.fingerprint
         click.echo(f"  id: {registration.registration_id}, fingerprint: {fingerprint}")
         for alias in registration.aliases:
             click.echo(f"      a.k.a. {alias}")
@@ -295,9 +297,17 @@ def token() -> None:
 @config_option
 @verbose_option
 @click.option("--note", default="", help="What the token is for (shown by token list).")
-def token_create(config_path: Path, verbose: bool, note: str) -> None:
+@click.option(
+    "--for",
+    "for_id",
+    metavar="ID",
+    callback=lambda c, p, v: v if v is None else _one_word(c, p, v),
+    help="A claim token: gives a key to registration ID, imported without a usable one.",
+)
+def token_create(config_path: Path, verbose: bool, note: str, for_id: str | None) -> None:
     """Create a token and print it; it is shown only this once."""
-    reply = _registry_command(config_path, f"TOKEN CREATE {note}", "Token not created")
+    command = f"TOKEN CREATE {note}" if for_id is None else f"TOKEN CLAIM {for_id} {note}"
+    reply = _registry_command(config_path, command, "Token not created")
     secret = reply.get("token")
     click.echo(secret)
     click.echo(
@@ -360,8 +370,14 @@ def _registry_command(config_path: Path, command: str, failure: str) -> dict[str
         else:
             try:
                 verb, *args = command.split()
-                with audit_to_file(config.log):
-                    offline = apply_command(_read_registry(config), verb, args, actor=cli_actor())
+                registry = _read_registry(config)
+                try:
+                    with audit_to_file(config.log):
+                        offline = trio.run(
+                            partial(apply_command, registry, verb, args, actor=cli_actor())
+                        )
+                finally:
+                    registry.close()
             finally:
                 lock.release()
             assert offline is not None, f"{verb} is a registry command"
@@ -383,8 +399,8 @@ def _control(
     return reply
 
 
-def _read_registry(config: ServerConfig) -> FileRegistry:
-    return FileRegistry(config.registry_file, first_port=config.first_port)
+def _read_registry(config: ServerConfig) -> Registry:
+    return open_registry(config)
 
 
 def _objects(value: object) -> list[dict[str, object]]:
@@ -439,3 +455,5 @@ def _control_host(listen_addr: str) -> str:
 
 
 main.add_command(service_commands("server", DEFAULT_CONFIG_PATH))
+main.add_command(import_registry)
+main.add_command(migrate_registry)

@@ -65,6 +65,10 @@ class ServerConfig:
     response_timeout: float = 60.0
     log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
+    # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
+    registry_backend: str = "file"
+    registry_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # has a password?
+    registry_prefix: str = "petit:"
     # Admin API (petit_server/admin.py): off while admin_token is unset.
     admin_addr: str = "127.0.0.1"
     admin_port: int = 8100
@@ -88,6 +92,9 @@ def load_server_config(path: Path) -> ServerConfig:
     path = path.expanduser().resolve()
     document = load_toml(path, init_hint=f"petit-server init -c {path}")
     server = root_table(document, "server", path)
+    registry = server.table("registry")
+    backend = registry.choice("backend", "file", ("file", "redis"))
+    registry_url = registry.string("url", "redis://127.0.0.1:6379/0")
     config = ServerConfig(
         path=path,
         bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
@@ -117,12 +124,16 @@ def load_server_config(path: Path) -> ServerConfig:
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
         log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
+        registry_backend=backend,
+        registry_url=registry_url,
+        registry_prefix=registry.string("prefix", "petit:"),
         # Admin API
         admin_addr=server.string("adminAddr", "127.0.0.1"),
         admin_port=server.port("adminPort", 8100),
         admin_token=_admin_token(server.optional_string("adminToken")),
-        cluster=read_cluster(server.table("cluster")),
+        cluster=read_cluster(server.table("cluster"), registry_url if backend == "redis" else None),
     )
+    registry.finish()
     server.finish()
     return config
 
@@ -136,14 +147,18 @@ def _admin_token(token: str | None) -> str | None:
     return token
 
 
-def read_cluster(table: Table) -> ClusterConfig | None:
-    """``[server.cluster]``, checked whole even when off; None unless ``redisUrl`` is set."""
+def read_cluster(table: Table, registry_url: str | None) -> ClusterConfig | None:
+    """``[server.cluster]``, checked whole even when off. On when ``redisUrl`` is set, or,
+    with a Redis registry (``registry_url``), when ``secret`` is: the node directory then
+    lives in the registry's Redis, so one URL serves both."""
+    secret = table.optional_string("secret")
     redis_url = table.optional_string("redisUrl")
+    if redis_url is None and secret is not None:
+        redis_url = registry_url
     node_id = table.optional_string("nodeId")
     internal_addr = table.string("internalAddr", "0.0.0.0")  # noqa: S104 - peers on other hosts
     internal_port = table.port("internalPort", 3018)
     advertise_addr = table.optional_string("advertiseAddr")
-    secret = table.optional_string("secret")
     heartbeat = table.number("heartbeatInterval", 1.0, low=0.05, high=60)
     timeout = table.number("nodeTimeout", 5.0, low=0.2, high=600)
     table.finish()
@@ -251,4 +266,10 @@ adminPort = 8100
 environment = "local"
 # Public URL of a registration; REGID is replaced by its ID.
 endpoint = "http://REGID.localhost:8090"
+
+[server.registry]
+# "file" (registryfile above) or "redis": a redis-server shared by several server nodes.
+backend = "file"
+# url = "redis://127.0.0.1:6379/0"
+# prefix = "petit:"
 """

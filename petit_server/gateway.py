@@ -11,7 +11,7 @@ import base64
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -36,7 +36,7 @@ from petit.session import KeepaliveTimeoutError, TunnelSession
 from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH, WebSocketCarrier
 from petit_server.config import ServerConfig
 from petit_server.hub import Attachment, Hub
-from petit_server.registry import ENROLLMENT_REFUSED, FileRegistry
+from petit_server.registry import Registry, RegistryUnavailableError, token_to_present
 
 log = logging.getLogger("petit.gateway")
 
@@ -49,7 +49,7 @@ class Gateway:
     """What the WebSocket handler needs, bound once at start."""
 
     config: ServerConfig
-    registry: FileRegistry
+    registry: Registry
     hub: Hub
     certificate_fingerprint: bytes
 
@@ -133,7 +133,7 @@ class Gateway:
         websocket: WebSocketConnection,
         remote: str,
         kind: str,
-        answer: Callable[[dict[str, object], bytes, str], dict[str, object]],
+        answer: Callable[[dict[str, object], bytes, str], Awaitable[dict[str, object]]],
     ) -> None:
         """One signed request: send a fresh nonce, read the ``kind`` request, send the reply.
 
@@ -151,7 +151,10 @@ class Gateway:
                     request = messages.decode(message, what=kind)
                     if request.get("type") != kind:
                         raise RemoteProtocolError(f"{kind}: expected a message of type {kind!r}")
-                    reply = answer(request, nonce, remote)
+                    reply = await answer(request, nonce, remote)
+                except RegistryUnavailableError as exc:
+                    log.error("%s from %s failed: %s", kind, remote, exc)
+                    reply = {"type": "error", "error": str(exc)}
                 except PetitError as exc:
                     log.info("%s from %s refused: %s", kind, remote, exc)
                     reply = {"type": "error", "error": str(exc)}
@@ -162,7 +165,9 @@ class Gateway:
         except (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.info("%s from %s abandoned: %s", kind, remote, str(exc) or "timeout")
 
-    def _register(self, request: dict[str, object], nonce: bytes, remote: str) -> dict[str, object]:
+    async def _register(
+        self, request: dict[str, object], nonce: bytes, remote: str
+    ) -> dict[str, object]:
         public_key = _field_bytes(request, "public_key")
         signature = _field_bytes(request, "signature")
         vitae = decode_vitae(request.get("vitae", {}))
@@ -171,8 +176,11 @@ class Gateway:
         transcript = register_transcript(nonce, self.certificate_fingerprint, public_key)
         if not verify(public_key, signature, transcript):
             raise AuthError("the registration is not signed by the key it registers")
-        token = _enrollment_token(request) if self.config.require_token else None
-        registration = self.registry.register(
+        offered = request.get("token")
+        token = token_to_present(
+            offered if isinstance(offered, str) else None, require_token=self.config.require_token
+        )
+        registration = await self.registry.register(
             public_key, vitae, token=token, actor=f"tunnel:{remote}"
         )
         rid = registration.registration_id
@@ -184,7 +192,7 @@ class Gateway:
             "endpoint": self.config.endpoint_for(rid),
         }
 
-    def _unregister(
+    async def _unregister(
         self, request: dict[str, object], nonce: bytes, remote: str
     ) -> dict[str, object]:
         claimed = request.get("id")
@@ -196,7 +204,7 @@ class Gateway:
         transcript = unregister_transcript(nonce, self.certificate_fingerprint, rid)
         if not verify(key or _NOBODY, signature, transcript) or key is None:
             raise AuthError("unregistration refused: not proven with the registration's key")
-        self.registry.unregister(rid, actor=f"tunnel:{remote}")
+        await self.registry.unregister(rid, actor=f"tunnel:{remote}")
         self.hub.forget(rid)
         log.info("unregistered %s from %s", rid, remote)
         return {"type": "unregistered", "id": rid}
@@ -207,13 +215,6 @@ def _field_bytes(request: dict[str, object], key: str) -> bytes:
     if not isinstance(value, str):
         raise RemoteProtocolError(f"'{key}' is required")
     return b64decode(value, what=key)
-
-
-def _enrollment_token(request: dict[str, object]) -> str:
-    token = request.get("token")
-    if not isinstance(token, str):
-        raise AuthError(ENROLLMENT_REFUSED)
-    return token
 
 
 def _remote(request: WebSocketRequest) -> str:

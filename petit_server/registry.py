@@ -1,10 +1,17 @@
-"""The embedded registry: registrations, their aliases and enrollment tokens in one JSON file.
+"""The registry: registrations, their aliases and enrollment tokens.
 
-Plain data with synchronous methods: trio switches tasks only at ``await``, so no lock is
-needed inside the process; the server's process lock keeps other processes out (offline
-edits by the CLI take that same lock). Every change is one atomic write (temp file, fsync,
-rename), so a kill -9 at any moment leaves either the old or the new file, never a torn one,
-and a change whose write fails is undone in memory too.
+Two backends share one interface (``Registry``): the embedded ``FileRegistry`` here (one
+JSON file, the default) and ``RedisRegistry`` (``redis_registry.py``, shared by several
+server nodes). Reads (``route``, ``public_key_of``, ``get``) are synchronous and answer from
+memory, because they run per request and per handshake; changes are ``async`` so that a
+backend that talks to a network store can do so without blocking the trio loop.
+
+FileRegistry: plain data (trio switches tasks only at ``await``, so no lock is needed inside
+the process; the server's process lock keeps other processes out, and offline edits by the
+CLI take that same lock). Every change is one atomic write (temp file, fsync, rename), so a
+kill -9 at any moment leaves either the old or the new file, never a torn one, and a change
+whose write fails is undone in memory too. Its changes do not await: each runs to completion
+before another task can see the registry.
 """
 
 from __future__ import annotations
@@ -16,29 +23,39 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import trio
 
 from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.logs import audit
 from petit.statefile import read_json, write_json_atomic
+from petit_server.config import ServerConfig
 from petit_server.ingress import registration_id_for_host
 
 FIRST_ID = 1001
 FORMAT_VERSION = 1
 ENROLLMENT_PREFIX = "pt_"
+CLAIM_PREFIX = "pc_"  # a token bound to one registration that awaits its key (see importer)
 SERVER_ACTOR = "server"  # who changed the registry, in audit records, unless the caller says
 MAX_NOTE = 200  # characters
 MAX_HOSTNAME = 253  # characters, the DNS limit
 ENROLLMENT_REFUSED = (
     "registration refused: a valid enrollment token is required (petit-server token create)"
 )
+CLAIM_REFUSED = (
+    "registration refused: this claim token is unknown, used or revoked "
+    "(ask the operator for a new one: petit-server token create --for ID)"
+)
 COMMAND_USAGE = {
     "ADDALIAS": "ADDALIAS <id> <alias>",
     "DELALIAS": "DELALIAS [<id>] <alias>",
-    "TOKEN": "TOKEN CREATE [note...] | TOKEN LIST | TOKEN REVOKE <id>",
+    "TOKEN": "TOKEN CREATE [note...] | TOKEN CLAIM <id> [note...] | TOKEN LIST | TOKEN REVOKE <id>",
 }
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ID_HEAD = re.compile(r"[0-9]+(?:[.-]|$)")
@@ -48,9 +65,18 @@ class RegistryError(PetitError):
     """A registry change was refused; the message is what the operator reads."""
 
 
+class RegistryUnavailableError(PetitError):
+    """The registry's store cannot be reached right now; the change was not made."""
+
+
 @dataclass(slots=True)
 class Registration:
-    """One registered client identity."""
+    """One registered client identity.
+
+    An empty ``public_key`` is a registration imported from the original petit, whose RSA key
+    the Ed25519 handshake cannot use: it keeps its ID, port and aliases, routes nowhere until
+    its customer claims it with a claim token bound to its ID, and no key proves it meanwhile.
+    """
 
     registration_id: str
     public_key: bytes
@@ -58,6 +84,11 @@ class Registration:
     created: float
     vitae: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        """The key's short form for status output, or why there is none yet."""
+        return key_fingerprint(self.public_key) if self.public_key else "(awaiting its claim)"
 
     def to_json(self) -> dict[str, object]:
         """The registry file's form."""
@@ -72,7 +103,11 @@ class Registration:
 
 @dataclass(slots=True)
 class EnrollmentToken:
-    """A one-time permission to register; only the SHA-256 of its secret is kept."""
+    """A one-time permission to register; only the SHA-256 of its secret is kept.
+
+    With ``for_id`` it is a claim token: it does not create a registration but gives a key
+    to that existing, keyless one (an imported registration), keeping its ID.
+    """
 
     token_id: str
     digest: str  # hex SHA-256 of the secret
@@ -81,6 +116,7 @@ class EnrollmentToken:
     used_by: str | None = None
     used_at: float | None = None
     revoked_at: float | None = None
+    for_id: str | None = None
 
     @property
     def state(self) -> str:
@@ -98,7 +134,75 @@ class EnrollmentToken:
             "used_by": self.used_by,
             "used_at": self.used_at,
             "revoked_at": self.revoked_at,
+            "for_id": self.for_id,
         }
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A whole registry as plain data: what import and migration move between backends."""
+
+    registrations: list[Registration] = field(default_factory=list)
+    tokens: list[EnrollmentToken] = field(default_factory=list)
+    next_id: int = FIRST_ID
+
+
+@dataclass(slots=True)
+class MergePlan:
+    """What merging a snapshot into a registry would do (nothing is changed by planning)."""
+
+    registrations: list[Registration] = field(default_factory=list)  # to add
+    tokens: list[EnrollmentToken] = field(default_factory=list)  # to add
+    unchanged: int = 0  # already there, identical
+    conflicts: list[str] = field(default_factory=list)  # refused, one line each
+    next_id: int = FIRST_ID
+
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class Registry(Protocol):
+    """What the server, the CLI and the importer use, whatever the backend."""
+
+    @property
+    def where(self) -> str:
+        """Where the registry lives, for messages (a file, or a Redis URL without password)."""
+
+    def get(self, registration_id: str) -> Registration | None: ...
+    def public_key_of(self, registration_id: str) -> bytes | None: ...
+    def all(self) -> list[Registration]: ...
+    def route(self, host: str) -> str | None: ...
+    def tokens(self) -> list[EnrollmentToken]: ...
+    def snapshot(self) -> Snapshot: ...
+
+    # ``actor`` (who asked: ``tunnel:<ip>``, ``control``, ``admin:<ip>``, ``offline:<user>``)
+    # goes into the audit records each change writes.
+    async def register(
+        self,
+        public_key: bytes,
+        vitae: dict[str, str],
+        *,
+        token: str | None = None,
+        actor: str = SERVER_ACTOR,
+    ) -> Registration: ...
+    async def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None: ...
+    async def add_alias(
+        self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
+    ) -> None: ...
+    async def remove_alias(
+        self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
+    ) -> None: ...
+    async def create_token(
+        self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
+    ) -> tuple[EnrollmentToken, str]: ...
+    async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None: ...
+    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
+        """Add a planned import; what another writer took meanwhile comes back as conflicts."""
+
+    def close(self) -> None: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the in-memory view fresh while the server runs (a no-op for a file)."""
 
 
 class FileRegistry:
@@ -114,9 +218,14 @@ class FileRegistry:
         if path.exists():
             self._load()
 
+    @property
+    def where(self) -> str:
+        """The file, for messages."""
+        return f"registry {self.path}"
+
     def _load(self) -> None:
         document = read_json(self.path, what="registry")
-        where = f"registry {self.path}"
+        where = self.where
         if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
             raise ConfigError(f"{where}: not a petit registry (version {FORMAT_VERSION})")
         entries = document.get("registrations")
@@ -128,12 +237,12 @@ class FileRegistry:
             raise ConfigError(f"{where}: 'tokens' must be an object")
         for rid, entry in entries.items():
             try:
-                self._registrations[rid] = _registration_from_json(rid, entry)
+                self._registrations[rid] = registration_from_json(rid, entry)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: registration {rid} is malformed ({exc})") from None
         for token_id, entry in tokens.items():
             try:
-                self._tokens[token_id] = _token_from_json(token_id, entry)
+                self._tokens[token_id] = token_from_json(token_id, entry)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: token {token_id} is malformed ({exc})") from None
         self._next_id = max([next_id, *(int(r) + 1 for r in self._registrations)])
@@ -174,6 +283,10 @@ class FileRegistry:
         finally:
             self._index_aliases()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to keep fresh: this process is the file's only writer."""
+        task_status.started()
+
     # ---------------------------------------------------------------- registrations
 
     def get(self, registration_id: str) -> Registration | None:
@@ -181,15 +294,19 @@ class FileRegistry:
         return self._registrations.get(registration_id)
 
     def public_key_of(self, registration_id: str) -> bytes | None:
-        """The registered public key of an ID, or None."""
+        """The registered public key of an ID, or None (also while it awaits its claim)."""
         registration = self._registrations.get(registration_id)
-        return None if registration is None else registration.public_key
+        return None if registration is None else registration.public_key or None
 
     def all(self) -> list[Registration]:
         """Every registration, by ID."""
         return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
 
-    def register(
+    def snapshot(self) -> Snapshot:
+        """A deep copy of everything."""
+        return copy.deepcopy(Snapshot(self.all(), self.tokens(), self._next_id))
+
+    async def register(
         self,
         public_key: bytes,
         vitae: dict[str, str],
@@ -199,10 +316,13 @@ class FileRegistry:
     ) -> Registration:
         """Create a registration with a fresh ID and port; saved before it is returned.
 
-        With ``token`` (the server requires one), it must be a valid unused enrollment token;
-        it is consumed in the same save, so it can never register twice.
+        With ``token`` (the server requires one, or it is a claim token), it must be a valid
+        unused token; it is consumed in the same save, so it can never register twice. A
+        claim token gives ``public_key`` to the keyless registration it is bound to instead.
         """
         enrollment = None if token is None else self._unused_token(token)
+        if enrollment is not None and enrollment.for_id is not None:
+            return self._claim(enrollment, public_key, vitae, actor)
         used_ports = {r.port for r in self._registrations.values()}
         port = self._first_port
         while port in used_ports:
@@ -220,55 +340,60 @@ class FileRegistry:
             if enrollment is not None:
                 enrollment.used_by = registration.registration_id
                 enrollment.used_at = registration.created
-        rid = registration.registration_id
-        audit(
-            "registration.created",
-            f"registered {rid}",
-            actor=actor,
-            id=rid,
-            port=registration.port,
-            fingerprint=key_fingerprint(public_key),
-        )
-        if enrollment is not None:
-            audit(
-                "token.used",
-                f"token {enrollment.token_id} registered {rid}",
-                actor=actor,
-                token=enrollment.token_id,
-                id=rid,
-            )
+        token_id = None if enrollment is None else enrollment.token_id
+        audit_registered(registration, token_id, claimed=False, actor=actor)
         return registration
 
-    def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
+    def _claim(
+        self, enrollment: EnrollmentToken, public_key: bytes, vitae: dict[str, str], actor: str
+    ) -> Registration:
+        registration = self._registrations.get(enrollment.for_id or "")
+        if registration is None or registration.public_key:
+            raise AuthError(CLAIM_REFUSED)  # never replace a key: no takeover
+        with self._change():
+            registration.public_key = public_key
+            registration.vitae = {**registration.vitae, **vitae}
+            enrollment.used_by = registration.registration_id
+            enrollment.used_at = time.time()
+        audit_registered(registration, enrollment.token_id, claimed=True, actor=actor)
+        return registration
+
+    async def unregister(self, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Remove a registration and its aliases (the caller has checked the proof)."""
         registration = self._registrations.get(registration_id)
         if registration is None:
             return
         with self._change():
             del self._registrations[registration_id]
-        audit(
-            "registration.deleted",
-            f"unregistered {registration_id}",
-            actor=actor,
-            id=registration_id,
-            aliases=registration.aliases,
-        )
+        audit_unregistered(registration_id, registration.aliases, actor=actor)
+
+    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
+        """Add a planned import in one save (the plan was made from this registry's snapshot)."""
+        with self._change():
+            for registration in plan.registrations:
+                self._registrations[registration.registration_id] = copy.deepcopy(registration)
+            for token in plan.tokens:
+                self._tokens[token.token_id] = copy.deepcopy(token)
+            self._next_id = max(self._next_id, plan.next_id)
+        if progress is not None:
+            progress(len(plan.registrations), len(plan.registrations))
+        return []
+
+    def close(self) -> None:
+        """Nothing to close: the file is only open while it is read or written."""
 
     # ---------------------------------------------------------------- aliases
 
     def route(self, host: str) -> str | None:
         """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
-        name = host.strip().lower().partition(":")[0]
-        owner = self._alias_owner.get(name)
-        if owner is not None:
-            return owner
-        registration_id = registration_id_for_host(host)
-        return registration_id if registration_id in self._registrations else None
+        return route_host(host, self._alias_owner, self._registrations)
 
-    def add_alias(self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR) -> None:
+    async def add_alias(
+        self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
+    ) -> None:
         """Bind a hostname to a registration; RegistryError says why not."""
         alias = alias.lower()
-        _check_alias(alias)
+        check_alias(alias)
         registration = self._registrations.get(registration_id)
         if registration is None:
             raise RegistryError(f"No such registeredId {registration_id}.")
@@ -276,15 +401,9 @@ class FileRegistry:
             raise RegistryError(f"Alias {alias} already exists.")
         with self._change():
             registration.aliases.append(alias)
-        audit(
-            "alias.added",
-            f"alias {alias} added to {registration_id}",
-            actor=actor,
-            alias=alias,
-            id=registration_id,
-        )
+        audit_alias("alias.added", alias, registration_id, actor=actor)
 
-    def remove_alias(
+    async def remove_alias(
         self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
     ) -> None:
         """Unbind a hostname (from ``registration_id`` only, when given)."""
@@ -296,13 +415,7 @@ class FileRegistry:
             raise RegistryError(f"{alias} is not an alias of {registration_id}.")
         with self._change():
             self._registrations[owner].aliases.remove(alias)
-        audit(
-            "alias.removed",
-            f"alias {alias} removed from {owner}",
-            actor=actor,
-            alias=alias,
-            id=owner,
-        )
+        audit_alias("alias.removed", alias, owner, actor=actor)
 
     # ---------------------------------------------------------------- enrollment tokens
 
@@ -310,29 +423,21 @@ class FileRegistry:
         """Every token ever created, oldest first."""
         return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
-    def create_token(self, note: str, *, actor: str = SERVER_ACTOR) -> tuple[EnrollmentToken, str]:
+    async def create_token(
+        self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
+    ) -> tuple[EnrollmentToken, str]:
         """A new token and its secret (the only time the secret exists outside the client)."""
-        if len(note) > MAX_NOTE or not note.isprintable():
-            raise RegistryError(f"A token note is at most {MAX_NOTE} printable characters.")
-        secret = ENROLLMENT_PREFIX + secrets.token_urlsafe(24)
-        token = EnrollmentToken(
-            token_id=str(max((int(t) for t in self._tokens), default=0) + 1),
-            digest=_digest(secret),
-            note=note,
-            created=time.time(),
+        if for_id is not None:
+            check_claimable(self._registrations.get(for_id), for_id)
+        token, secret = new_token(
+            str(max((int(t) for t in self._tokens), default=0) + 1), note, for_id
         )
         with self._change():
             self._tokens[token.token_id] = token
-        audit(
-            "token.created",
-            f"token {token.token_id} created",
-            actor=actor,
-            token=token.token_id,
-            note=note,
-        )
+        audit_token_created(token, actor=actor)
         return token, secret
 
-    def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None:
+    async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None:
         """Make an unused token worthless."""
         token = self._tokens.get(token_id)
         if token is None:
@@ -341,48 +446,263 @@ class FileRegistry:
             raise RegistryError(f"Token {token_id} is already {token.state}.")
         with self._change():
             self._tokens[token_id].revoked_at = time.time()
-        audit("token.revoked", f"token {token_id} revoked", actor=actor, token=token_id)
+        audit_token_revoked(token_id, actor=actor)
 
     def _unused_token(self, secret: str) -> EnrollmentToken:
-        digest = _digest(secret)
+        digest = token_digest(secret)
         for token in self._tokens.values():
             if hmac.compare_digest(token.digest, digest) and token.state == "unused":
                 return token
+        raise AuthError(CLAIM_REFUSED if secret.startswith(CLAIM_PREFIX) else ENROLLMENT_REFUSED)
+
+
+# -------------------------------------------------------------------- shared by both backends
+
+
+def open_registry(
+    config: ServerConfig, *, load: bool = True, on_removed: Callable[[str], None] | None = None
+) -> Registry:
+    """The configured backend. A file is read at once; Redis is read at once with ``load``
+    (blocking: for the CLI), else by its ``run`` task. ``on_removed(id)`` is called when
+    another node removed a registration."""
+    if config.registry_backend == "file":
+        return FileRegistry(config.registry_file, first_port=config.first_port)
+    try:
+        from petit_server.redis_registry import (
+            RedisRegistry,  # the optional extra, only when chosen
+        )
+    except ImportError:
+        raise ConfigError(
+            '[server.registry] backend = "redis" needs the redis package: '
+            "pip install 'petit[redis]'"
+        ) from None
+    registry = RedisRegistry(
+        config.registry_url,
+        prefix=config.registry_prefix,
+        first_port=config.first_port,
+        on_removed=on_removed,
+    )
+    if load:
+        try:
+            registry.load()
+        except BaseException:
+            registry.close()
+            raise
+    return registry
+
+
+def audit_registered(
+    registration: Registration, token_id: str | None, *, claimed: bool, actor: str
+) -> None:
+    """The audit records of a new registration (or a claimed one) and of the token it used;
+    both backends write the same records."""
+    rid = registration.registration_id
+    audit(
+        "registration.claimed" if claimed else "registration.created",
+        f"{'claimed' if claimed else 'registered'} {rid}",
+        actor=actor,
+        id=rid,
+        port=registration.port,
+        fingerprint=registration.fingerprint,
+    )
+    if token_id is not None:
+        audit(
+            "token.used",
+            f"token {token_id} registered {rid}",
+            actor=actor,
+            token=token_id,
+            id=rid,
+        )
+
+
+def audit_unregistered(registration_id: str, aliases: list[str], *, actor: str) -> None:
+    """The audit record of a removed registration (with the aliases that went with it)."""
+    audit(
+        "registration.deleted",
+        f"unregistered {registration_id}",
+        actor=actor,
+        id=registration_id,
+        aliases=aliases,
+    )
+
+
+def audit_alias(event: str, alias: str, registration_id: str, *, actor: str) -> None:
+    """The audit record of ``alias.added`` or ``alias.removed``."""
+    preposition = "to" if event == "alias.added" else "from"
+    verb = event.partition(".")[2]
+    audit(
+        event,
+        f"alias {alias} {verb} {preposition} {registration_id}",
+        actor=actor,
+        alias=alias,
+        id=registration_id,
+    )
+
+
+def audit_token_created(token: EnrollmentToken, *, actor: str) -> None:
+    """The audit record of a new token: its ID and note (a claim token: its ID to claim)."""
+    fields: dict[str, object] = {"token": token.token_id, "note": token.note}
+    if token.for_id is not None:
+        fields["for_id"] = token.for_id
+    audit("token.created", f"token {token.token_id} created", actor=actor, **fields)
+
+
+def audit_token_revoked(token_id: str, *, actor: str) -> None:
+    """The audit record of a revoked token."""
+    audit("token.revoked", f"token {token_id} revoked", actor=actor, token=token_id)
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:****@{host}"))
+
+
+def route_host(
+    host: str, alias_owner: dict[str, str], registrations: dict[str, Registration]
+) -> str | None:
+    """The routing rule on a registry's data: an alias first, then ``<ID>[-…].<domain>``."""
+    name = host.strip().lower().partition(":")[0]
+    owner = alias_owner.get(name)
+    if owner is not None:
+        return owner
+    registration_id = registration_id_for_host(host)
+    return registration_id if registration_id in registrations else None
+
+
+def token_to_present(token: str | None, *, require_token: bool) -> str | None:
+    """The token a registration request must be checked against: every claim token (so a
+    mistyped one is refused rather than silently registering a new ID), an enrollment token
+    only when the server requires one (otherwise it is ignored, as before)."""
+    if token is not None and (require_token or token.startswith(CLAIM_PREFIX)):
+        return token
+    if require_token:
         raise AuthError(ENROLLMENT_REFUSED)
+    return None
 
 
-def apply_command(
-    registry: FileRegistry, verb: str, args: list[str], *, actor: str
+def new_token(token_id: str, note: str, for_id: str | None) -> tuple[EnrollmentToken, str]:
+    """A fresh token (checked note) and its secret."""
+    if len(note) > MAX_NOTE or not note.isprintable():
+        raise RegistryError(f"A token note is at most {MAX_NOTE} printable characters.")
+    prefix = ENROLLMENT_PREFIX if for_id is None else CLAIM_PREFIX
+    secret = prefix + secrets.token_urlsafe(24)
+    token = EnrollmentToken(
+        token_id=token_id,
+        digest=token_digest(secret),
+        note=note,
+        created=time.time(),
+        for_id=for_id,
+    )
+    return token, secret
+
+
+def check_claimable(registration: Registration | None, registration_id: str) -> None:
+    """A claim token is only for an existing registration that has no key yet."""
+    if registration is None:
+        raise RegistryError(f"No such registeredId {registration_id}.")
+    if registration.public_key:
+        raise RegistryError(
+            f"Registration {registration_id} already has a key: only a registration imported "
+            "without a usable key can be claimed."
+        )
+
+
+def plan_merge(target: Snapshot, source: Snapshot) -> MergePlan:
+    """What importing ``source`` into ``target`` adds, keeping IDs, ports, keys and aliases.
+
+    Idempotent: what is already there identically is counted as unchanged. Nothing in the
+    target is ever replaced: an ID held by another key, a port or an alias held by another
+    ID is a conflict, and that registration is not imported.
+    """
+    plan = MergePlan(next_id=max(target.next_id, source.next_id))
+    by_id = {r.registration_id: r for r in target.registrations}
+    port_owner = {r.port: r.registration_id for r in target.registrations}
+    alias_owner = {a: r.registration_id for r in target.registrations for a in r.aliases}
+    for registration in sorted(source.registrations, key=lambda r: int(r.registration_id)):
+        rid = registration.registration_id
+        plan.next_id = max(plan.next_id, int(rid) + 1)
+        existing = by_id.get(rid)
+        if existing is not None:
+            if _same_identity(existing, registration):
+                plan.unchanged += 1
+            else:
+                plan.conflicts.append(f"ID {rid} already exists with another key or port")
+            continue
+        if registration.port in port_owner:
+            owner = port_owner[registration.port]
+            plan.conflicts.append(f"ID {rid}: port {registration.port} belongs to ID {owner}")
+            continue
+        taken = [a for a in registration.aliases if a in alias_owner]
+        if taken:
+            owner = alias_owner[taken[0]]
+            plan.conflicts.append(f"ID {rid}: alias {taken[0]} belongs to ID {owner}")
+            continue
+        plan.registrations.append(registration)
+        by_id[rid] = registration
+        port_owner[registration.port] = rid
+        alias_owner.update(dict.fromkeys(registration.aliases, rid))
+    digests = {t.digest for t in target.tokens}
+    token_ids = {int(t.token_id) for t in target.tokens}
+    for token in source.tokens:
+        if token.digest in digests:
+            plan.unchanged += 1
+            continue
+        if int(token.token_id) in token_ids:  # keep the secret and state, not the number
+            token = copy.deepcopy(token)
+            token.token_id = str(max(token_ids) + 1)
+        plan.tokens.append(token)
+        digests.add(token.digest)
+        token_ids.add(int(token.token_id))
+    return plan
+
+
+def _same_identity(existing: Registration, imported: Registration) -> bool:
+    """Already imported: same port and key, or imported keyless and claimed since."""
+    return existing.port == imported.port and imported.public_key in (existing.public_key, b"")
+
+
+async def apply_command(
+    registry: Registry, verb: str, args: list[str], *, actor: str
 ) -> dict[str, object] | None:
     """The control commands that change the registry, as the live server and offline edits
     both run them: ``ADDALIAS <id> <alias>``, ``DELALIAS [<id>] <alias>``, ``TOKEN CREATE
-    [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if ``verb`` is none of them.
-    ``actor`` (``control``, ``offline:<user>``) goes into the audit records.
+    [note…]``, ``TOKEN CLAIM <id> [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if
+    ``verb`` is none of them. ``actor`` (``control``, ``admin:<ip>``, ``offline:<user>``)
+    goes into the audit records.
     """
     subcommand = args[0].upper() if verb == "TOKEN" and args else ""
     try:
         match verb, args:
             case "ADDALIAS", [registration_id, alias]:
-                registry.add_alias(alias, registration_id, actor=actor)
+                await registry.add_alias(alias, registration_id, actor=actor)
             case "DELALIAS", [alias]:
-                registry.remove_alias(alias, actor=actor)
+                await registry.remove_alias(alias, actor=actor)
             case "DELALIAS", [registration_id, alias]:
-                registry.remove_alias(alias, registration_id, actor=actor)
+                await registry.remove_alias(alias, registration_id, actor=actor)
             case "TOKEN", [_, *note] if subcommand == "CREATE":
-                token, secret = registry.create_token(" ".join(note), actor=actor)
+                token, secret = await registry.create_token(" ".join(note), actor=actor)
+                return {"success": True, "id": token.token_id, "token": secret}
+            case "TOKEN", [_, for_id, *note] if subcommand == "CLAIM":
+                token, secret = await registry.create_token(
+                    " ".join(note), for_id=for_id, actor=actor
+                )
                 return {"success": True, "id": token.token_id, "token": secret}
             case "TOKEN", [_] if subcommand == "LIST":
                 return {"success": True, "tokens": [_token_summary(t) for t in registry.tokens()]}
             case "TOKEN", [_, token_id] if subcommand == "REVOKE":
-                registry.revoke_token(token_id, actor=actor)
+                await registry.revoke_token(token_id, actor=actor)
             case (("ADDALIAS" | "DELALIAS" | "TOKEN"), _):
                 return {"success": False, "error": f"usage: {COMMAND_USAGE[verb]}"}
             case _:
                 return None
-    except RegistryError as exc:
+    except (RegistryError, RegistryUnavailableError) as exc:
         return {"success": False, "error": str(exc)}
     except OSError as exc:
-        return {"success": False, "error": f"cannot save {registry.path}: {exc.strerror or exc}"}
+        return {"success": False, "error": f"cannot save {registry.where}: {exc.strerror or exc}"}
     return {"success": True}
 
 
@@ -394,10 +714,12 @@ def _token_summary(token: EnrollmentToken) -> dict[str, object]:
         "state": token.state,
         "usedBy": token.used_by,
         "usedAt": token.used_at,
+        "forId": token.for_id,
     }
 
 
-def _check_alias(alias: str) -> None:
+def check_alias(alias: str) -> None:
+    """An alias is a DNS hostname that cannot be mistaken for an ID route."""
     labels = alias.split(".")
     if len(alias) > MAX_HOSTNAME or not all(_LABEL.fullmatch(label) for label in labels):
         raise RegistryError(
@@ -411,16 +733,18 @@ def _check_alias(alias: str) -> None:
         )
 
 
-def _digest(secret: str) -> str:
+def token_digest(secret: str) -> str:
+    """What the registry keeps of a token: its SHA-256, hex."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _registration_from_json(rid: str, entry: object) -> Registration:
+def registration_from_json(rid: str, entry: object) -> Registration:
+    """A registration from its stored JSON form; ValueError/TypeError/KeyError if malformed."""
     if not is_valid_id(rid) or not isinstance(entry, dict):
         raise ValueError("bad ID or entry")
     public_key = bytes.fromhex(entry["public_key"])
-    if len(public_key) != 32:
-        raise ValueError("public_key must be 32 bytes")
+    if len(public_key) not in (0, 32):
+        raise ValueError("public_key must be 32 bytes (or empty: awaiting its claim)")
     vitae = entry.get("vitae", {})
     aliases = entry.get("aliases", [])
     if not isinstance(vitae, dict) or not isinstance(aliases, list):
@@ -435,12 +759,14 @@ def _registration_from_json(rid: str, entry: object) -> Registration:
     )
 
 
-def _token_from_json(token_id: str, entry: object) -> EnrollmentToken:
+def token_from_json(token_id: str, entry: object) -> EnrollmentToken:
+    """A token from its stored JSON form; ValueError/TypeError/KeyError if malformed."""
     if not token_id.isdigit() or not isinstance(entry, dict):
         raise ValueError("bad ID or entry")
     digest = entry["sha256"]
     if not isinstance(digest, str) or len(bytes.fromhex(digest)) != 32:
         raise ValueError("sha256 must be 64 hex digits")
+    for_id = entry.get("for_id")
     return EnrollmentToken(
         token_id=token_id,
         digest=digest,
@@ -449,6 +775,7 @@ def _token_from_json(token_id: str, entry: object) -> EnrollmentToken:
         used_by=None if entry.get("used_by") is None else str(entry["used_by"]),
         used_at=_optional_time(entry.get("used_at")),
         revoked_at=_optional_time(entry.get("revoked_at")),
+        for_id=None if for_id is None else str(for_id),
     )
 
 

@@ -19,7 +19,6 @@ import trio
 from trio_websocket import serve_websocket
 
 from petit import __version__
-from petit.auth import key_fingerprint
 from petit.control import serve_control
 from petit.errors import PetitError
 from petit.httpapi import serve_api
@@ -34,7 +33,7 @@ from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
 from petit_server.hub import Attachment, Hub, Upstreams
 from petit_server.ingress import Routing, serve_ingress
-from petit_server.registry import FileRegistry, Registration, apply_command
+from petit_server.registry import Registration, Registry, apply_command, open_registry
 from petit_server.tcpports import TcpPorts
 from petit_server.usage import UsageStore
 
@@ -46,7 +45,9 @@ class ServerService:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
+        # A bad or unreachable registry is a one-line error here, before start backgrounds.
+        self.registry: Registry = open_registry(config)
+        self.registry.close()
         self.hub = Hub()
         self.usage = UsageStore()
         self.cluster = (
@@ -82,7 +83,7 @@ class ServerService:
             return self.status(args[0] if args else None)
         if verb == "LOG":
             return set_level(args[0].lower() if args else "debug")
-        reply = apply_command(self.registry, verb, args, actor="control")
+        reply = await apply_command(self.registry, verb, args, actor="control")
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply
@@ -129,7 +130,7 @@ class ServerService:
             "registeredId": registration.registration_id,
             "connected": self.hub.is_online(registration.registration_id),
             "port": registration.port,
-            "fingerprint": key_fingerprint(registration.public_key),
+            "fingerprint": registration.fingerprint,
             "aliases": registration.aliases,
             "since": min((a.since for a in serving), default=None),
             "remotes": sorted({a.remote for a in serving}),
@@ -141,7 +142,8 @@ class ServerService:
         config = self.config
         self._stop = stop
         # Read again now that we hold the lock: an offline edit may have landed since __init__.
-        self.registry = FileRegistry(config.registry_file, first_port=config.first_port)
+        # (Redis: read by the registry's run task, in a worker thread, below.)
+        self.registry = open_registry(config, load=False, on_removed=self.hub.forget)
         ssl_context = server_ssl_context(config.certificate, config.key)
         fingerprint = certificate_fingerprint(pem_to_der(config.certificate.read_bytes()))
         https_source = certificate_source(config)
@@ -158,6 +160,7 @@ class ServerService:
         public = config.bind_addr
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
+                await listeners.start(self.registry.run)
                 tunnel = partial(
                     serve_websocket,
                     gateway.handle,
@@ -227,6 +230,7 @@ class ServerService:
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
             await self._drain(handlers)
+        self.registry.close()
 
     def _admin_api(self, token: str) -> AdminApi:
         sources = AdminSources(

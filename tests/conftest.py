@@ -14,11 +14,13 @@ from hypothesis import HealthCheck, settings
 
 from tests.integration.harness import (
     NGINX,
+    REDIS_SERVER,
     ClientFactory,
     NginxBackend,
     PetitServer,
     PythonBackend,
     Reaper,
+    RedisServer,
     ServerFactory,
 )
 
@@ -68,3 +70,13 @@ async def nginx_backend(tmp_path: Path, reaper: Reaper) -> NginxBackend:
     if NGINX is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light); ./run-tests installs it")
     return await NginxBackend.start(tmp_path / "nginx", reaper)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path, reaper: Reaper) -> RedisServer:
+    """A private redis-server on a free loopback port, data in the test's temp directory."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path / "redis", reaper)
+    await server.start()
+    return server

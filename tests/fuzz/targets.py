@@ -94,7 +94,7 @@ def make_gateway(directory: Path) -> Gateway:
         log=LogSettings(file=directory / "server.log", audit_file=directory / "audit.log"),
     )
     registry = FileRegistry(config.registry_file, first_port=config.first_port)
-    registry.register(bytes(32), {})
+    trio.run(registry.register, bytes(32), {})
     return Gateway(config, registry, Hub(), secrets.token_bytes(32))
 
 
@@ -102,15 +102,16 @@ def refuse_unproven(
     gateway: Gateway, register: dict[str, object], unregister: dict[str, object]
 ) -> None:
     """Requests signed by nobody are refused with PetitError and change nothing."""
-    before = gateway.registry.path.read_bytes()
+    registry_file = gateway.config.registry_file
+    before = registry_file.read_bytes()
     nonce = secrets.token_bytes(32)
     for answer, request in ((gateway._register, register), (gateway._unregister, unregister)):
         try:
-            answer(request, nonce, "192.0.2.1")
+            trio.run(answer, request, nonce, "192.0.2.1")
         except PetitError:
             continue
         raise AssertionError(f"an unproven request was answered: {request!r}")
-    assert gateway.registry.path.read_bytes() == before
+    assert registry_file.read_bytes() == before
     assert gateway.registry.public_key_of("1001") == bytes(32)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import redis
 import tomli_w
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -958,47 +959,52 @@ REDIS_SERVER = shutil.which("redis-server")
 
 @dataclass
 class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 (no persistence), in its own directory."""
+    """A private redis-server on a free loopback port, its data (AOF) in its own directory.
+
+    ``stop`` and ``start`` again keep the data, as a restarted production Redis would.
+    """
 
     directory: Path
     reaper: Reaper
-    port: int
+    port: int = field(default_factory=free_port)
     child: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    @classmethod
-    async def start(cls, directory: Path, reaper: Reaper) -> RedisServer:
-        """Start one on a free port; return once it accepts connections."""
-        directory.mkdir(parents=True, exist_ok=True)
-        redis = cls(directory, reaper, free_port())
-        await redis.restart()
-        return redis
+    def client(self) -> redis.Redis:
+        """A synchronous redis-py client (for setting up and inspecting data in tests)."""
+        return redis.Redis(port=self.port, socket_timeout=5, decode_responses=True)
 
-    async def restart(self) -> None:
-        """(Re)start on the same port, empty; return once it accepts connections."""
+    async def start(self) -> None:
+        """(Re)start on the same port with the data it had; return once it answers."""
         assert REDIS_SERVER is not None, "redis-server is not installed"
+        self.directory.mkdir(parents=True, exist_ok=True)
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(self.directory)]
+        argv += ["--dir", str(self.directory), "--appendonly", "yes", "--daemonize", "no"]
         log = self.directory / "redis.log"
         child = self.child = self.reaper.spawn(argv, log=log)
 
-        async def answering() -> bool:
+        def answering() -> bool:
             if child.poll() is not None:
-                raise AssertionError(f"redis exited {child.returncode}:\n{tail(log)}")
+                raise AssertionError(f"redis-server exited {child.returncode}:\n{tail(log)}")
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-            except OSError:
+                with self.client() as client:
+                    return bool(client.ping())
+            except redis.ConnectionError:  # also BusyLoadingError, while it reads its AOF
                 return False
-            await trio.aclose_forcefully(stream)
-            return True
 
-        await wait_until(answering, READY_TIMEOUT, what="redis-server to listen")
+        await wait_until(answering, READY_TIMEOUT, what="redis-server to answer")
+
+    async def stop(self) -> None:
+        """SIGTERM (Redis flushes its AOF) and wait for the exit."""
+        assert self.child is not None
+        self.child.terminate()
+        await wait_exit(self.child)
 
     async def kill(self) -> None:
-        """kill -9, and wait until it is gone."""
+        """kill -9 (what was written survives in the AOF), and wait until it is gone."""
         assert self.child is not None
         kill_group(self.child.pid)
         await wait_exit(self.child)

@@ -1,9 +1,9 @@
 """Several server nodes sharing a real redis-server: forwarding, failover, Redis restarts, and
 peer links that only nodes knowing the cluster secret can use.
 
-The nodes share one CA and server certificate (copied from the first) and the same
-registrations (its registry file, copied before they start) until the registry itself
-moves to Redis.
+The nodes share one CA and server certificate (copied from the first) and the registry, in
+the same redis-server as the node directory ([server.cluster] redisUrl defaults to the
+registry's url). Each client registers through a different node.
 """
 
 from __future__ import annotations
@@ -66,10 +66,15 @@ async def start_nodes(
     *,
     secrets_by_node: dict[str, str] | None = None,
 ) -> dict[str, PetitServer]:
-    """Initialised (not started) nodes with the first one's certificates and cluster settings;
-    each listens for raw TCP ports on its own loopback address, so their ports never clash."""
+    """Initialised (not started) nodes with the first one's certificates, the Redis registry
+    and cluster settings; each listens for raw TCP ports on its own loopback address, so
+    their ports never clash."""
     first_port = free_port()
-    nodes = {name: await server_factory(start=False, firstPort=first_port) for name in names}
+    registry = {"backend": "redis", "url": redis.url}
+    nodes = {
+        name: await server_factory(start=False, firstPort=first_port, registry=registry)
+        for name in names
+    }
     first = nodes[names[0]]
     for index, (name, node) in enumerate(nodes.items()):
         if node is not first:
@@ -79,7 +84,6 @@ async def start_nodes(
                 dirs_exist_ok=True,
             )
         cluster = {
-            "redisUrl": redis.url,
             "nodeId": name,
             "internalAddr": "127.0.0.1",
             "internalPort": 0,
@@ -92,27 +96,29 @@ async def start_nodes(
 
 
 async def start_cluster(
-    server_factory: ServerFactory,
-    client_factory: ClientFactory,
     backend: PythonBackend,
+    server_factory: ServerFactory,
+    redis: RedisServer,
     reaper: Reaper,
     tmp_path: Path,
 ) -> Cluster:
-    """Three nodes; three clients registered on the first. The first two keep one session
-    to whichever node they reach (so most requests must be forwarded), the third one to
-    every node."""
-    redis = await RedisServer.start(tmp_path / "redis", reaper)
+    """Three nodes; three clients, each registered through another node (its first server).
+    The first two keep one session to whichever node they reach (so most requests must be
+    forwarded), the third one to every node."""
     nodes = await start_nodes(["a", "b", "c"], server_factory, redis)
-    first, *others = nodes.values()
-    await first.start()
-    clients = [await client_factory(first, backend.port, start=False) for _ in range(3)]
-    for node in others:
-        shutil.copy(first.registry, node.registry)
+    for node in nodes.values():
         await node.start()
-    servers = [f"127.0.0.1:{node.tunnel_port}" for node in nodes.values()]
-    for client, sessions in zip(clients, (1, 1, 0), strict=True):
+    first = nodes["a"]
+    addresses = [f"127.0.0.1:{node.tunnel_port}" for node in nodes.values()]
+    clients = []
+    for index, sessions in enumerate((1, 1, 0)):
+        client = PetitClient(tmp_path / f"client-{index}", first, reaper)
+        await client.init(backend.port)
+        servers = addresses[index:] + addresses[:index]
         edit_config(client.config, "client", servers=servers, serverSessions=sessions)
+        await client.register()
         await client.start()
+        clients.append(client)
     cluster = Cluster(redis, nodes, clients)
     await every_registration_answers(cluster, within=SETTLE)
     return cluster
@@ -180,12 +186,12 @@ async def cluster_view(node: PetitServer) -> dict[str, object]:
 
 async def test_every_node_serves_every_registration_through_failures(
     server_factory: ServerFactory,
-    client_factory: ClientFactory,
     python_backend: PythonBackend,
+    redis_server: RedisServer,
     reaper: Reaper,
     tmp_path: Path,
 ) -> None:
-    cluster = await start_cluster(server_factory, client_factory, python_backend, reaper, tmp_path)
+    cluster = await start_cluster(python_backend, server_factory, redis_server, reaper, tmp_path)
 
     everywhere = cluster.clients[2]
     await wait_until(
@@ -202,8 +208,8 @@ async def test_every_node_serves_every_registration_through_failures(
                 forwarded += 1
     assert forwarded >= 4  # two clients with one session each, three nodes
 
-    # Redis restarted empty: the nodes notice, keep serving from what they knew, then
-    # write the directory again by themselves.
+    # Redis killed and restarted (with the registry it had written): the nodes notice, keep
+    # serving from what they knew, then write the directory again by themselves.
     await cluster.redis.kill()
     for node in cluster.nodes.values():
         await wait_until(
@@ -212,7 +218,7 @@ async def test_every_node_serves_every_registration_through_failures(
             what=f"{node.directory.name} to notice redis is gone",
         )
     await every_registration_answers(cluster, within=FAILOVER)
-    await cluster.redis.restart()
+    await cluster.redis.start()
     for name, node in cluster.nodes.items():
         others = set(cluster.nodes) - {name}
         await wait_until(
@@ -256,19 +262,17 @@ async def test_a_node_without_the_secret_gets_no_stream(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
     python_backend: PythonBackend,
-    reaper: Reaper,
-    tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     """A node with another secret, and a hand-made peer that cannot prove the secret, are
     refused: nothing reaches the private service."""
-    redis = await RedisServer.start(tmp_path / "redis", reaper)
+    redis = redis_server
     nodes = await start_nodes(
         ["good", "rogue"], server_factory, redis, secrets_by_node={"rogue": "x" * 32}
     )
     good, rogue = nodes["good"], nodes["rogue"]
     await good.start()
     client = await client_factory(good, python_backend.port)
-    shutil.copy(good.registry, rogue.registry)
     await rogue.start()
     await wait_until(
         lambda: _sees(rogue, {"good"}), NODE_TIMEOUT + 2, what="rogue to see good's record"
@@ -298,6 +302,7 @@ async def test_a_node_without_the_secret_gets_no_stream(
 
     shown = (await good.cli("config")).stdout  # the cluster table, its secrets masked
     assert SECRET not in shown
-    assert redis.url not in shown
+    assert '"redisUrl": "********"' in shown  # the Redis URLs may hold a password
+    assert '"registryUrl": "********"' in shown
     assert '"secret": "********"' in shown
     assert '"nodeId": "good"' in shown

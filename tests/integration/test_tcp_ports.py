@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
 import trio
@@ -14,11 +13,9 @@ from petit_server.hub import Attachment, Hub
 from petit_server.registry import Registration
 from petit_server.tcpports import TcpPorts
 from tests.integration.harness import (
-    REDIS_SERVER,
     ClientFactory,
     PetitServer,
     PythonBackend,
-    Reaper,
     RedisServer,
     ServerFactory,
     free_port,
@@ -59,23 +56,18 @@ async def registration_port(server: PetitServer, registration_id: str) -> int:
     return port
 
 
-async def start_redis(directory: Path, reaper: Reaper) -> int:
-    return (await RedisServer.start(directory, reaper)).port
-
-
 async def redis_cli(port: int, *command: str) -> str:
     assert REDIS_CLI is not None
     result = await run_cli([REDIS_CLI, "-h", "127.0.0.1", "-p", str(port), *command], timeout=10)
     return result.stdout.strip()
 
 
-@pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None, reason="redis is not installed")
+@pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is not installed")
 async def test_redis_through_the_registration_port_while_the_client_is_online(
-    server_factory: ServerFactory, client_factory: ClientFactory, reaper: Reaper, tmp_path: Path
+    server_factory: ServerFactory, client_factory: ClientFactory, redis_server: RedisServer
 ) -> None:
-    redis_port = await start_redis(tmp_path / "redis", reaper)
     server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
-    client = await client_factory(server, redis_port)
+    client = await client_factory(server, redis_server.port)
     port = await registration_port(server, client.registration_id)
     await wait_until(lambda: accepts(port), PORT_BOUND, what=f"TCP port {port} to open")
 

@@ -222,6 +222,21 @@ def test_cluster_is_off_unless_redis_url_is_set(tmp_path: Path) -> None:
     assert load_server_config(write(tmp_path, text)).cluster is None
 
 
+def test_cluster_redis_url_defaults_to_the_redis_registry(tmp_path: Path) -> None:
+    secret = 'secret = "' + "s" * 32 + '"\n'
+    registry = '[server.registry]\nbackend = "redis"\nurl = "redis://10.0.0.7:6379/1"\n'
+    text = "[server]\n" + registry + "[server.cluster]\n" + secret
+    cluster = load_server_config(write(tmp_path, text)).cluster
+    assert cluster is not None
+    assert cluster.redis_url == "redis://10.0.0.7:6379/1"
+    # Its own redisUrl wins; with the file registry, a secret alone turns nothing on.
+    own = load_server_config(write(tmp_path, "[server]\n" + registry + CLUSTER)).cluster
+    assert own is not None
+    assert own.redis_url == "redis://10.0.0.9:6379/0"
+    text = "[server]\n[server.cluster]\n" + secret
+    assert load_server_config(write(tmp_path, text)).cluster is None
+
+
 def test_cluster_defaults(tmp_path: Path) -> None:
     cluster = load_server_config(write(tmp_path, "[server]\n" + CLUSTER)).cluster
     assert cluster is not None

@@ -176,7 +176,7 @@ def test_ingress_answers_or_closes_on_any_bytes(data: bytes, piece: int) -> None
     ingress_answer(data, piece)
 
 
-def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) -> None:
+async def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) -> None:
     """The refusals above come from the proofs, not from a parser that refuses everything."""
     key, nonce = generate_key(), secrets.token_bytes(32)
     public = public_key_raw(key)
@@ -185,4 +185,4 @@ def test_a_register_request_from_a_real_key_still_registers(gateway: Gateway) ->
         "public_key": base64.b64encode(public).decode(),
         "signature": base64.b64encode(signature).decode(),
     }
-    assert gateway._register(request, nonce, "192.0.2.1")["type"] == "registered"
+    assert (await gateway._register(request, nonce, "192.0.2.1"))["type"] == "registered"

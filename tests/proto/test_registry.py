@@ -23,10 +23,10 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "registry.json"
 
 
-def test_register_assigns_sequential_ids_and_ports(path: Path) -> None:
+async def test_register_assigns_sequential_ids_and_ports(path: Path) -> None:
     registry = FileRegistry(path, first_port=FIRST_PORT)
-    first = registry.register(key(1), {"hostname": "a"})
-    second = registry.register(key(2), {})
+    first = await registry.register(key(1), {"hostname": "a"})
+    second = await registry.register(key(2), {})
     assert (first.registration_id, first.port) == ("1001", FIRST_PORT)
     assert (second.registration_id, second.port) == ("1002", FIRST_PORT + 1)
     assert registry.get("1001") == first
@@ -34,25 +34,25 @@ def test_register_assigns_sequential_ids_and_ports(path: Path) -> None:
     assert registry.public_key_of("1003") is None
 
 
-def test_registry_is_persisted_and_reloaded_identically(path: Path) -> None:
+async def test_registry_is_persisted_and_reloaded_identically(path: Path) -> None:
     registry = FileRegistry(path, first_port=FIRST_PORT)
     for n in range(1, 4):
-        registry.register(key(n), {"hostname": f"host-{n}", "os": "linux"})
+        await registry.register(key(n), {"hostname": f"host-{n}", "os": "linux"})
     reloaded = FileRegistry(path, first_port=FIRST_PORT)
     assert reloaded.all() == registry.all()
     assert [r.registration_id for r in reloaded.all()] == ["1001", "1002", "1003"]
-    assert reloaded.register(key(4), {}).registration_id == "1004"
+    assert (await reloaded.register(key(4), {})).registration_id == "1004"
 
 
-def test_ids_are_never_reused_and_freed_ports_are(path: Path) -> None:
+async def test_ids_are_never_reused_and_freed_ports_are(path: Path) -> None:
     registry = FileRegistry(path, first_port=FIRST_PORT)
-    registry.register(key(1), {})
-    registry.register(key(2), {})
-    registry.unregister("1002")
-    registry.unregister("1001")
+    await registry.register(key(1), {})
+    await registry.register(key(2), {})
+    await registry.unregister("1002")
+    await registry.unregister("1001")
     reloaded = FileRegistry(path, first_port=FIRST_PORT)
     assert reloaded.all() == []
-    again = reloaded.register(key(3), {})
+    again = await reloaded.register(key(3), {})
     assert (again.registration_id, again.port) == ("1003", FIRST_PORT)
 
 
@@ -100,27 +100,27 @@ def test_corrupt_file_is_a_config_error_naming_the_file(path: Path, content: str
     assert str(path) in str(error.value)
 
 
-def test_valid_file_loads(path: Path) -> None:
+async def test_valid_file_loads(path: Path) -> None:
     path.write_text(json.dumps(valid_document()))
     registry = FileRegistry(path, first_port=FIRST_PORT)
     (only,) = registry.all()
     assert (only.registration_id, only.public_key, only.port) == ("1001", key(1), FIRST_PORT)
-    assert registry.register(key(2), {}).registration_id == "1002"
+    assert (await registry.register(key(2), {})).registration_id == "1002"
 
 
 def failing_write(path: Path, obj: object, *, mode: int = 0o600) -> None:
     raise OSError(28, "No space left on device")
 
 
-def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     registry = FileRegistry(path, first_port=FIRST_PORT)
-    registry.register(key(1), {})
+    await registry.register(key(1), {})
     before_file = path.read_bytes()
     before = registry.all()
 
     monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
-        registry.register(key(2), {})
+        await registry.register(key(2), {})
     assert registry.all() == before
     assert registry.public_key_of("1002") is None
     assert path.read_bytes() == before_file
@@ -128,17 +128,19 @@ def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.undo()
     # The ID of the failed attempt was never handed out, so it is the next one.
-    assert registry.register(key(2), {}).registration_id == "1002"
+    assert (await registry.register(key(2), {})).registration_id == "1002"
     assert FileRegistry(path, first_port=FIRST_PORT).all() == registry.all()
 
 
-def test_failed_unregister_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_unregister_changes_nothing(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = FileRegistry(path, first_port=FIRST_PORT)
-    registered = registry.register(key(1), {})
+    registered = await registry.register(key(1), {})
     before_file = path.read_bytes()
 
     monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
-        registry.unregister("1001")
+        await registry.unregister("1001")
     assert registry.get("1001") == registered
     assert path.read_bytes() == before_file

@@ -15,11 +15,11 @@ FIRST_PORT = 20000
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> FileRegistry:
+async def registry(tmp_path: Path) -> FileRegistry:
     """1001 and 1002 registered."""
     registry = FileRegistry(tmp_path / "registry.json", first_port=FIRST_PORT)
-    registry.register(bytes([1]) * 32, {})
-    registry.register(bytes([2]) * 32, {})
+    await registry.register(bytes([1]) * 32, {})
+    await registry.register(bytes([2]) * 32, {})
     return registry
 
 
@@ -44,10 +44,10 @@ def reloaded(registry: FileRegistry) -> FileRegistry:
         ("", None),
     ],
 )
-def test_route_tries_aliases_then_the_id_rule(
+async def test_route_tries_aliases_then_the_id_rule(
     registry: FileRegistry, host: str, expected: str | None
 ) -> None:
-    registry.add_alias("myalias.example.com", "1002")
+    await registry.add_alias("myalias.example.com", "1002")
     assert registry.route(host) == expected
 
 
@@ -70,10 +70,12 @@ def test_route_tries_aliases_then_the_id_rule(
         "4242",
     ],
 )
-def test_malformed_or_id_shaped_aliases_are_refused(registry: FileRegistry, alias: str) -> None:
+async def test_malformed_or_id_shaped_aliases_are_refused(
+    registry: FileRegistry, alias: str
+) -> None:
     before = registry.path.read_bytes()
     with pytest.raises(RegistryError):
-        registry.add_alias(alias, "1001")
+        await registry.add_alias(alias, "1001")
     assert registry.path.read_bytes() == before
     assert registry.get("1001").aliases == []  # type: ignore[union-attr]
 
@@ -81,56 +83,56 @@ def test_malformed_or_id_shaped_aliases_are_refused(registry: FileRegistry, alia
 @pytest.mark.parametrize(
     "alias", ["a.b", "1a.example.com", "app-1001.example.com", "x" * 63, "Upper.Example.com"]
 )
-def test_hostname_aliases_are_accepted_lowercased(registry: FileRegistry, alias: str) -> None:
-    registry.add_alias(alias, "1001")
+async def test_hostname_aliases_are_accepted_lowercased(registry: FileRegistry, alias: str) -> None:
+    await registry.add_alias(alias, "1001")
     assert registry.get("1001").aliases == [alias.lower()]  # type: ignore[union-attr]
     assert registry.route(alias) == "1001"
 
 
-def test_an_alias_is_bound_once(registry: FileRegistry) -> None:
-    registry.add_alias("shop.example.com", "1001")
+async def test_an_alias_is_bound_once(registry: FileRegistry) -> None:
+    await registry.add_alias("shop.example.com", "1001")
     for rid in ("1001", "1002"):
         with pytest.raises(RegistryError, match=r"^Alias shop\.example\.com already exists\.$"):
-            registry.add_alias("SHOP.example.com", rid)
+            await registry.add_alias("SHOP.example.com", rid)
     assert registry.route("shop.example.com") == "1001"
 
 
-def test_an_alias_needs_a_registered_id(registry: FileRegistry) -> None:
+async def test_an_alias_needs_a_registered_id(registry: FileRegistry) -> None:
     for rid in ("1003", "abc", ""):
         with pytest.raises(RegistryError, match=rf"^No such registeredId {rid}\.$"):
-            registry.add_alias("shop.example.com", rid)
+            await registry.add_alias("shop.example.com", rid)
     assert registry.route("shop.example.com") is None
 
 
-def test_aliases_persist_and_go_with_their_registration(registry: FileRegistry) -> None:
-    registry.add_alias("a.example.com", "1001")
-    registry.add_alias("b.example.com", "1001")
-    registry.add_alias("c.example.com", "1002")
+async def test_aliases_persist_and_go_with_their_registration(registry: FileRegistry) -> None:
+    await registry.add_alias("a.example.com", "1001")
+    await registry.add_alias("b.example.com", "1001")
+    await registry.add_alias("c.example.com", "1002")
     again = reloaded(registry)
     assert again.get("1001").aliases == ["a.example.com", "b.example.com"]  # type: ignore[union-attr]
     assert again.route("c.example.com") == "1002"
 
-    again.unregister("1001")
+    await again.unregister("1001")
     assert again.route("a.example.com") is None
     assert reloaded(again).route("b.example.com") is None
     # A freed alias can be bound again.
-    again.add_alias("a.example.com", "1002")
+    await again.add_alias("a.example.com", "1002")
     assert reloaded(again).route("a.example.com") == "1002"
 
 
-def test_remove_alias(registry: FileRegistry) -> None:
-    registry.add_alias("a.example.com", "1001")
+async def test_remove_alias(registry: FileRegistry) -> None:
+    await registry.add_alias("a.example.com", "1001")
     with pytest.raises(RegistryError, match=r"^a\.example\.com is not an alias of 1002\.$"):
-        registry.remove_alias("a.example.com", "1002")
+        await registry.remove_alias("a.example.com", "1002")
     with pytest.raises(RegistryError, match=r"^nope\.example\.com is not an alias\.$"):
-        registry.remove_alias("nope.example.com")
+        await registry.remove_alias("nope.example.com")
     assert registry.route("a.example.com") == "1001"
-    registry.remove_alias("A.example.com", "1001")
+    await registry.remove_alias("A.example.com", "1001")
     assert registry.route("a.example.com") is None
     assert reloaded(registry).get("1001").aliases == []  # type: ignore[union-attr]
 
 
-def test_failed_save_leaves_no_alias_behind(
+async def test_failed_save_leaves_no_alias_behind(
     registry: FileRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing_save() -> None:
@@ -138,12 +140,12 @@ def test_failed_save_leaves_no_alias_behind(
 
     monkeypatch.setattr(registry, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
-        registry.add_alias("a.example.com", "1001")
+        await registry.add_alias("a.example.com", "1001")
     assert registry.route("a.example.com") is None
     assert registry.get("1001").aliases == []  # type: ignore[union-attr]
 
 
-def test_an_alias_bound_twice_in_the_file_is_a_config_error(registry: FileRegistry) -> None:
+async def test_an_alias_bound_twice_in_the_file_is_a_config_error(registry: FileRegistry) -> None:
     document = json.loads(registry.path.read_text())
     for entry in document["registrations"].values():
         entry["aliases"] = ["same.example.com"]
@@ -167,10 +169,11 @@ ALIAS_SESSION = [
 ]
 
 
-def test_alias_control_commands(registry: FileRegistry) -> None:
+async def test_alias_control_commands(registry: FileRegistry) -> None:
     for command, error in ALIAS_SESSION:
         verb, *args = command.split()
         expected = {"success": True} if error is None else {"success": False, "error": error}
-        assert apply_command(registry, verb, args, actor="test") == expected, command
+        assert await apply_command(registry, verb, args, actor="test") == expected, command
     assert registry.route("a.example.com") is None
-    assert apply_command(registry, "STATUS", [], actor="test") is None  # not a registry command
+    # STATUS is not a registry command
+    assert await apply_command(registry, "STATUS", [], actor="test") is None

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from petit.errors import AuthError, ConfigError
-from petit_server.registry import ENROLLMENT_REFUSED, FileRegistry, RegistryError, apply_command
+from petit_server.registry import (
+    ENROLLMENT_REFUSED,
+    FileRegistry,
+    MergePlan,
+    Registration,
+    RegistryError,
+    apply_command,
+)
 
 FIRST_PORT = 20000
 
@@ -28,8 +35,8 @@ def reloaded(registry: FileRegistry) -> FileRegistry:
     return FileRegistry(registry.path, first_port=FIRST_PORT)
 
 
-def test_the_file_holds_the_hash_never_the_secret(registry: FileRegistry) -> None:
-    token, secret = registry.create_token("laptop of ana")
+async def test_the_file_holds_the_hash_never_the_secret(registry: FileRegistry) -> None:
+    token, secret = await registry.create_token("laptop of ana")
     assert secret.startswith("pt_")
     assert len(secret) == 3 + 32  # token_urlsafe(24): 32 characters
     text = registry.path.read_text()
@@ -46,79 +53,83 @@ def test_the_file_holds_the_hash_never_the_secret(registry: FileRegistry) -> Non
     )
 
 
-def test_tokens_get_increasing_ids_and_distinct_secrets(registry: FileRegistry) -> None:
-    made = [registry.create_token(f"n{i}") for i in range(5)]
+async def test_tokens_get_increasing_ids_and_distinct_secrets(registry: FileRegistry) -> None:
+    made = [await registry.create_token(f"n{i}") for i in range(5)]
     assert [t.token_id for t, _ in made] == ["1", "2", "3", "4", "5"]
     assert len({secret for _, secret in made}) == 5
-    registry.revoke_token("5")
-    assert reloaded(registry).create_token("")[0].token_id == "6"  # revoked IDs are not reused
+    await registry.revoke_token("5")
+    assert (await reloaded(registry).create_token(""))[
+        0
+    ].token_id == "6"  # revoked IDs are not reused
 
 
-def test_a_token_registers_exactly_once(registry: FileRegistry) -> None:
-    _, secret = registry.create_token("")
-    first = registry.register(key(1), {}, token=secret)
+async def test_a_token_registers_exactly_once(registry: FileRegistry) -> None:
+    _, secret = await registry.create_token("")
+    first = await registry.register(key(1), {}, token=secret)
     state = reloaded(registry).tokens()[0]
     assert (state.state, state.used_by) == ("used", first.registration_id)
     assert state.used_at == first.created
     with pytest.raises(AuthError) as refused:
-        registry.register(key(2), {}, token=secret)
+        await registry.register(key(2), {}, token=secret)
     assert str(refused.value) == ENROLLMENT_REFUSED
     assert [r.registration_id for r in reloaded(registry).all()] == ["1001"]
 
 
 @pytest.mark.parametrize("presented", ["", "pt_", "pt_nonsense", "the-right-one-but-revoked"])
-def test_unknown_or_revoked_tokens_register_nothing(registry: FileRegistry, presented: str) -> None:
-    token, secret = registry.create_token("")
+async def test_unknown_or_revoked_tokens_register_nothing(
+    registry: FileRegistry, presented: str
+) -> None:
+    token, secret = await registry.create_token("")
     if presented == "the-right-one-but-revoked":
-        registry.revoke_token(token.token_id)
+        await registry.revoke_token(token.token_id)
         presented = secret
     with pytest.raises(AuthError, match="valid enrollment token is required"):
-        registry.register(key(1), {}, token=presented)
+        await registry.register(key(1), {}, token=presented)
     assert reloaded(registry).all() == []
-    assert reloaded(registry).register(key(1), {}).registration_id == "1001"  # ID not burnt
+    assert (await reloaded(registry).register(key(1), {})).registration_id == "1001"  # ID not burnt
 
 
-def test_without_a_token_argument_none_is_needed(registry: FileRegistry) -> None:
-    registry.create_token("")
-    assert registry.register(key(1), {}).registration_id == "1001"
+async def test_without_a_token_argument_none_is_needed(registry: FileRegistry) -> None:
+    await registry.create_token("")
+    assert (await registry.register(key(1), {})).registration_id == "1001"
     assert registry.tokens()[0].state == "unused"
 
 
-def test_revoke(registry: FileRegistry) -> None:
-    registry.create_token("")
-    _, secret = registry.create_token("")
-    registry.register(key(1), {}, token=secret)
+async def test_revoke(registry: FileRegistry) -> None:
+    await registry.create_token("")
+    _, secret = await registry.create_token("")
+    await registry.register(key(1), {}, token=secret)
     with pytest.raises(RegistryError, match=r"^No such token 9\.$"):
-        registry.revoke_token("9")
+        await registry.revoke_token("9")
     with pytest.raises(RegistryError, match=r"^Token 2 is already used\.$"):
-        registry.revoke_token("2")
-    registry.revoke_token("1")
+        await registry.revoke_token("2")
+    await registry.revoke_token("1")
     with pytest.raises(RegistryError, match=r"^Token 1 is already revoked\.$"):
-        registry.revoke_token("1")
+        await registry.revoke_token("1")
     assert [t.state for t in reloaded(registry).tokens()] == ["revoked", "used"]
 
 
-def test_consuming_is_undone_when_the_registration_cannot_be_saved(
+async def test_consuming_is_undone_when_the_registration_cannot_be_saved(
     registry: FileRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, secret = registry.create_token("")
+    _, secret = await registry.create_token("")
 
     def failing_save() -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(registry, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
-        registry.register(key(1), {}, token=secret)
+        await registry.register(key(1), {}, token=secret)
     monkeypatch.undo()
     assert registry.tokens()[0].state == "unused"
     assert registry.all() == []
-    assert registry.register(key(1), {}, token=secret).registration_id == "1001"
+    assert (await registry.register(key(1), {}, token=secret)).registration_id == "1001"
 
 
 @pytest.mark.parametrize("note", ["x" * 201, "bell\x07", "line\nbreak"])
-def test_notes_are_short_printable_text(registry: FileRegistry, note: str) -> None:
+async def test_notes_are_short_printable_text(registry: FileRegistry, note: str) -> None:
     with pytest.raises(RegistryError, match="printable"):
-        registry.create_token(note)
+        await registry.create_token(note)
     assert registry.tokens() == []
 
 
@@ -126,10 +137,10 @@ def test_notes_are_short_printable_text(registry: FileRegistry, note: str) -> No
     "change",
     [{"sha256": "zz"}, {"sha256": "ab"}, {"created": "yesterday"}, {"used_at": "now"}],
 )
-def test_a_corrupt_token_entry_is_a_config_error(
+async def test_a_corrupt_token_entry_is_a_config_error(
     registry: FileRegistry, change: dict[str, object]
 ) -> None:
-    token, _ = registry.create_token("")
+    token, _ = await registry.create_token("")
     document = json.loads(registry.path.read_text())
     document["tokens"][token.token_id].update(change)
     registry.path.write_text(json.dumps(document))
@@ -137,13 +148,13 @@ def test_a_corrupt_token_entry_is_a_config_error(
         reloaded(registry)
 
 
-def test_token_control_commands(registry: FileRegistry) -> None:
-    created = apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"], actor="test")
+async def test_token_control_commands(registry: FileRegistry) -> None:
+    created = await apply_command(registry, "TOKEN", ["create", "ci", "runner", "7"], actor="test")
     assert created is not None
     assert created["success"] is True
     assert str(created["token"]).startswith("pt_")
     assert created["id"] == "1"
-    listing = apply_command(registry, "TOKEN", ["LIST"], actor="test")
+    listing = await apply_command(registry, "TOKEN", ["LIST"], actor="test")
     assert listing is not None
     assert listing["tokens"] == [
         {
@@ -153,15 +164,40 @@ def test_token_control_commands(registry: FileRegistry) -> None:
             "state": "unused",
             "usedBy": None,
             "usedAt": None,
+            "forId": None,
         }
     ]
-    assert apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {"success": True}
-    assert apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
+    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
+        "success": True
+    }
+    assert await apply_command(registry, "TOKEN", ["REVOKE", "1"], actor="test") == {
         "success": False,
         "error": "Token 1 is already revoked.",
     }
     for wrong in ([], ["LIST", "x"], ["REVOKE"], ["DESTROY", "1"]):
-        reply = apply_command(registry, "TOKEN", wrong, actor="test")
+        reply = await apply_command(registry, "TOKEN", wrong, actor="test")
         assert reply is not None
         assert reply["success"] is False
         assert str(reply["error"]).startswith("usage: TOKEN CREATE")
+
+
+async def test_a_claim_gives_a_key_once_and_never_replaces_one(registry: FileRegistry) -> None:
+    keyless = Registration("4001", b"", 11090, 1.0, {"hostname": "old"}, ["old.example.com"])
+    assert await registry.merge(MergePlan(registrations=[keyless], next_id=4002)) == []
+    assert registry.public_key_of("4001") is None  # nothing proves it before the claim
+    _, first = await registry.create_token("", for_id="4001")
+    _, second = await registry.create_token("", for_id="4001")
+    assert first.startswith("pc_")
+    claimed = await registry.register(key(1), {"hostname": "new"}, token=first)
+    assert (claimed.registration_id, claimed.port, claimed.aliases) == (
+        "4001",
+        11090,
+        ["old.example.com"],
+    )
+    with pytest.raises(AuthError, match="claim token is unknown, used or revoked"):
+        await registry.register(key(2), {}, token=second)  # a second holder takes nothing
+    assert reloaded(registry).public_key_of("4001") == key(1)
+    with pytest.raises(RegistryError, match="already has a key"):
+        await registry.create_token("", for_id="4001")
+    with pytest.raises(RegistryError, match="No such registeredId 4999"):
+        await registry.create_token("", for_id="4999")
