@@ -54,6 +54,7 @@ from petit_server.registry import (
     Registration,
     RegistryError,
     RegistryUnavailableError,
+    RegistryView,
     Snapshot,
     audit_alias,
     audit_registered,
@@ -64,7 +65,6 @@ from petit_server.registry import (
     new_token,
     redacted_url,
     registration_from_json,
-    route_host,
     token_digest,
     token_from_json,
 )
@@ -275,7 +275,7 @@ return 'ok'
 """
 
 
-class RedisRegistry:
+class RedisRegistry(RegistryView):
     """The registry in a Redis shared by several server nodes, mirrored in memory."""
 
     def __init__(
@@ -286,6 +286,7 @@ class RedisRegistry:
         first_port: int,
         on_removed: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__()
         self.url = url
         self.prefix = prefix
         self._first_port = first_port
@@ -314,10 +315,6 @@ class RedisRegistry:
             "raise_next_id": _RAISE_NEXT_ID,
         }
         self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
-        self._registrations: dict[str, Registration] = {}
-        self._alias_owner: dict[str, str] = {}
-        self._tokens: dict[str, EnrollmentToken] = {}
-        self._next_id = FIRST_ID
         self._last_change = "0-0"
         self._reachable = True
 
@@ -554,27 +551,6 @@ class RedisRegistry:
         return self.prefix + name
 
     # ---------------------------------------------------------------- reads (mirror)
-
-    def get(self, registration_id: str) -> Registration | None:
-        """The registration with this ID, if any."""
-        return self._registrations.get(registration_id)
-
-    def public_key_of(self, registration_id: str) -> bytes | None:
-        """The registered public key of an ID, or None (also while it awaits its claim)."""
-        registration = self._registrations.get(registration_id)
-        return None if registration is None else registration.public_key or None
-
-    def all(self) -> list[Registration]:
-        """Every registration, by ID."""
-        return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
-
-    def route(self, host: str) -> str | None:
-        """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
-        return route_host(host, self._alias_owner, self._registrations)
-
-    def tokens(self) -> list[EnrollmentToken]:
-        """Every token ever created, oldest first."""
-        return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
     def snapshot(self) -> Snapshot:
         """Everything the mirror holds."""

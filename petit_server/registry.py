@@ -205,16 +205,45 @@ class Registry(Protocol):
         """Keep the in-memory view fresh while the server runs (a no-op for a file)."""
 
 
-class FileRegistry:
-    """Registrations and enrollment tokens persisted in a JSON file."""
+class RegistryView:
+    """The in-memory registry both backends keep and answer reads from: the request path and
+    handshakes never wait on storage."""
 
-    def __init__(self, path: Path, *, first_port: int) -> None:
-        self.path = path
-        self._first_port = first_port
+    def __init__(self) -> None:
         self._registrations: dict[str, Registration] = {}
         self._tokens: dict[str, EnrollmentToken] = {}
         self._alias_owner: dict[str, str] = {}
         self._next_id = FIRST_ID
+
+    def get(self, registration_id: str) -> Registration | None:
+        """The registration with this ID, if any."""
+        return self._registrations.get(registration_id)
+
+    def public_key_of(self, registration_id: str) -> bytes | None:
+        """The registered public key of an ID, or None (also while it awaits its claim)."""
+        registration = self._registrations.get(registration_id)
+        return None if registration is None else registration.public_key or None
+
+    def all(self) -> list[Registration]:
+        """Every registration, by ID."""
+        return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
+
+    def route(self, host: str) -> str | None:
+        """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
+        return route_host(host, self._alias_owner, self._registrations)
+
+    def tokens(self) -> list[EnrollmentToken]:
+        """Every token ever created, oldest first."""
+        return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
+
+
+class FileRegistry(RegistryView):
+    """Registrations and enrollment tokens persisted in a JSON file."""
+
+    def __init__(self, path: Path, *, first_port: int) -> None:
+        super().__init__()
+        self.path = path
+        self._first_port = first_port
         if path.exists():
             self._load()
 
@@ -288,19 +317,6 @@ class FileRegistry:
         task_status.started()
 
     # ---------------------------------------------------------------- registrations
-
-    def get(self, registration_id: str) -> Registration | None:
-        """The registration with this ID, if any."""
-        return self._registrations.get(registration_id)
-
-    def public_key_of(self, registration_id: str) -> bytes | None:
-        """The registered public key of an ID, or None (also while it awaits its claim)."""
-        registration = self._registrations.get(registration_id)
-        return None if registration is None else registration.public_key or None
-
-    def all(self) -> list[Registration]:
-        """Every registration, by ID."""
-        return sorted(self._registrations.values(), key=lambda r: int(r.registration_id))
 
     def snapshot(self) -> Snapshot:
         """A deep copy of everything."""
@@ -384,10 +400,6 @@ class FileRegistry:
 
     # ---------------------------------------------------------------- aliases
 
-    def route(self, host: str) -> str | None:
-        """The registration a Host header names: an alias first, then ``<ID>[-…].<domain>``."""
-        return route_host(host, self._alias_owner, self._registrations)
-
     async def add_alias(
         self, alias: str, registration_id: str, *, actor: str = SERVER_ACTOR
     ) -> None:
@@ -418,10 +430,6 @@ class FileRegistry:
         audit_alias("alias.removed", alias, owner, actor=actor)
 
     # ---------------------------------------------------------------- enrollment tokens
-
-    def tokens(self) -> list[EnrollmentToken]:
-        """Every token ever created, oldest first."""
-        return sorted(self._tokens.values(), key=lambda t: int(t.token_id))
 
     async def create_token(
         self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
