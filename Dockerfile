@@ -1,7 +1,8 @@
-# petit server (and client) image. Installs into a venv and runs as a non-root user.
+# petit server (and client) image. Installs into a venv and runs as a non-root user. It has
+# the redis extra (redis-py), so [server.registry] backend = "redis" and cluster mode work.
 #
 # Air-gapped build (default): the wheels come from ./wheelhouse, nothing is downloaded.
-#   pip wheel . setuptools -w wheelhouse && docker build -t petit .
+#   pip wheel '.[redis]' setuptools -w wheelhouse && docker build -t petit .
 # Online build: let pip fetch the dependencies from the package index (an empty
 # ./wheelhouse directory must exist: mkdir -p wheelhouse).
 #   docker build --build-arg PIP_ARGS="" -t petit .
@@ -18,7 +19,7 @@ COPY petit /tmp/src/petit
 COPY petit_client /tmp/src/petit_client
 COPY petit_server /tmp/src/petit_server
 RUN python3 -m venv /opt/petit \
- && /opt/petit/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS /tmp/src \
+ && /opt/petit/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS '/tmp/src[redis]' \
  && rm -rf /tmp/wheelhouse /tmp/src \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/petit --create-home petit
 

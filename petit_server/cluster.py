@@ -3,13 +3,16 @@
 # Theory of operation
 
 - Directory: every node writes its record (node id, internal address, the registrations it
-  holds tunnel sessions for) to Redis under ``petit:cluster:node:<id>`` with a TTL of
+  holds tunnel sessions for) to Redis under ``<prefix>cluster:node:<id>`` with a TTL of
   ``nodeTimeout``, rewritten every ``heartbeatInterval`` and at once when its sessions
-  change; the sorted set ``petit:cluster:nodes`` indexes the ids. A node that dies stops
-  rewriting, its key expires, and the others forget it within ``nodeTimeout`` plus one
-  heartbeat. Each heartbeat also reads every record into a local cache, so routing a request
-  never waits on Redis. When Redis comes back empty (restarted), the next heartbeats of every
-  node write the directory again; meanwhile the last known records keep being used.
+  change; the sorted set ``<prefix>cluster:nodes`` indexes the ids. ``<prefix>`` is
+  ``[server.registry] prefix`` (default ``petit:``), so installations sharing one Redis
+  under different prefixes have separate directories as they have separate registries.
+  A node that dies stops rewriting, its key expires, and the others forget it within
+  ``nodeTimeout`` plus one heartbeat. Each heartbeat also reads every record into a local
+  cache, so routing a request never waits on Redis. When Redis comes back empty
+  (restarted), the next heartbeats of every node write the directory again; meanwhile the
+  last known records keep being used.
 - Redis is reached with redis-py's synchronous client in a worker thread
   (``trio.to_thread.run_sync``), with socket timeouts: trio has no Redis client, redis-py's
   asyncio client needs an asyncio loop, and only one small call per heartbeat goes to Redis,
@@ -61,18 +64,11 @@ from petit_server.hub import Hub
 
 log = logging.getLogger("petit.cluster")
 
-KEY_PREFIX = "petit:cluster:"
-NODE_INDEX = KEY_PREFIX + "nodes"  # sorted set: node id -> last heartbeat (ms since epoch)
 INDEX_GRACE = 3600_000  # ms after which a silent node's id leaves the index (its key is gone)
 REDIS_TIMEOUT = 1.0  # seconds for one Redis connect or reply
 LINK_SETUP_TIMEOUT = 3.0  # seconds to connect, handshake TLS and prove the secret to a peer
 NONCE_BYTES = 32
 NOT_HERE = ErrorCode.SHUTDOWN  # a link stream refused because this node no longer holds it
-
-
-def node_key(node_id: str) -> str:
-    """The Redis key of one node's record."""
-    return f"{KEY_PREFIX}node:{node_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +109,7 @@ class Directory:
     def __init__(
         self,
         config: ClusterConfig,
+        key_prefix: str,
         held: Callable[[], set[str]],
         on_peers_changed: Callable[[], None],
     ) -> None:
@@ -130,6 +127,8 @@ class Directory:
         )
         self._redis_errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self._config = config
+        self._node_index = f"{key_prefix}cluster:nodes"  # node id -> last heartbeat (ms)
+        self._node_head = f"{key_prefix}cluster:node:"  # + node id: that node's record
         self._held = held
         self._on_peers_changed = on_peers_changed
         self.port = config.internal_port  # the bound internal port, once listening
@@ -209,20 +208,21 @@ class Directory:
         me = self._config.node_id
         ttl = int(self._config.node_timeout * 1000)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(node_key(me), record, px=ttl)
-        pipe.zadd(NODE_INDEX, {me: now})
-        pipe.zremrangebyscore(NODE_INDEX, "-inf", now - INDEX_GRACE)
-        pipe.zrange(NODE_INDEX, 0, -1)
+        pipe.set(self._node_head + me, record, px=ttl)
+        pipe.zadd(self._node_index, {me: now})
+        pipe.zremrangebyscore(self._node_index, "-inf", now - INDEX_GRACE)
+        pipe.zrange(self._node_index, 0, -1)
         members = pipe.execute()[-1]
         ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         others = [node_id for node_id in ids if node_id != me]
-        values = self._redis.mget([node_key(node_id) for node_id in others]) if others else []
+        keys = [self._node_head + node_id for node_id in others]
+        values = self._redis.mget(keys) if others else []
         return list(zip(others, values, strict=True))
 
     def _leave_sync(self) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(node_key(self._config.node_id))
-        pipe.zrem(NODE_INDEX, self._config.node_id)
+        pipe.delete(self._node_head + self._config.node_id)
+        pipe.zrem(self._node_index, self._config.node_id)
         pipe.execute()
 
     def _update(self, raw: list[tuple[str, Any]]) -> None:
@@ -267,6 +267,7 @@ class Cluster:
         config: ClusterConfig,
         hub: Hub,
         *,
+        key_prefix: str,
         ping_interval: float,
         open_timeout: float,
         handshake_timeout: float,
@@ -277,7 +278,7 @@ class Cluster:
         self._ping_interval = ping_interval
         self._open_timeout = open_timeout
         self._handshake_timeout = handshake_timeout
-        self.directory = Directory(config, hub.served_ids, self._notify)
+        self.directory = Directory(config, key_prefix, hub.served_ids, self._notify)
         self.changed = trio.Event()
         self._links: dict[str, tuple[NodeRecord, TunnelSession]] = {}
         self._dialing: dict[str, trio.Lock] = {}

@@ -19,6 +19,7 @@ that registration skipped).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ from petit.cli import (
 )
 from petit.errors import ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, ProcessLock
+from petit.logs import audit, audit_to_file, cli_actor
 from petit.statefile import read_json, write_atomic
 from petit_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config
 from petit_server.registry import (
@@ -62,9 +64,11 @@ PETIT_PREFIX = "petit:"
 
 @dataclasses.dataclass
 class Source:
-    """What was read, and what of it cannot be imported (one line each)."""
+    """What was read, from where (for the audit trail), and what of it cannot be imported
+    (one line each)."""
 
     snapshot: Snapshot
+    origin: str
     skipped: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -76,11 +80,11 @@ def read_file_source(path: Path) -> Source:
     document = read_json(path, what="registry")
     if isinstance(document, dict) and isinstance(document.get("registeredIds"), dict):
         return _original_file(path, document)
-    return Source(FileRegistry(path, first_port=0).snapshot())
+    return Source(FileRegistry(path, first_port=0).snapshot(), f"registry {path}")
 
 
 def _original_file(path: Path, document: dict[str, Any]) -> Source:
-    source = Source(Snapshot())
+    source = Source(Snapshot(), f"the original petit's registry {path}")
     for rid, entry in document["registeredIds"].items():
         if not isinstance(entry, dict):
             source.skipped.append(f"ID {rid}: not an object in {path}")
@@ -105,14 +109,14 @@ def read_redis_source(url: str, prefix: str | None) -> Source:
     try:
         original = prefix if prefix is not None else ORIGINAL_PREFIX
         if client.exists(f"{original}allids"):
-            return _original_redis(client, original)
+            return _original_redis(client, original, url)
         petit_prefix = prefix if prefix is not None else PETIT_PREFIX
         from petit_server.redis_registry import RedisRegistry  # redis is importable here
 
         registry = RedisRegistry(url, prefix=petit_prefix, first_port=0)
         try:
             registry.load()
-            return Source(registry.snapshot())
+            return Source(registry.snapshot(), registry.where)
         finally:
             registry.close()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -123,9 +127,11 @@ def read_redis_source(url: str, prefix: str | None) -> Source:
         client.close()
 
 
-def _original_redis(client: Any, prefix: str) -> Source:
+def _original_redis(client: Any, prefix: str, url: str) -> Source:
     """The original's keys: ``allids``, ``ids/<id>/{port,key,vitae}``, ``aliases/<alias>``."""
-    source = Source(Snapshot())
+    source = Source(
+        Snapshot(), f"the original petit's Redis {redacted_url(url)} (prefix {prefix!r})"
+    )
     ids = sorted(client.smembers(f"{prefix}allids"))
     aliases: dict[str, list[str]] = {}
     alias_head = f"{prefix}aliases/"
@@ -241,10 +247,14 @@ class Outcome:
 
 
 async def import_snapshot(
-    target: Registry, snapshot: Snapshot, *, dry_run: bool, claim_tokens: bool
+    target: Registry, source: Source, *, dry_run: bool, claim_tokens: bool
 ) -> Outcome:
-    """Merge ``snapshot`` into ``target``; progress on stderr for large imports."""
-    plan = plan_merge(target.snapshot(), snapshot)
+    """Merge ``source`` into ``target``; progress on stderr for large imports.
+
+    Audited as ``offline:<user>``: one record per registration and token added (by the
+    backend's ``merge``), one ``registry.imported`` summary, and each claim token created.
+    """
+    plan = plan_merge(target.snapshot(), source.snapshot)
     outcome = Outcome(
         registrations=len(plan.registrations),
         keyless=[r.registration_id for r in plan.registrations if not r.public_key],
@@ -260,14 +270,30 @@ async def import_snapshot(
         if large:
             click.echo(f"imported {done}/{total}", err=True)
 
-    late = await target.merge(plan, progress)
+    actor = cli_actor()
+    late = await target.merge(plan, progress, actor=actor)
     outcome.conflicts += late
     outcome.registrations -= len(late)
+    if outcome.registrations or outcome.tokens:  # nothing added, nothing to audit
+        audit(
+            "registry.imported",
+            f"imported {outcome.registrations} registration(s) and {outcome.tokens} token(s) "
+            f"from {source.origin}",
+            actor=actor,
+            source=source.origin,
+            target=target.where,
+            registrations=outcome.registrations,
+            tokens=outcome.tokens,
+            unchanged=outcome.unchanged,
+            conflicts=len(outcome.conflicts),
+        )
     imported = {r.registration_id for r in target.all()}
     outcome.keyless = [rid for rid in outcome.keyless if rid in imported]
     if claim_tokens:
         for rid in outcome.keyless:
-            _, secret = await target.create_token(f"claim for imported ID {rid}", for_id=rid)
+            _, secret = await target.create_token(
+                f"claim for imported ID {rid}", for_id=rid, actor=actor
+            )
             outcome.claim_tokens[rid] = secret
     return outcome
 
@@ -330,11 +356,13 @@ def _write_into(
     try:
         target = open_registry(target_config)
         try:
-            outcome = trio.run(
-                lambda: import_snapshot(
-                    target, source.snapshot, dry_run=dry_run, claim_tokens=claim_file is not None
+            # A dry run changes nothing, so it audits nothing (and creates no audit file).
+            with contextlib.nullcontext() if dry_run else audit_to_file(config.log):
+                outcome = trio.run(
+                    lambda: import_snapshot(
+                        target, source, dry_run=dry_run, claim_tokens=claim_file is not None
+                    )
                 )
-            )
         finally:
             target.close()
     finally:
@@ -436,12 +464,10 @@ def migrate_registry(
         # A migration moves everything at one moment: the server is stopped meanwhile.
         source = open_registry(config)
         try:
-            snapshot = source.snapshot()
+            snapshot = Source(source.snapshot(), source.where)
         finally:
             source.close()
-        _write_into(
-            config, target_config, Source(snapshot), dry_run=dry_run, claim_file=None, locked=True
-        )
+        _write_into(config, target_config, snapshot, dry_run=dry_run, claim_file=None, locked=True)
     if not dry_run:
         setting = (
             f'url = "{redacted_url(target_config.registry_url)}"'

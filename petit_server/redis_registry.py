@@ -30,6 +30,7 @@ Keys (``prefix`` default ``petit:``): ``next_id`` (last ID handed out), ``ids`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -57,6 +58,7 @@ from petit_server.registry import (
     RegistryView,
     Snapshot,
     audit_alias,
+    audit_imported,
     audit_registered,
     audit_token_created,
     audit_token_revoked,
@@ -248,7 +250,8 @@ return 'ok'
 """
 )
 
-# ARGV: prefix, token ID, digest, token JSON; a taken token ID gets the next free one
+# ARGV: prefix, token ID, digest, token JSON; a taken token ID gets the next free one, which
+# the script returns (or 'exists': that secret is already there)
 _PUT_TOKEN = (
     _LUA_HEAD
     + """
@@ -263,7 +266,7 @@ redis.call('SET', p .. 'token:' .. tid, ARGV[4])
 redis.call('SET', p .. 'token_digest:' .. ARGV[3], tid)
 redis.call('SADD', p .. 'tokens', tid)
 changed('token', tid)
-return 'ok'
+return tid
 """
 )
 
@@ -680,25 +683,31 @@ class RedisRegistry(RegistryView):
             raise RegistryError(f"Token {token_id} is already {reply}.")
         audit_token_revoked(token_id, actor=actor)
 
-    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
-        """Add a planned import, each registration atomically; what another writer took
-        meanwhile comes back as conflicts."""
+    async def merge(
+        self, plan: MergePlan, progress: Progress | None = None, *, actor: str = SERVER_ACTOR
+    ) -> list[str]:
+        """Add a planned import, each registration atomically, auditing what was added; what
+        another writer took meanwhile comes back as conflicts."""
         conflicts: list[str] = []
         total = len(plan.registrations) + len(plan.tokens)
         done = 0
         for start in range(0, len(plan.registrations), BATCH):
             chunk = plan.registrations[start : start + BATCH]
             replies = await self._in_thread(self._put_registrations, chunk)
-            conflicts += [
-                f"ID {r.registration_id}: {reply}"
-                for r, reply in zip(chunk, replies, strict=True)
-                if reply != "ok"
-            ]
+            for registration, reply in zip(chunk, replies, strict=True):
+                if reply == "ok":
+                    audit_imported(registration, actor=actor)
+                else:
+                    conflicts.append(f"ID {registration.registration_id}: {reply}")
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
         if plan.tokens:
-            await self._in_thread(self._put_tokens, plan.tokens)
+            replies = await self._in_thread(self._put_tokens, plan.tokens)
+            for token, reply in zip(plan.tokens, replies, strict=True):
+                if reply != "exists":  # else another writer put the same secret meanwhile
+                    stored = dataclasses.replace(token, token_id=reply)
+                    audit_token_created(stored, actor=actor, imported=True)
             if progress is not None:
                 progress(total, total)
         await self._in_thread(
@@ -724,14 +733,15 @@ class RedisRegistry(RegistryView):
             )
         return [str(reply) for reply in pipe.execute()]
 
-    def _put_tokens(self, tokens: Sequence[EnrollmentToken]) -> None:
+    def _put_tokens(self, tokens: Sequence[EnrollmentToken]) -> list[str]:
+        """The ID each token got (or ``exists``)."""
         pipe = self._redis.pipeline(transaction=False)
         for token in tokens:
             self._scripts["put_token"](
                 args=[self.prefix, token.token_id, token.digest, json.dumps(token.to_json())],
                 client=pipe,
             )
-        pipe.execute()
+        return [str(reply) for reply in pipe.execute()]
 
 
 def _stream_id(value: str) -> tuple[int, int]:

@@ -196,8 +196,11 @@ class Registry(Protocol):
         self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
     ) -> tuple[EnrollmentToken, str]: ...
     async def revoke_token(self, token_id: str, *, actor: str = SERVER_ACTOR) -> None: ...
-    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
-        """Add a planned import; what another writer took meanwhile comes back as conflicts."""
+    async def merge(
+        self, plan: MergePlan, progress: Progress | None = None, *, actor: str = SERVER_ACTOR
+    ) -> list[str]:
+        """Add a planned import, auditing each registration and token it adds; what another
+        writer took meanwhile comes back as conflicts."""
 
     def close(self) -> None: ...
 
@@ -383,7 +386,9 @@ class FileRegistry(RegistryView):
             del self._registrations[registration_id]
         audit_unregistered(registration_id, registration.aliases, actor=actor)
 
-    async def merge(self, plan: MergePlan, progress: Progress | None = None) -> list[str]:
+    async def merge(
+        self, plan: MergePlan, progress: Progress | None = None, *, actor: str = SERVER_ACTOR
+    ) -> list[str]:
         """Add a planned import in one save (the plan was made from this registry's snapshot)."""
         with self._change():
             for registration in plan.registrations:
@@ -391,6 +396,10 @@ class FileRegistry(RegistryView):
             for token in plan.tokens:
                 self._tokens[token.token_id] = copy.deepcopy(token)
             self._next_id = max(self._next_id, plan.next_id)
+        for registration in plan.registrations:
+            audit_imported(registration, actor=actor)
+        for token in plan.tokens:
+            audit_token_created(token, actor=actor, imported=True)
         if progress is not None:
             progress(len(plan.registrations), len(plan.registrations))
         return []
@@ -547,12 +556,31 @@ def audit_alias(event: str, alias: str, registration_id: str, *, actor: str) -> 
     )
 
 
-def audit_token_created(token: EnrollmentToken, *, actor: str) -> None:
-    """The audit record of a new token: its ID and note (a claim token: its ID to claim)."""
+def audit_imported(registration: Registration, *, actor: str) -> None:
+    """The audit record of a registration an import or migration added, aliases included
+    (one record, not one more per alias)."""
+    rid = registration.registration_id
+    audit(
+        "registration.imported",
+        f"imported {rid}",
+        actor=actor,
+        id=rid,
+        port=registration.port,
+        fingerprint=registration.fingerprint,
+        aliases=registration.aliases,
+    )
+
+
+def audit_token_created(token: EnrollmentToken, *, actor: str, imported: bool = False) -> None:
+    """The audit record of a new token: its ID and note (a claim token: its ID to claim);
+    an imported one (``token.imported``) also says whether it was used or revoked."""
     fields: dict[str, object] = {"token": token.token_id, "note": token.note}
     if token.for_id is not None:
         fields["for_id"] = token.for_id
-    audit("token.created", f"token {token.token_id} created", actor=actor, **fields)
+    if imported:
+        fields["state"] = token.state
+    event, verb = ("token.imported", "imported") if imported else ("token.created", "created")
+    audit(event, f"token {token.token_id} {verb}", actor=actor, **fields)
 
 
 def audit_token_revoked(token_id: str, *, actor: str) -> None:

@@ -56,6 +56,7 @@ class ServerService:
             else Cluster(
                 config.cluster,
                 self.hub,
+                key_prefix=config.registry_prefix,  # one prefix for all petit keeps in Redis
                 ping_interval=config.ping_interval,
                 open_timeout=config.open_timeout,
                 handshake_timeout=config.handshake_timeout,

@@ -65,12 +65,13 @@ async def start_nodes(
     redis: RedisServer,
     *,
     secrets_by_node: dict[str, str] | None = None,
+    prefix: str = "petit:",
 ) -> dict[str, PetitServer]:
     """Initialised (not started) nodes with the first one's certificates, the Redis registry
-    and cluster settings; each listens for raw TCP ports on its own loopback address, so
-    their ports never clash."""
+    (under ``prefix``) and cluster settings; each listens for raw TCP ports on its own
+    loopback address, so their ports never clash."""
     first_port = free_port()
-    registry = {"backend": "redis", "url": redis.url}
+    registry = {"backend": "redis", "url": redis.url, "prefix": prefix}
     nodes = {
         name: await server_factory(start=False, firstPort=first_port, registry=registry)
         for name in names
@@ -306,3 +307,29 @@ async def test_a_node_without_the_secret_gets_no_stream(
     assert '"registryUrl": "********"' in shown
     assert '"secret": "********"' in shown
     assert '"nodeId": "good"' in shown
+
+
+async def test_installations_with_other_prefixes_share_a_redis_but_not_a_directory(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """Two clusters on one redis-server, told apart by [server.registry] prefix: each node
+    sees only the other node of its own installation."""
+    one = await start_nodes(["one-a", "one-b"], server_factory, redis_server, prefix="one:")
+    two = await start_nodes(["two-a", "two-b"], server_factory, redis_server, prefix="two:")
+    nodes = one | two
+    for node in nodes.values():
+        await node.start()
+    for name, node in nodes.items():
+        peer = {other for other in (one if name in one else two) if other != name}
+        await wait_until(
+            lambda n=node, p=peer: _sees(n, p),  # type: ignore[misc]
+            SETTLE,
+            what=f"{name} to see only {sorted(peer)}",
+        )
+    with redis_server.client() as client:
+        keys = {str(key) for key in client.scan_iter(match="*cluster*")}
+    assert keys == {
+        f"{prefix}cluster:{rest}"
+        for prefix, names in (("one:", one), ("two:", two))
+        for rest in ["nodes", *(f"node:{name}" for name in names)]
+    }, keys

@@ -29,6 +29,7 @@ from tests.integration.harness import (
     ServerFactory,
     edit_config,
     http_request,
+    log_records,
     register_request,
     signed_request,
     wait_until,
@@ -66,6 +67,14 @@ def original_file(path: Path) -> Path:
     return path
 
 
+def audited(server: PetitServer, since: int = 0) -> list[tuple[str, str, str]]:
+    """(event, actor kind, ID or token) of the server's audit records from ``since`` on."""
+    return [
+        (r["event"], r["actor"].partition(":")[0], r.get("id") or r.get("token") or "")
+        for r in log_records(server.audit_log)[since:]
+    ]
+
+
 def seed_original_redis(redis_server: RedisServer) -> None:
     """The original petit's keys, as registry_redis.js left them (bugs included)."""
     with redis_server.client() as client:
@@ -92,6 +101,7 @@ async def test_original_file_imports_keyless_and_the_customer_claims_the_same_id
     assert dry.stdout.startswith("Would import 2 registration(s) (2 awaiting a key)"), dry
     assert "skipped: ID custom: not a number" in dry.stderr, dry
     assert server.registry.read_bytes() == before  # a dry run changes nothing
+    assert audited(server) == []  # and audits nothing
 
     claims = tmp_path / "claims.txt"
     done = await server.cli(
@@ -113,10 +123,27 @@ async def test_original_file_imports_keyless_and_the_customer_claims_the_same_id
     )
     assert imported.vitae["hostname"] == "ana"
     assert len(imported.vitae["legacyKeyFingerprint"].split(":")) == 16  # the original's MD5 form
+    # Audited by whoever ran it: each registration (its aliases in the same record), one
+    # summary, then each claim token.
+    assert audited(server) == [
+        ("registration.imported", "offline", "1001"),
+        ("registration.imported", "offline", "1003"),
+        ("registry.imported", "offline", ""),
+        ("token.created", "offline", "1"),
+        ("token.created", "offline", "2"),
+    ]
+    records = log_records(server.audit_log)
+    assert records[0]["aliases"] == ["shop.example.com"], records
+    assert (records[2]["registrations"], records[2]["source"]) == (
+        2,
+        f"the original petit's registry {source}",
+    ), records
+    assert [r.get("for_id") for r in records[3:]] == ["1001", "1003"], records
 
     again = await server.cli("import-registry", "--from-file", str(source))
     assert again.stdout.startswith("Imported 0 registration(s)"), again
     assert "2 already there, 0 conflict(s)" in again.stdout, again
+    assert len(audited(server)) == 5  # nothing added, nothing audited twice
 
     await server.start()
     assert (await http_request(server.http_port, "shop.example.com")).status == 503
@@ -190,10 +217,19 @@ async def test_migration_round_trip_keeps_everything(
     await server.cli("token", "revoke", "4")
     await server.stop()
     original = FileRegistry(server.registry, first_port=0).snapshot()
+    online = len(log_records(server.audit_log))
 
     url = redis_server.url
+    await server.cli("migrate-registry", "--to", "redis", "--url", url, "--dry-run")
     moved = await server.cli("migrate-registry", "--to", "redis", "--url", url)
     assert moved.stdout.startswith("Imported 3 registration(s) (0 awaiting a key) and 5 token(s)")
+    assert audited(server, online) == [
+        *(("registration.imported", "offline", rid) for rid in ids),
+        *(("token.imported", "offline", str(n)) for n in range(1, 6)),
+        ("registry.imported", "offline", ""),
+    ]
+    states = [r["state"] for r in log_records(server.audit_log)[online + 3 : online + 8]]
+    assert states == ["used", "used", "used", "revoked", "unused"], states
     assert 'set [server.registry] backend = "redis"' in moved.stdout
     edit_config(server.config, "server", registry={"backend": "redis", "url": url})
     await server.start()
