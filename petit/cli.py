@@ -18,9 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import click
 import trio
@@ -77,7 +76,6 @@ def exit_codes() -> Iterator[None]:
         raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
 
 
-_Item = TypeVar("_Item")
 SPIN_INTERVAL = 0.1  # seconds between two frames of a progress spinner
 
 
@@ -112,17 +110,6 @@ def progress(label: str) -> Iterator[None]:
         spinner.join()
         stream.write("\r\x1b[K")  # back to the line's start and erase it
         stream.flush()
-
-
-def progress_items(items: Iterable[_Item], *, length: int, label: str) -> Iterator[_Item]:
-    """``items`` with a progress bar on stderr when it is a terminal (for imports and
-    other loops over many records); just ``items`` otherwise."""
-    stream = sys.stderr
-    if not stream.isatty():
-        yield from items
-        return
-    with click.progressbar(items, length=length, label=label, file=stream) as bar:
-        yield from bar
 
 
 def run_service(service: Callable[[trio.Event], Awaitable[None]]) -> None:
