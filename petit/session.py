@@ -179,7 +179,7 @@ class TunnelSession:
         return self._pending_events.popleft()
 
     async def handshake_as_server(
-        self, nonce: bytes, check_hello: Callable[[bytes], bytes]
+        self, nonce: bytes, check_hello: Callable[[bytes], Awaitable[bytes]]
     ) -> None:
         """Challenge the client and open the session if ``check_hello`` accepts its hello.
 
@@ -192,7 +192,7 @@ class TunnelSession:
         if not isinstance(event, HelloReceived):
             raise RemoteProtocolError(f"expected a hello, got {type(event).__name__}")
         try:
-            welcome = check_hello(event.payload)
+            welcome = await check_hello(event.payload)
         except PetitError as exc:
             self.connection.close(_error_code(exc), str(exc))
             await self._send_queued_now()

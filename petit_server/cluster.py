@@ -440,7 +440,7 @@ class Cluster:
         log.info("cluster: link to node %s at %s:%d up", node.node_id, node.host, node.port)
         return session
 
-    def _check_hello(
+    async def _check_hello(
         self, node: NodeRecord, nonce: bytes, fingerprint: bytes, payload: bytes
     ) -> bytes:
         """The listener's proof; the WELCOME carries ours."""

@@ -75,8 +75,9 @@ class Gateway:
         proven: list[str] = []
         vitae: dict[str, str] = {}
 
-        def check_hello(payload: bytes) -> bytes:
+        async def check_hello(payload: bytes) -> bytes:
             hello = decode_hello(payload)
+            await self.registry.catch_up(sorted(hello.claims))
             ids = accepted_ids(
                 hello, nonce, self.certificate_fingerprint, self.registry.public_key_of
             )

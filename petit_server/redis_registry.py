@@ -365,6 +365,20 @@ class RedisRegistry(RegistryView):
                     problem = str(exc)
                     log.error("%s: cannot refresh: %s", self.where, problem)
 
+    async def catch_up(self, registration_ids: Sequence[str]) -> None:
+        """Re-read the claimed registrations before a hello is checked: one registered on
+        another node a moment ago (its client reconnects to every node at once) is not in the
+        mirror until the next poll. Every hello pays the same round trip, whether its IDs are
+        known here or not, so its timing tells a stranger nothing. While Redis is unreachable
+        the mirror answers alone."""
+        if not self._reachable:
+            return
+        try:
+            fetched = await self._in_thread(self._fetch_registrations, list(registration_ids))
+        except RegistryUnavailableError:
+            return
+        self._apply(fetched, {})
+
     async def _in_thread(self, function: Callable[..., T], *args: Any, starting: bool = False) -> T:
         """Run blocking Redis I/O in a worker thread; unreachable Redis becomes one error."""
         return await trio.to_thread.run_sync(

@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -207,6 +207,10 @@ class Registry(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the in-memory view fresh while the server runs (a no-op for a file)."""
 
+    async def catch_up(self, registration_ids: Sequence[str]) -> None:
+        """Bring these registrations' view up to date before a hello is checked, so one
+        registered on another node a moment ago is known here (a no-op for a file)."""
+
 
 class RegistryView:
     """The in-memory registry both backends keep and answer reads from: the request path and
@@ -318,6 +322,9 @@ class FileRegistry(RegistryView):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Nothing to keep fresh: this process is the file's only writer."""
         task_status.started()
+
+    async def catch_up(self, registration_ids: Sequence[str]) -> None:
+        """Nothing to catch up: this process is the file's only writer."""
 
     # ---------------------------------------------------------------- registrations
 

@@ -89,6 +89,24 @@ async def test_two_nodes_see_each_others_registrations_aliases_and_tokens(
         assert (again.registration_id, again.port) == ("1003", FIRST_PORT)  # port freed, ID not
 
 
+async def test_a_hello_catches_up_on_a_registration_made_on_another_node_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A client reconnects to every node right after registering on one: the others must
+    know its ID at its hello, not at their next poll."""
+    b = RedisRegistry(redis_server.url, first_port=FIRST_PORT)  # loaded once, not polling
+    try:
+        await trio.to_thread.run_sync(b.load)
+        async with node(redis_server.url) as a:
+            rid = (await a.register(key(7), {})).registration_id
+        assert b.public_key_of(rid) is None
+        await b.catch_up([rid, "9999"])
+        assert b.public_key_of(rid) == key(7)
+        assert b.get("9999") is None
+    finally:
+        b.close()
+
+
 async def test_concurrent_registrations_on_two_nodes_never_collide(
     redis_server: RedisServer,
 ) -> None:

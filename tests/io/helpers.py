@@ -43,7 +43,7 @@ def make_hello(nonce: bytes) -> bytes:
     return encode_hello(Hello(claims={REGISTRATION_ID: sign(_KEY, transcript)}))
 
 
-def check_hello(payload: bytes) -> bytes:
+async def check_hello(payload: bytes) -> bytes:
     """The server's side of the handshake: verify the claims as the gateway does."""
     ids = accepted_ids(decode_hello(payload), NONCE, FINGERPRINT, _PUBLIC_KEYS.get)
     if not ids:
