@@ -136,6 +136,8 @@ class Directory:
         self._holders: dict[str, list[NodeRecord]] = {}
         self._dirty = trio.Event()
         self._reachable: bool | None = None  # None: not tried yet
+        self._writing = trio.Lock()  # one write of our record at a time
+        self._left = False  # withdrawn on shutdown: never published again
 
     def holders(self, registration_id: str) -> list[NodeRecord]:
         """Other nodes holding a session for the registration (from the cache)."""
@@ -168,12 +170,16 @@ class Directory:
                 await self._dirty.wait()
 
     async def leave(self) -> None:
-        """Withdraw our record (on shutdown) so the others stop forwarding to us."""
+        """Withdraw our record (on shutdown) so the others stop forwarding to us. The
+        heartbeat goes on while streams drain (sessions detaching wake it) but writes nothing
+        more: a write in flight lands first, then the withdrawal."""
+        self._left = True
         with trio.move_on_after(REDIS_TIMEOUT * 2):
-            try:
-                await trio.to_thread.run_sync(self._leave_sync, abandon_on_cancel=True)
-            except self._redis_errors as exc:
-                log.debug("cluster directory: could not withdraw this node: %s", exc)
+            async with self._writing:
+                try:
+                    await trio.to_thread.run_sync(self._leave_sync, abandon_on_cancel=True)
+                except self._redis_errors as exc:
+                    log.debug("cluster directory: could not withdraw this node: %s", exc)
 
     async def _beat(self) -> None:
         record = json.dumps(
@@ -184,9 +190,12 @@ class Directory:
             }
         )
         try:
-            raw = await trio.to_thread.run_sync(
-                partial(self._beat_sync, record), abandon_on_cancel=True
-            )
+            async with self._writing:
+                if self._left:
+                    return
+                raw = await trio.to_thread.run_sync(
+                    partial(self._beat_sync, record), abandon_on_cancel=True
+                )
         except self._redis_errors as exc:
             if self._reachable is not False:
                 log.warning(

@@ -21,6 +21,8 @@ import trio
 
 from petit.connection import Role, TunnelConnection
 from petit.session import SessionClosedError, StreamCarrier, StreamRefusedError, TunnelSession
+from petit_server.cluster import Directory
+from petit_server.config import ClusterConfig
 from tests.integration.harness import (
     REDIS_SERVER,
     ClientFactory,
@@ -337,3 +339,29 @@ async def test_installations_with_other_prefixes_share_a_redis_but_not_a_directo
         for prefix, names in (("one:", one), ("two:", two))
         for rest in ["nodes", *(f"node:{name}" for name in names)]
     }, keys
+
+
+async def test_a_node_that_left_the_directory_is_never_published_again(
+    redis_server: RedisServer,
+) -> None:
+    """On stop, sessions detaching while streams drain wake the heartbeat: once the node has
+    left, a beat must not write its record back, or the others forward to a stopped node."""
+    config = ClusterConfig(
+        redis_url=redis_server.url,
+        node_id="leaving",
+        internal_addr="127.0.0.1",
+        internal_port=0,
+        advertise_addr="127.0.0.1",
+        secret=secrets.token_hex(16),
+    )
+    directory = Directory(config, "petit:", held=lambda: {"1001"}, on_peers_changed=lambda: None)
+    record = "petit:cluster:node:leaving"
+    with redis_server.client() as client, trio.fail_after(SETTLE):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(directory.run)
+            await wait_until(lambda: client.exists(record) == 1, SETTLE, what="the record")
+            await directory.leave()
+            assert client.exists(record) == 0
+            await directory._beat()  # what a session detaching during the drain triggers
+            assert client.exists(record) == 0
+            nursery.cancel_scope.cancel()
