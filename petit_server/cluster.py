@@ -479,6 +479,8 @@ class Cluster:
             await session.serve(task_status=task_status)
         except (PetitError, trio.BrokenResourceError, OSError) as exc:
             log.info("cluster: link to node %s down: %s", node.node_id, exc)
+        except Exception:  # per-link boundary: log the bug, keep the other links and the node
+            log.exception("cluster: bug on the link to node %s", node.node_id)
         finally:
             if self._links.get(node.node_id, (None, None))[1] is session:
                 del self._links[node.node_id]
@@ -506,7 +508,7 @@ class Cluster:
     async def _accept_link(
         self, tcp: trio.SocketStream, *, ssl_context: ssl.SSLContext, fingerprint: bytes
     ) -> None:
-        peer = tcp.socket.getpeername()
+        peer: object = "a peer that left"
         tls = trio.SSLStream(tcp, ssl_context, server_side=True)
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
@@ -526,6 +528,7 @@ class Cluster:
             return json.dumps(document).encode()
 
         try:
+            peer = tcp.socket.getpeername()  # fails if the peer has already reset
             with trio.fail_after(self._handshake_timeout):
                 await tls.do_handshake()
                 welcome = parse_json_object(
@@ -548,6 +551,8 @@ class Cluster:
             await session.serve()
         except (PetitError, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             log.info("cluster: link from %s ended: %s", peer_id or peer, exc)
+        except Exception:  # per-connection boundary: log the bug, keep serving other nodes
+            log.exception("cluster: bug on the link from %s", peer_id or peer)
         finally:
             await trio.aclose_forcefully(tls)
 

@@ -3,13 +3,12 @@ answer function or the other connections."""
 
 from __future__ import annotations
 
-import socket
-import struct
 from functools import partial
 
 import trio
 
 from petit.httpapi import Reply, Request, json_reply, serve_api
+from tests.integration.harness import reset_at_once
 
 
 class Recorder:
@@ -32,12 +31,6 @@ async def exchange(port: int, request: bytes) -> bytes:
             while chunk := await stream.receive_some(65536):
                 answer += chunk
             return bytes(answer)
-
-
-def reset_at_once(port: int) -> None:
-    """Connect and close with SO_LINGER 0: the server accepts a connection already reset."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 GET = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
