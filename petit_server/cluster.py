@@ -248,7 +248,7 @@ class Directory:
         for node in peers.values():
             for rid in node.registrations:
                 holders.setdefault(rid, []).append(node)
-        changed = holders.keys() != self._holders.keys()
+        changed = holders.keys() != self._holders.keys() or peers.keys() != self._peers.keys()
         self._peers, self._holders = peers, holders
         if changed:
             self._on_peers_changed()
@@ -278,7 +278,7 @@ class Cluster:
         self._ping_interval = ping_interval
         self._open_timeout = open_timeout
         self._handshake_timeout = handshake_timeout
-        self.directory = Directory(config, key_prefix, hub.served_ids, self._notify)
+        self.directory = Directory(config, key_prefix, hub.served_ids, self._peers_changed)
         self.changed = trio.Event()
         self._links: dict[str, tuple[NodeRecord, TunnelSession]] = {}
         self._dialing: dict[str, trio.Lock] = {}
@@ -289,6 +289,14 @@ class Cluster:
     def _notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def _peers_changed(self) -> None:
+        """Forget the nodes gone from the directory (each new node ID would otherwise stay
+        in these maps for good); a dial in progress keeps its lock."""
+        live = {node.node_id for node in self.directory.peers()}
+        self._dialing = {n: lock for n, lock in self._dialing.items() if n in live or lock.locked()}
+        self._failed_at = {n: at for n, at in self._failed_at.items() if n in live}
+        self._notify()
 
     # ---------------------------------------------------------------- Upstreams
 

@@ -161,6 +161,10 @@ class UsageStore:
             usage = self._by_id[registration_id] = RegistrationUsage()
         return usage
 
+    def forget(self, registration_id: str) -> None:
+        """Drop an unregistered ID's usage, so the store does not keep every ID ever seen."""
+        self._by_id.pop(registration_id, None)
+
     def items(self) -> list[tuple[str, RegistrationUsage]]:
         """Every registration with recorded usage, by ID."""
         return sorted(self._by_id.items())
