@@ -198,7 +198,7 @@ logLevel = "info"
 # JSON lines, rotated at logMaxBytes keeping logBackups old files; registrations,
 # unregistrations and evictions also go to auditFile.
 logFile = "./logs/client.log"
-auditFile = "./logs/audit.log"
+auditFile = "./logs/client-audit.log"
 # Reach the server through an HTTP CONNECT proxy (HTTPS_PROXY is used when this is unset).
 # proxy = "http://user:password@proxy.example.com:3128"
 

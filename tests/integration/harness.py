@@ -420,6 +420,10 @@ class PetitClient:
         return self.directory / "logs" / "client.log"
 
     @property
+    def audit_log(self) -> Path:
+        return self.directory / "logs" / "client-audit.log"
+
+    @property
     def host(self) -> str:
         """The public Host that routes to this client's default registration."""
         return f"{self.registration_id}.localhost"
