@@ -61,6 +61,7 @@ from petit.session import (
 )
 from petit_server.config import ClusterConfig
 from petit_server.hub import Hub
+from petit_server.registry import redacted_url
 
 log = logging.getLogger("petit.cluster")
 
@@ -95,12 +96,6 @@ def _hex_field(document: dict[str, object], name: str) -> bytes:
         return bytes.fromhex(value) if isinstance(value, str) else b""
     except ValueError:
         return b""
-
-
-def _redact(url: str) -> str:
-    """A Redis URL without its credentials, for log lines."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 class Directory:
@@ -192,7 +187,7 @@ class Directory:
                 log.warning(
                     "cluster directory: redis at %s unreachable (%s); serving local sessions "
                     "and the nodes last seen until it is back",
-                    _redact(self._config.redis_url),
+                    redacted_url(self._config.redis_url),
                     exc,
                 )
             self._reachable = False
