@@ -47,7 +47,7 @@ class ClientConfig:
     """Everything the client needs; paths are absolute."""
 
     path: Path
-    server: ServerAddress  # the first of ``servers``: register and unregister go there
+    server: ServerAddress  # the first of ``servers``
     ca: Path | None  # None: the system trust store
     servers: tuple[ServerAddress, ...] = ()  # empty: just ``server``
     server_sessions: int = 0  # sessions kept, each to another server; 0: one per server

@@ -44,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from petit.errors import AuthError, ConfigError
+from petit_server.config import DEFAULT_REGISTRY_PREFIX
 from petit_server.registry import (
     CLAIM_PREFIX,
     CLAIM_REFUSED,
@@ -74,8 +75,6 @@ from petit_server.registry import (
 
 log = logging.getLogger("petit.registry")
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "petit:"
 POLL_INTERVAL = 0.2  # seconds between looks at the change stream
 RETRY_INTERVAL = 0.5  # seconds between attempts while Redis is unreachable
 SOCKET_TIMEOUT = 2.0  # seconds for one Redis round trip (or connect)
@@ -286,7 +285,7 @@ class RedisRegistry(RegistryView):
         self,
         url: str,
         *,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str = DEFAULT_REGISTRY_PREFIX,
         first_port: int,
         on_removed: Callable[[str], None] | None = None,
     ) -> None:

@@ -317,7 +317,7 @@ async def test_a_node_without_the_secret_gets_no_stream(
     shown = (await good.cli("config")).stdout  # the cluster table, its secrets masked
     assert SECRET not in shown
     assert '"redisUrl": "********"' in shown  # the Redis URLs may hold a password
-    assert '"registryUrl": "********"' in shown
+    assert '"url": "********"' in shown  # [server.registry]
     assert '"secret": "********"' in shown
     assert '"nodeId": "good"' in shown
 
