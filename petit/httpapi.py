@@ -108,9 +108,9 @@ async def serve_api(
     task_status.started(listeners[0].socket.getsockname()[1])
 
     async def handler(stream: trio.SocketStream) -> None:
-        peer = str(stream.socket.getpeername()[0])
         try:
             async with stream:
+                peer = str(stream.socket.getpeername()[0])  # fails if the peer has already reset
                 await _Connection(stream, answer, peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("API connection dropped: %r", exc)
@@ -143,10 +143,7 @@ class _Connection:
             if slow.cancelled_caught:
                 await self._send(error_reply(HttpError(408, "request timeout")), close=True)
                 return
-            if not isinstance(request, h11.Request):
-                return
-            if body is None:
-                await self._send(error_reply(HttpError(413, "request body too large")), close=True)
+            if not isinstance(request, h11.Request) or body is None:
                 return
             await self._send(await self._reply(request, body), close=False)
             if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
@@ -191,16 +188,22 @@ class _Connection:
             await self._receive()
 
     async def _read_body(self) -> bytes | None:
-        """The request body, or None when it is larger than MAX_BODY."""
+        """The whole request body; None when it was refused (too large or malformed) and the
+        refusal answered, so the request must not be answered (nor acted on)."""
         body = bytearray()
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:
+                    await self._send(
+                        error_reply(HttpError(413, "request body too large")), close=True
+                    )
                     return None
-            else:  # EndOfMessage, or a refusal already answered
+            elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
+            else:  # a refusal already answered
+                return None
 
     async def _send(self, reply: Reply, *, close: bool) -> None:
         if self._http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -27,6 +27,8 @@ from petit.config import LOG_LEVELS, Table
 LOG_FORMATS = ("text", "json")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
+AUDIT_FILE = "./logs/audit.log"  # the server's
+CLIENT_AUDIT_FILE = "./logs/client-audit.log"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 AUDIT_LOGGER = "petit.audit"
 DAEMON_LOGGER = "petit"  # the level ``LOG <level>`` changes
@@ -70,11 +72,13 @@ class LogSettings:
 
 
 def read_log_settings(table: Table, role: str) -> LogSettings:
-    """The log keys of ``[server]`` or ``[client]``; ``role`` names the default log file."""
+    """The log keys of ``[server]`` or ``[client]``; ``role`` names the default log files.
+    The client's audit file is its own: a server and a client sharing one directory (one
+    config.toml) must not rotate the same file."""
     return LogSettings(
         level=table.choice("logLevel", "info", LOG_LEVELS),
         file=table.path("logFile", f"./logs/{role}.log"),
-        audit_file=table.path("auditFile", "./logs/audit.log"),
+        audit_file=table.path("auditFile", AUDIT_FILE if role == "server" else CLIENT_AUDIT_FILE),
         max_bytes=table.integer("logMaxBytes", DEFAULT_MAX_BYTES, low=1024, high=2**40),
         backups=table.integer("logBackups", DEFAULT_BACKUPS, low=0, high=1000),
         format=table.choice("logFormat", "text", LOG_FORMATS),

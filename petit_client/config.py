@@ -47,7 +47,7 @@ class ClientConfig:
     """Everything the client needs; paths are absolute."""
 
     path: Path
-    server: ServerAddress  # the first of ``servers``: register and unregister go there
+    server: ServerAddress  # the first of ``servers``
     ca: Path | None  # None: the system trust store
     servers: tuple[ServerAddress, ...] = ()  # empty: just ``server``
     server_sessions: int = 0  # sessions kept, each to another server; 0: one per server
@@ -198,7 +198,7 @@ logLevel = "info"
 # JSON lines, rotated at logMaxBytes keeping logBackups old files; registrations,
 # unregistrations and evictions also go to auditFile.
 logFile = "./logs/client.log"
-auditFile = "./logs/audit.log"
+auditFile = "./logs/client-audit.log"
 # Reach the server through an HTTP CONNECT proxy (HTTPS_PROXY is used when this is unset).
 # proxy = "http://user:password@proxy.example.com:3128"
 

@@ -170,8 +170,9 @@ class AdminApi:
 
     def _status_summary(self) -> dict[str, object]:
         ids = self._registered_ids()
-        connected = [rid for rid in ids if self._sources.hub.is_online(rid)]
-        disconnected = [rid for rid in ids if rid not in set(connected)]
+        online = {rid: self._sources.hub.is_online(rid) for rid in ids}
+        connected = [rid for rid in ids if online[rid]]
+        disconnected = [rid for rid in ids if not online[rid]]
         return {
             "success": True,
             "total": len(ids),
@@ -183,12 +184,12 @@ class AdminApi:
         }
 
     def _count(self, kind: str, query: dict[str, str]) -> int:
-        usage = [self._sources.usage.of(rid) for rid in self._registered_ids()]
+        ids = self._registered_ids()
         match kind:
             case "registrations":
-                return len(usage)
+                return len(ids)
             case "online":
-                return sum(self._sources.hub.is_online(rid) for rid in self._registered_ids())
+                return sum(self._sources.hub.is_online(rid) for rid in ids)
             case "registers":
                 end = _instant(query.get("end"), time.time())
                 start = _instant(query.get("start"), end - COUNT_WINDOW)
@@ -197,6 +198,7 @@ class AdminApi:
                 fields = COUNT_TYPES.get(query.get("type", kind))
                 if fields is None:
                     raise HttpError(400, f"type must be one of {', '.join(COUNT_TYPES)}")
+                usage = [self._sources.usage.of(rid) for rid in ids]
                 return sum(getattr(u, name) for u in usage for name in fields)
         raise HttpError(
             404, f"no such count {kind}: registrations, online, registers, requests, errors"

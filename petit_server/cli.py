@@ -235,11 +235,12 @@ def show_config(config_path: Path, verbose: bool) -> None:
 def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]:
     """The ``[server]`` table as loaded, under the file's key names; secrets masked.
 
-    A field hidden from the dataclass repr is a secret; a sub-table ([server.cluster]) is
-    shown the same way.
+    A field hidden from the dataclass repr is a secret; the sub-tables ([server.registry],
+    [server.cluster]) are shown as tables too.
     """
     renamed = {"registry_file": "registryfile"}
     table: dict[str, object] = {}
+    registry: dict[str, object] = {}  # [server.registry]: the registry_* fields but the file
     for spec in dataclasses.fields(config):
         if spec.name == "path":
             continue
@@ -256,7 +257,12 @@ def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]
         elif isinstance(value, ClusterConfig):
             value = _effective_config(value)
         head, *rest = spec.name.split("_")
+        if head == "registry" and spec.name not in renamed:
+            registry["".join(rest)] = value
+            continue
         table[renamed.get(spec.name, head + "".join(word.capitalize() for word in rest))] = value
+    if registry:
+        table["registry"] = registry
     return table
 
 

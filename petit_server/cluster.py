@@ -61,6 +61,7 @@ from petit.session import (
 )
 from petit_server.config import ClusterConfig
 from petit_server.hub import Hub
+from petit_server.registry import redacted_url
 
 log = logging.getLogger("petit.cluster")
 
@@ -95,12 +96,6 @@ def _hex_field(document: dict[str, object], name: str) -> bytes:
         return bytes.fromhex(value) if isinstance(value, str) else b""
     except ValueError:
         return b""
-
-
-def _redact(url: str) -> str:
-    """A Redis URL without its credentials, for log lines."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 class Directory:
@@ -201,7 +196,7 @@ class Directory:
                 log.warning(
                     "cluster directory: redis at %s unreachable (%s); serving local sessions "
                     "and the nodes last seen until it is back",
-                    _redact(self._config.redis_url),
+                    redacted_url(self._config.redis_url),
                     exc,
                 )
             self._reachable = False
@@ -257,7 +252,7 @@ class Directory:
         for node in peers.values():
             for rid in node.registrations:
                 holders.setdefault(rid, []).append(node)
-        changed = holders.keys() != self._holders.keys()
+        changed = holders.keys() != self._holders.keys() or peers.keys() != self._peers.keys()
         self._peers, self._holders = peers, holders
         if changed:
             self._on_peers_changed()
@@ -287,7 +282,7 @@ class Cluster:
         self._ping_interval = ping_interval
         self._open_timeout = open_timeout
         self._handshake_timeout = handshake_timeout
-        self.directory = Directory(config, key_prefix, hub.served_ids, self._notify)
+        self.directory = Directory(config, key_prefix, hub.served_ids, self._peers_changed)
         self.changed = trio.Event()
         self._links: dict[str, tuple[NodeRecord, TunnelSession]] = {}
         self._dialing: dict[str, trio.Lock] = {}
@@ -298,6 +293,14 @@ class Cluster:
     def _notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def _peers_changed(self) -> None:
+        """Forget the nodes gone from the directory (each new node ID would otherwise stay
+        in these maps for good); a dial in progress keeps its lock."""
+        live = {node.node_id for node in self.directory.peers()}
+        self._dialing = {n: lock for n, lock in self._dialing.items() if n in live or lock.locked()}
+        self._failed_at = {n: at for n, at in self._failed_at.items() if n in live}
+        self._notify()
 
     # ---------------------------------------------------------------- Upstreams
 
@@ -488,6 +491,8 @@ class Cluster:
             await session.serve(task_status=task_status)
         except (PetitError, trio.BrokenResourceError, OSError) as exc:
             log.info("cluster: link to node %s down: %s", node.node_id, exc)
+        except Exception:  # per-link boundary: log the bug, keep the other links and the node
+            log.exception("cluster: bug on the link to node %s", node.node_id)
         finally:
             if self._links.get(node.node_id, (None, None))[1] is session:
                 del self._links[node.node_id]
@@ -515,7 +520,7 @@ class Cluster:
     async def _accept_link(
         self, tcp: trio.SocketStream, *, ssl_context: ssl.SSLContext, fingerprint: bytes
     ) -> None:
-        peer = tcp.socket.getpeername()
+        peer: object = "a peer that left"
         tls = trio.SSLStream(tcp, ssl_context, server_side=True)
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
@@ -535,6 +540,7 @@ class Cluster:
             return json.dumps(document).encode()
 
         try:
+            peer = tcp.socket.getpeername()  # fails if the peer has already reset
             with trio.fail_after(self._handshake_timeout):
                 await tls.do_handshake()
                 welcome = parse_json_object(
@@ -557,6 +563,8 @@ class Cluster:
             await session.serve()
         except (PetitError, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             log.info("cluster: link from %s ended: %s", peer_id or peer, exc)
+        except Exception:  # per-connection boundary: log the bug, keep serving other nodes
+            log.exception("cluster: bug on the link from %s", peer_id or peer)
         finally:
             await trio.aclose_forcefully(tls)
 

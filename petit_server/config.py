@@ -13,9 +13,9 @@ from petit.logs import LogSettings, read_log_settings
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
 MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
-
-
 MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
+DEFAULT_REGISTRY_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REGISTRY_PREFIX = "petit:"  # of every Redis key petit writes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,8 +67,8 @@ class ServerConfig:
     vitae: dict[str, str] = field(default_factory=dict)
     # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
     registry_backend: str = "file"
-    registry_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # has a password?
-    registry_prefix: str = "petit:"
+    registry_url: str = field(default=DEFAULT_REGISTRY_URL, repr=False)  # has a password?
+    registry_prefix: str = DEFAULT_REGISTRY_PREFIX
     # Admin API (petit_server/admin.py): off while admin_token is unset.
     admin_addr: str = "127.0.0.1"
     admin_port: int = 8100
@@ -94,7 +94,7 @@ def load_server_config(path: Path) -> ServerConfig:
     server = root_table(document, "server", path)
     registry = server.table("registry")
     backend = registry.choice("backend", "file", ("file", "redis"))
-    registry_url = registry.string("url", "redis://127.0.0.1:6379/0")
+    registry_url = registry.string("url", DEFAULT_REGISTRY_URL)
     config = ServerConfig(
         path=path,
         bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
@@ -126,7 +126,7 @@ def load_server_config(path: Path) -> ServerConfig:
         vitae=server.scalars("vitae"),
         registry_backend=backend,
         registry_url=registry_url,
-        registry_prefix=registry.string("prefix", "petit:"),
+        registry_prefix=registry.string("prefix", DEFAULT_REGISTRY_PREFIX),
         # Admin API
         admin_addr=server.string("adminAddr", "127.0.0.1"),
         admin_port=server.port("adminPort", 8100),

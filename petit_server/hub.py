@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +55,8 @@ class Attachment:
 class Hub:
     """Registration ID → sessions currently serving it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_forget: Callable[[str], None] | None = None) -> None:
+        self._on_forget = on_forget  # told of every unregistered ID (the usage store forgets it)
         self._by_id: dict[str, list[Attachment]] = {}
         self._attachments: list[Attachment] = []
         self._turn = itertools.count()
@@ -93,6 +95,8 @@ class Hub:
                     id=registration_id,
                     remote=attachment.remote,
                 )
+        if self._on_forget is not None:
+            self._on_forget(registration_id)
         self._notify()
 
     def _notify(self) -> None:

@@ -44,7 +44,12 @@ from petit.errors import ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, ProcessLock
 from petit.logs import audit, audit_to_file, cli_actor
 from petit.statefile import read_json, write_atomic
-from petit_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config
+from petit_server.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_REGISTRY_PREFIX,
+    ServerConfig,
+    load_server_config,
+)
 from petit_server.registry import (
     FileRegistry,
     Registration,
@@ -59,7 +64,6 @@ from petit_server.registry import (
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 ORIGINAL_PREFIX = "g2c/"
-PETIT_PREFIX = "petit:"
 
 
 @dataclasses.dataclass
@@ -110,7 +114,7 @@ def read_redis_source(url: str, prefix: str | None) -> Source:
         original = prefix if prefix is not None else ORIGINAL_PREFIX
         if client.exists(f"{original}allids"):
             return _original_redis(client, original, url)
-        petit_prefix = prefix if prefix is not None else PETIT_PREFIX
+        petit_prefix = prefix if prefix is not None else DEFAULT_REGISTRY_PREFIX
         from petit_server.redis_registry import RedisRegistry  # redis is importable here
 
         registry = RedisRegistry(url, prefix=petit_prefix, first_port=0)
@@ -348,8 +352,10 @@ def _write_into(
         try:
             lock.acquire()
         except AlreadyRunningError:
+            running = open_registry(config, load=False)  # only to name it
+            running.close()
             raise CliError(
-                f"the server is running and uses the {_where(config)}: "
+                f"the server is running and uses the {running.where}: "
                 "stop it first (petit-server stop)",
                 ExitCode.RUNNING,
             ) from None
@@ -391,7 +397,8 @@ _dry_run = click.option("--dry-run", is_flag=True, help="Show what would change;
 @click.option(
     "--from-prefix",
     metavar="PREFIX",
-    help=f"Key prefix in --from-redis (default {ORIGINAL_PREFIX}, else petit's {PETIT_PREFIX}).",
+    help=f"Key prefix in --from-redis (default {ORIGINAL_PREFIX}, "
+    f"else petit's {DEFAULT_REGISTRY_PREFIX}).",
 )
 @_dry_run
 @click.option(
@@ -470,21 +477,14 @@ def migrate_registry(
         _write_into(config, target_config, snapshot, dry_run=dry_run, claim_file=None, locked=True)
     if not dry_run:
         setting = (
-            f'url = "{redacted_url(target_config.registry_url)}"'
+            "and url to the URL you migrated to"  # not echoed: it may hold a password
             if backend == "redis"
-            else (f'registryfile = "{target_config.registry_file}"')
+            else f'and registryfile = "{target_config.registry_file}"'
         )
         click.echo(
-            f'Now set [server.registry] backend = "{backend}" ({setting}) in {config.path} '
+            f'Now set [server.registry] backend = "{backend}" {setting} in {config.path} '
             "and restart the server."
         )
-
-
-def _where(config: ServerConfig) -> str:
-    """The registry a config names, for messages."""
-    if config.registry_backend == "file":
-        return f"registry {config.registry_file}"
-    return f"Redis registry {redacted_url(config.registry_url)}"
 
 
 def _same_registry(one: ServerConfig, other: ServerConfig) -> bool:

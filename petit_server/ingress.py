@@ -157,7 +157,10 @@ class IngressConnection:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
-                self._meter.end(complete=self._http.our_state in (h11.DONE, h11.MUST_CLOSE))
+                self._meter.end(
+                    complete=self._http.our_state in (h11.DONE, h11.MUST_CLOSE),
+                    read_ahead=self._pipelined_bytes(),
+                )
                 if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
                     return  # must close, or a response was cut short
                 self._http.start_next_cycle()
@@ -211,6 +214,10 @@ class IngressConnection:
 
     def _bytes_pending(self) -> bool:
         return bool(self._http.trailing_data[0])
+
+    def _pipelined_bytes(self) -> int:
+        """Bytes received past the end of this request: the next request's."""
+        return len(self._http.trailing_data[0]) if self._http.their_state is h11.DONE else 0
 
     async def _handle(self, request: h11.Request) -> None:
         headers = request.headers

@@ -52,14 +52,20 @@ class UsageCollector(Collector):
         )
         unrouted.add_metric([], self._usage.unrouted_requests)
         yield unrouted
-        yield from self._per_registration(self._grouped())
+        yield from self._per_registration(self._grouped(set(registered)))
 
-    def _grouped(self) -> dict[str, RegistrationUsage]:
-        """Usage by label: the labelled registrations, and the sum of the rest as ``other``."""
+    def _grouped(self, registered: set[str]) -> dict[str, RegistrationUsage]:
+        """Usage by label: the labelled registrations, and the sum of the rest as ``other``.
+        An unregistered ID gives its label up, and never gets one."""
         items = self._usage.items()
+        self._labelled &= registered
         free = TOP_REGISTRATIONS - len(self._labelled)
         if free > 0:
-            waiting = [(u.traffic, rid) for rid, u in items if rid not in self._labelled]
+            waiting = [
+                (u.traffic, rid)
+                for rid, u in items
+                if rid in registered and rid not in self._labelled
+            ]
             self._labelled.update(rid for traffic, rid in sorted(waiting)[-free:] if traffic)
         groups: dict[str, RegistrationUsage] = {OTHER: RegistrationUsage()}
         for rid, usage in items:

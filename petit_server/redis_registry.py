@@ -35,6 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -43,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from petit.errors import AuthError, ConfigError
+from petit_server.config import DEFAULT_REGISTRY_PREFIX
 from petit_server.registry import (
     CLAIM_PREFIX,
     CLAIM_REFUSED,
@@ -73,8 +75,6 @@ from petit_server.registry import (
 
 log = logging.getLogger("petit.registry")
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "petit:"
 POLL_INTERVAL = 0.2  # seconds between looks at the change stream
 RETRY_INTERVAL = 0.5  # seconds between attempts while Redis is unreachable
 SOCKET_TIMEOUT = 2.0  # seconds for one Redis round trip (or connect)
@@ -285,7 +285,7 @@ class RedisRegistry(RegistryView):
         self,
         url: str,
         *,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str = DEFAULT_REGISTRY_PREFIX,
         first_port: int,
         on_removed: Callable[[str], None] | None = None,
     ) -> None:
@@ -338,7 +338,11 @@ class RedisRegistry(RegistryView):
         RegistryUnavailableError if Redis cannot be reached; ConfigError naming the key if
         what is stored is not a petit registry.
         """
-        self._apply_full(self._call(self._fetch_all, starting=True), strict=True)
+        try:
+            fetched = self._fetch_all()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise self._unreachable(error, starting=True) from None
+        self._apply_full(fetched, strict=True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load everything, report started, then follow other nodes' changes until cancelled."""
@@ -380,37 +384,37 @@ class RedisRegistry(RegistryView):
         self._apply(fetched, {})
 
     async def _in_thread(self, function: Callable[..., T], *args: Any, starting: bool = False) -> T:
-        """Run blocking Redis I/O in a worker thread; unreachable Redis becomes one error."""
-        return await trio.to_thread.run_sync(
-            lambda: self._call(function, *args, starting=starting), abandon_on_cancel=True
-        )
-
-    def _call(self, function: Callable[..., T], *args: Any, starting: bool = False) -> T:
+        """Run blocking Redis I/O in a worker thread; unreachable Redis becomes one error.
+        The worker only runs ``function``: its outcome is applied to our state here."""
         try:
-            result = function(*args)
+            result = await trio.to_thread.run_sync(partial(function, *args), abandon_on_cancel=True)
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            url = redacted_url(self.url)
-            reason = str(error).rstrip(".")  # redis-py ends its messages with one
-            if starting:
-                raise RegistryUnavailableError(
-                    f"cannot reach the Redis registry at {url}: {reason}; "
-                    "start redis-server or fix [server.registry] url"
-                ) from None
-            if self._reachable:
-                self._reachable = False
-                log.error(
-                    "the Redis registry at %s is unreachable (%s): known registrations keep "
-                    "routing, registry changes fail until it is back",
-                    url,
-                    reason,
-                )
-            raise RegistryUnavailableError(
-                f"the registry is unavailable (Redis at {url}: {reason}); try again later"
-            ) from None
+            raise self._unreachable(error, starting=starting) from None
         if not self._reachable:
             self._reachable = True
             log.warning("the Redis registry at %s is reachable again", redacted_url(self.url))
         return result
+
+    def _unreachable(self, error: Exception, *, starting: bool) -> RegistryUnavailableError:
+        """The error to raise for an unreachable Redis; the first of an outage is logged."""
+        url = redacted_url(self.url)
+        reason = str(error).rstrip(".")  # redis-py ends its messages with one
+        if starting:
+            return RegistryUnavailableError(
+                f"cannot reach the Redis registry at {url}: {reason}; "
+                "start redis-server or fix [server.registry] url"
+            )
+        if self._reachable:
+            self._reachable = False
+            log.error(
+                "the Redis registry at %s is unreachable (%s): known registrations keep "
+                "routing, registry changes fail until it is back",
+                url,
+                reason,
+            )
+        return RegistryUnavailableError(
+            f"the registry is unavailable (Redis at {url}: {reason}); try again later"
+        )
 
     def _fetch_all(self) -> tuple[str, int, dict[str, _Fetched], dict[str, _Fetched]]:
         """Everything, read after the stream position (so later changes are replayed)."""

@@ -595,13 +595,17 @@ def audit_token_revoked(token_id: str, *, actor: str) -> None:
     audit("token.revoked", f"token {token_id} revoked", actor=actor, token=token_id)
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def redacted_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL with its passwords masked (in the user info and a ``password`` query
+    parameter, both of which redis-py reads), for messages and logs."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:****@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:****@{host}"))
+    return _QUERY_PASSWORD.sub(r"\1****", url)
 
 
 def route_host(

@@ -161,6 +161,10 @@ class UsageStore:
             usage = self._by_id[registration_id] = RegistrationUsage()
         return usage
 
+    def forget(self, registration_id: str) -> None:
+        """Drop an unregistered ID's usage, so the store does not keep every ID ever seen."""
+        self._by_id.pop(registration_id, None)
+
     def items(self) -> list[tuple[str, RegistrationUsage]]:
         """Every registration with recorded usage, by ID."""
         return sorted(self._by_id.items())
@@ -264,8 +268,9 @@ class RequestMeter:
         """Petit answers for the private service (unless a response already began)."""
         self._refused = self._status == 0
 
-    def end(self, *, complete: bool) -> None:
-        """Record the request begun last, if any; bytes read ahead count for the next one."""
+    def end(self, *, complete: bool, read_ahead: int = 0) -> None:
+        """Record the request begun last, if any. ``read_ahead``: bytes already received
+        that belong to the next request (pipelined); they count for that one."""
         if self._started is None or self._store is None:
             self._started = None
             return
@@ -278,7 +283,7 @@ class RequestMeter:
                 status=self._status,
                 unavailable=self._refused,
                 complete=complete,
-                bytes_in=self._bytes_in,
+                bytes_in=self._bytes_in - read_ahead,
                 bytes_out=self._bytes_out,
                 seconds=trio.current_time() - self._started,
             )
@@ -286,7 +291,7 @@ class RequestMeter:
                 store.recent_errors.append(
                     RecentError(time.time(), rid, self._status, self._method, self._path)
                 )
-        self._bytes_in = self._bytes_out = self._status = 0
+        self._bytes_in, self._bytes_out, self._status = read_ahead, 0, 0
         self._started = self._registration_id = None
         self._refused = False
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -88,6 +89,13 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def reset_at_once(port: int) -> None:
+    """Connect to a loopback port and close with SO_LINGER 0 (an RST), blocking, so the
+    server accepts a connection that is already reset."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -410,6 +418,10 @@ class PetitClient:
     @property
     def log(self) -> Path:
         return self.directory / "logs" / "client.log"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.directory / "logs" / "client-audit.log"
 
     @property
     def host(self) -> str:

@@ -297,8 +297,14 @@ async def test_metrics_parse_and_match_the_traffic(
 async def test_oversized_and_malformed_requests_are_refused_with_json(
     online: tuple[PetitServer, PetitClient],
 ) -> None:
-    server, _ = online
+    server, client = online
     bearer = f"Authorization: Bearer {server.admin_token}\r\n"
+    alias = json.dumps({"alias": "shop.example.com", "registeredId": client.registration_id})
+    chunked = f"POST /aliases HTTP/1.1\r\nHost: a\r\n{bearer}Transfer-Encoding: chunked\r\n\r\n"
+    bad_chunk = f"{chunked}{len(alias):x}\r\n{alias}\r\nnot-a-chunk-size\r\n\r\n"
+    refused = await raw_exchange(server.admin_port, bad_chunk.encode())
+    assert refused.startswith(b"HTTP/1.1 400 "), refused[:200]
+    assert (await server.admin_json("/aliases"))["aliases"] == {}  # refused, so not acted on
     big = b"{" + b" " * 20000 + b"}"
     head = f"POST /aliases HTTP/1.1\r\nHost: a\r\n{bearer}Content-Length: {len(big)}\r\n\r\n"
     too_large = await raw_exchange(server.admin_port, head.encode() + big)

@@ -159,7 +159,7 @@ async def test_audit_trail_online_and_offline(
     leased = await client.cli("lease", "-l", "127.0.0.1", "-p", "9")
     tenant = Path(re.findall(r'New lease at "(.*)"', leased.stdout)[0]).name
     await client.cli("evict", "-t", tenant)
-    assert audit_events(client.directory / "logs" / "audit.log") == [
+    assert audit_events(client.audit_log) == [
         ("registration.created", "offline"),
         ("registration.deleted", "offline"),
         ("tenant.evicted", "offline"),

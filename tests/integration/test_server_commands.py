@@ -217,6 +217,9 @@ async def test_status_registrations_and_config(
     assert "hunter2" not in shown
     assert '"httpsPkcs12Password": "********"' in shown
     assert '"requireToken": false' in shown
+    document = json.loads(shown[shown.index("{") : shown.rindex("}") + 1])
+    assert document["registry"] == {"backend": "file", "url": "********", "prefix": "petit:"}
+    assert "registryBackend" not in document
     assert "2 registration(s), 0 enrollment token(s)" in shown
     assert "      a.k.a. web.example.com" in shown
 

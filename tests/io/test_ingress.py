@@ -24,6 +24,7 @@ from petit_server.ingress import (
     Routing,
     registration_id_for_host,
 )
+from petit_server.usage import UsageStore
 
 from .helpers import session_pair
 
@@ -169,6 +170,7 @@ async def start_site(nursery: trio.Nursery) -> Site:
         open_upstream=hub.open_stream,
         open_timeout=5,
         header_timeout=5,
+        usage=UsageStore(),
     )
     return Site(routing, backends)
 
@@ -346,3 +348,21 @@ async def test_keep_alive_routes_each_request_by_its_own_host() -> None:
                 ("1002", b"/second")
             ]
             nursery.cancel_scope.cancel()
+
+
+async def test_pipelined_requests_each_count_their_own_bytes() -> None:
+    first = b"GET /first HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n"
+    second = b"GET /second-and-longer HTTP/1.1\r\nHost: 1002.localhost\r\n\r\n"
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = await connect(nursery, site)
+            await caller.send_all(first + second)  # one read: the second is read ahead
+            answers = b""
+            while b"B /second-and-longer" not in answers:
+                answers += await caller.receive_some()
+            nursery.cancel_scope.cancel()
+    usage = site.routing.usage
+    assert usage is not None
+    assert usage.of("1001").bytes_in == len(first)
+    assert usage.of("1002").bytes_in == len(second)

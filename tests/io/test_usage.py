@@ -99,3 +99,23 @@ async def test_metrics_labels_are_bounded_and_sticky() -> None:
     assert set(second) == busiest | {OTHER}
     assert second[OTHER] == first[OTHER] + 10_000  # "other" only ever grows
     assert all(second[rid] == first[rid] for rid in busiest)
+
+
+async def test_an_unregistered_id_gives_up_its_label_and_its_usage() -> None:
+    store = UsageStore()
+    ids = [str(1001 + n) for n in range(TOP_REGISTRATIONS + 1)]
+    for n, rid in enumerate(ids):
+        record(store, rid, size=n + 1)
+    registered = list(ids)
+    hub = Hub(on_forget=store.forget)
+    metrics = Metrics(store, hub, lambda: registered)
+    assert ids[0] not in scrape(metrics)  # the quietest: every slot is taken
+    gone = ids[-1]
+    registered.remove(gone)
+    hub.forget(gone)  # unregistered: the server tells the hub, the hub the usage store
+    assert gone not in dict(store.items())
+    record(store, gone)  # a request that was still in flight
+    labels = scrape(metrics)
+    assert gone not in labels
+    assert ids[0] in labels  # the freed slot went to a registered ID
+    assert set(labels) == set(registered) | {OTHER}

@@ -73,7 +73,9 @@ def test_default_client_config_loads_as_the_documented_defaults(
         server=ServerAddress("tunnel.example.com", 4014),
         ca=None if ca is None else tmp_path / "ca.crt",
         local=LocalTarget(host="localhost", port=8080, tls=False),
-        log=LogSettings(file=tmp_path / "logs/client.log", audit_file=tmp_path / "logs/audit.log"),
+        log=LogSettings(
+            file=tmp_path / "logs/client.log", audit_file=tmp_path / "logs/client-audit.log"
+        ),
         vitae={"brand": "ce"},
     )
 

@@ -144,3 +144,24 @@ async def test_failed_unregister_changes_nothing(
         await registry.unregister("1001")
     assert registry.get("1001") == registered
     assert path.read_bytes() == before_file
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@redis:6379/0", "redis://:****@redis:6379/0"),
+        ("rediss://petit:s3cret@[::1]:6380/2", "rediss://petit:****@[::1]:6380/2"),
+        ("redis://redis:6379/0?password=s3cret", "redis://redis:6379/0?password=****"),
+        (
+            "redis://u:a@redis/0?socket_timeout=2&Password=b",
+            "redis://u:****@redis/0?socket_timeout=2&Password=****",
+        ),
+        (
+            "unix:///run/redis.sock?db=1&password=s3cret",
+            "unix:///run/redis.sock?db=1&password=****",
+        ),
+    ],
+)
+def test_redis_urls_are_shown_without_their_passwords(url: str, shown: str) -> None:
+    assert petit_server.registry.redacted_url(url) == shown
