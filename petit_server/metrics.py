@@ -56,7 +56,8 @@ class UsageCollector(Collector):
 
     def _grouped(self, registered: set[str]) -> dict[str, RegistrationUsage]:
         """Usage by label: the labelled registrations, and the sum of the rest as ``other``.
-        An unregistered ID gives its label up, and never gets one."""
+        An unregistered ID gives its label up, and never gets one; what it had used counts
+        in ``other`` from then on."""
         items = self._usage.items()
         self._labelled &= registered
         free = TOP_REGISTRATIONS - len(self._labelled)
@@ -68,6 +69,7 @@ class UsageCollector(Collector):
             ]
             self._labelled.update(rid for traffic, rid in sorted(waiting)[-free:] if traffic)
         groups: dict[str, RegistrationUsage] = {OTHER: RegistrationUsage()}
+        groups[OTHER].merge(self._usage.departed)  # so that no counter ever goes down
         for rid, usage in items:
             if rid in self._labelled:
                 groups[rid] = usage

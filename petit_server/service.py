@@ -48,8 +48,8 @@ class ServerService:
         # A bad or unreachable registry is a one-line error here, before start backgrounds.
         self.registry: Registry = open_registry(config)
         self.registry.close()
-        self.hub = Hub()
         self.usage = UsageStore()
+        self.hub = Hub(on_forget=self.usage.forget)
         self.cluster = (
             None
             if config.cluster is None

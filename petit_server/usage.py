@@ -151,6 +151,7 @@ class UsageStore:
 
     def __init__(self) -> None:
         self._by_id: dict[str, RegistrationUsage] = {}
+        self.departed = RegistrationUsage()  # the sum of what unregistered IDs had used
         self.unrouted_requests = 0
         self.recent_errors: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
 
@@ -162,8 +163,11 @@ class UsageStore:
         return usage
 
     def forget(self, registration_id: str) -> None:
-        """Drop an unregistered ID's usage, so the store does not keep every ID ever seen."""
-        self._by_id.pop(registration_id, None)
+        """Drop an unregistered ID's usage, so the store does not keep every ID ever seen; its
+        counts move to ``departed``, so totals (and Prometheus counters) never go down."""
+        usage = self._by_id.pop(registration_id, None)
+        if usage is not None:
+            self.departed.merge(usage)
 
     def items(self) -> list[tuple[str, RegistrationUsage]]:
         """Every registration with recorded usage, by ID."""

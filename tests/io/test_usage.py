@@ -109,7 +109,8 @@ async def test_an_unregistered_id_gives_up_its_label_and_its_usage() -> None:
     registered = list(ids)
     hub = Hub(on_forget=store.forget)
     metrics = Metrics(store, hub, lambda: registered)
-    assert ids[0] not in scrape(metrics)  # the quietest: every slot is taken
+    before = scrape(metrics)
+    assert ids[0] not in before  # the quietest: every slot is taken
     gone = ids[-1]
     registered.remove(gone)
     hub.forget(gone)  # unregistered: the server tells the hub, the hub the usage store
@@ -119,3 +120,6 @@ async def test_an_unregistered_id_gives_up_its_label_and_its_usage() -> None:
     assert gone not in labels
     assert ids[0] in labels  # the freed slot went to a registered ID
     assert set(labels) == set(registered) | {OTHER}
+    # Its bytes (and the in-flight request's 100) now count in "other": nothing went down.
+    assert labels[OTHER] == before[OTHER] - labels[ids[0]] + before[gone] + 100
+    assert sum(labels.values()) == sum(before.values()) + 100
