@@ -12,6 +12,10 @@
   ``/aliases`` and ``/errors`` are new. Changes (adding and removing aliases) go through the
   same registry commands as the control port and are written to the audit log
   (``petit.audit``), as are refused tokens. No CORS headers: other origins cannot read.
+- Usage answers come from the registry's shared totals when it keeps them (Redis: every
+  node's requests, ``"source": "shared"``), else from this process's memory (a file: no
+  ``source``, as always; Redis unreadable for now: ``"source": "node"`` and why).
+  ``/metrics`` and ``/errors`` are always this node's.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.hub import Hub
 from petit_server.metrics import Metrics
-from petit_server.registry import Registry
-from petit_server.usage import UsageStore
+from petit_server.registry import Registry, RegistryError, RegistryUnavailableError
+from petit_server.usage import RegistrationUsage, UsageStore
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
 COUNT_TYPES: Final = {
@@ -96,7 +100,7 @@ class AdminApi:
         if parts[0] == "aliases" and len(parts) == 2 and method == "DELETE":
             return json_reply(await self._remove_alias(parts[1], peer))
         allow(method, "GET")
-        return json_reply(self._read(parts, query))
+        return json_reply(await self._read(parts, query))
 
     def _check_token(self, authorization: bytes, peer: str, method: str, path: str) -> None:
         scheme, _, presented = authorization.partition(b" ")
@@ -115,7 +119,7 @@ class AdminApi:
                 [(b"www-authenticate", b'Bearer realm="petit-admin"')],
             )
 
-    def _read(self, parts: list[str], query: dict[str, str]) -> dict[str, object]:
+    async def _read(self, parts: list[str], query: dict[str, str]) -> dict[str, object]:
         match parts:
             case ["ping"]:
                 return {"success": True, "version": __version__, "uptime": self._uptime()}
@@ -126,21 +130,36 @@ class AdminApi:
             case ["registry", rid]:
                 return _found(self._sources.status(rid))
             case ["usage"]:
-                every = {
-                    rid: self._sources.usage.of(rid).to_json() for rid in self._registered_ids()
-                }
-                return {"success": True, "registrations": every}
+                every, source = await self._usage_of(self._registered_ids())
+                as_json = {rid: usage.to_json() for rid, usage in every.items()}
+                return {"success": True, "registrations": as_json, **source}
             case ["usage", rid]:
                 self._known(rid)
-                return {"success": True, "registeredId": rid, **self._usage_json(rid)}
+                usage, source = await self._usage_of([rid])
+                online = self._sources.hub.is_online(rid)
+                return {
+                    "success": True,
+                    "registeredId": rid,
+                    "online": online,
+                    **usage[rid].to_json(),
+                    **source,
+                }
             case ["stats", rid]:
                 self._known(rid)
-                usage = self._sources.usage.of(rid)
+                usage, source = await self._usage_of([rid])
                 return {
-                    "successes": usage.successes,
-                    "errors": usage.errors,
-                    "unavailables": usage.unavailables,
+                    "successes": usage[rid].successes,
+                    "errors": usage[rid].errors,
+                    "unavailables": usage[rid].unavailables,
+                    **source,
                 }
+            case ["counts", "requests" | "errors" as kind]:
+                fields = COUNT_TYPES.get(query.get("type", kind))
+                if fields is None:
+                    raise HttpError(400, f"type must be one of {', '.join(COUNT_TYPES)}")
+                every, source = await self._usage_of(self._registered_ids())
+                count = sum(getattr(u, name) for u in every.values() for name in fields)
+                return {"count": count, **source}
             case ["counts", kind]:
                 return {"count": self._count(kind, query)}
             case ["sessions"]:
@@ -165,8 +184,18 @@ class AdminApi:
     def _uptime(self) -> float:
         return round(time.time() - self._sources.started, 3)
 
-    def _usage_json(self, rid: str) -> dict[str, object]:
-        return {"online": self._sources.hub.is_online(rid), **self._sources.usage.of(rid).to_json()}
+    async def _usage_of(
+        self, ids: list[str]
+    ) -> tuple[dict[str, RegistrationUsage], dict[str, object]]:
+        """These registrations' usage, and where it comes from (see the module docstring)."""
+        source: dict[str, object] = {}
+        try:
+            shared = await self._sources.registry.usage_totals(ids)
+        except (RegistryError, RegistryUnavailableError) as exc:
+            shared, source = None, {"source": "node", "sharedUnavailable": str(exc)}
+        if shared is not None:
+            return shared, {"source": "shared"}
+        return {rid: self._sources.usage.of(rid) for rid in ids}, source
 
     def _status_summary(self) -> dict[str, object]:
         ids = self._registered_ids()
@@ -194,12 +223,6 @@ class AdminApi:
                 end = _instant(query.get("end"), time.time())
                 start = _instant(query.get("start"), end - COUNT_WINDOW)
                 return sum(start <= r.created <= end for r in self._sources.registry.all())
-            case "requests" | "errors":
-                fields = COUNT_TYPES.get(query.get("type", kind))
-                if fields is None:
-                    raise HttpError(400, f"type must be one of {', '.join(COUNT_TYPES)}")
-                usage = [self._sources.usage.of(rid) for rid in ids]
-                return sum(getattr(u, name) for u in usage for name in fields)
         raise HttpError(
             404, f"no such count {kind}: registrations, online, registers, requests, errors"
         )

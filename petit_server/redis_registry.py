@@ -17,6 +17,13 @@
   just the entities that changed, so another node's change is seen within a fraction of a
   second. Re-reading is idempotent, so a change seen twice is harmless; a node that fell
   behind the stream's trimming (or lost Redis for a while) reloads everything.
+- Usage is shared too: each node adds what it recorded since its last flush to
+  ``usage:<id>`` every ``USAGE_FLUSH_INTERVAL`` and once more when it stops (``share_usage``),
+  one script per ID that adds to the hash's counters and keeps the latest ``lastSeen``. What
+  a flush could not add stays in the node's delta for the next one. The script adds nothing
+  to an unregistered ID, and ``unregister`` deletes the hash, so no total outlives its ID. A
+  flush is shielded from cancellation (abandoned, it could land yet be retried), and one
+  whose reply is lost to a timeout may be added twice: the one way a count can be off.
 - Redis unreachable: requests keep routing from the mirror, changes fail with
   ``RegistryUnavailableError``, and the poll loop retries until Redis answers again, then
   reloads. Redis must persist its data (AOF or RDB); a Redis that comes back empty is an
@@ -25,7 +32,8 @@
 Keys (``prefix`` default ``petit:``): ``next_id`` (last ID handed out), ``ids`` (set),
 ``registration:<id>`` (JSON as in ``registry.json``, without aliases), ``aliases:<id>``
 (set), ``alias:<name>`` → ID, ``port:<n>`` → ID, ``next_token_id``, ``tokens`` (set),
-``token:<id>`` (JSON), ``token_digest:<sha256>`` → token ID, ``changes`` (stream).
+``token:<id>`` (JSON), ``token_digest:<sha256>`` → token ID, ``usage:<id>`` (hash: the
+counters of ``RegistrationUsage.counters`` and ``lastSeen``), ``changes`` (stream).
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from petit_server.registry import (
     token_digest,
     token_from_json,
 )
+from petit_server.usage import RegistrationUsage, UsageStore
 
 log = logging.getLogger("petit.registry")
 
@@ -80,6 +89,7 @@ RETRY_INTERVAL = 0.5  # seconds between attempts while Redis is unreachable
 SOCKET_TIMEOUT = 2.0  # seconds for one Redis round trip (or connect)
 CHANGES_KEPT = 100_000  # stream entries; a node further behind reloads everything
 BATCH = 500  # entities per pipeline
+USAGE_FLUSH_INTERVAL = 2.0  # seconds between additions of a node's usage to the shared totals
 
 T = TypeVar("T")
 _Fetched = Registration | EnrollmentToken | None | str  # str: why the stored value is corrupt
@@ -158,7 +168,7 @@ for _, alias in ipairs(aliases) do
   local alias_key = p .. 'alias:' .. alias
   if redis.call('GET', alias_key) == id then redis.call('DEL', alias_key) end
 end
-redis.call('DEL', key, p .. 'aliases:' .. id)
+redis.call('DEL', key, p .. 'aliases:' .. id, p .. 'usage:' .. id)
 redis.call('SREM', p .. 'ids', id)
 changed('registration', id)
 return {'ok', unpack(aliases)}
@@ -270,6 +280,24 @@ return tid
 """
 )
 
+# ARGV: prefix, ID, last seen or "", then (counter, increment) pairs; no change stream entry
+_ADD_USAGE = """
+local p, id = ARGV[1], ARGV[2]
+if redis.call('EXISTS', p .. 'registration:' .. id) == 0 then return 'gone' end
+local key = p .. 'usage:' .. id
+for i = 4, #ARGV, 2 do
+  if ARGV[i] == 'latencySum' then
+    redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+  end
+end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(redis.call('HGET', key, 'lastSeen') or '0') then
+  redis.call('HSET', key, 'lastSeen', ARGV[3])
+end
+return 'ok'
+"""
+
 # ARGV: prefix, last ID handed out; never lowers the counter
 _RAISE_NEXT_ID = """
 local last = tonumber(redis.call('GET', ARGV[1] .. 'next_id') or '0')
@@ -316,10 +344,12 @@ class RedisRegistry(RegistryView):
             "put_registration": _PUT_REGISTRATION,
             "put_token": _PUT_TOKEN,
             "raise_next_id": _RAISE_NEXT_ID,
+            "add_usage": _ADD_USAGE,
         }
         self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
         self._last_change = "0-0"
         self._reachable = True
+        self._usage_problems: set[str] = set()  # logged once each
 
     @property
     def where(self) -> str:
@@ -576,6 +606,85 @@ class RedisRegistry(RegistryView):
     def snapshot(self) -> Snapshot:
         """Everything the mirror holds."""
         return Snapshot(self.all(), self.tokens(), self._next_id)
+
+    # ---------------------------------------------------------------- usage
+
+    async def share_usage(self, usage: UsageStore) -> None:
+        """Add this node's usage to the shared totals every ``USAGE_FLUSH_INTERVAL``, and once
+        more when cancelled (the server cancels it after draining, so the last requests count)."""
+        try:
+            while True:
+                await trio.sleep(USAGE_FLUSH_INTERVAL)
+                await self.flush_usage(usage)
+        finally:
+            await self.flush_usage(usage)
+
+    async def flush_usage(self, usage: UsageStore) -> None:
+        """Add what ``usage`` recorded since its last flush to the shared totals; what cannot
+        be added now (Redis unreachable, a corrupt key) stays for the next flush."""
+        deltas = usage.unflushed()
+        if not deltas:
+            return
+        with trio.CancelScope(shield=True):  # bounded by the socket timeouts
+            try:
+                problems = await self._in_thread(self._add_usage, deltas)
+            except RegistryUnavailableError:
+                return  # logged once by _in_thread; all of it stays for the next flush
+            except redis.RedisError as exc:
+                problems = dict.fromkeys(deltas, str(exc))
+        for rid, problem in problems.items():
+            if problem not in self._usage_problems:
+                self._usage_problems.add(problem)
+                log.error(
+                    "%s: cannot add the usage of %s, will retry: %s", self.where, rid, problem
+                )
+        usage.flushed({rid: delta for rid, delta in deltas.items() if rid not in problems})
+
+    def _add_usage(self, deltas: dict[str, RegistrationUsage]) -> dict[str, str]:
+        """Add each delta to its hash; returns why some could not be (by ID)."""
+        problems: dict[str, str] = {}
+        ids = sorted(deltas)
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            pipe = self._redis.pipeline(transaction=False)
+            for rid in chunk:
+                delta = deltas[rid]
+                increments = [(n, v) for n, v in delta.counters().items() if v]
+                self._scripts["add_usage"](
+                    args=[
+                        self.prefix,
+                        rid,
+                        "" if delta.last_seen is None else repr(delta.last_seen),
+                        *(str(part) for pair in increments for part in pair),
+                    ],
+                    client=pipe,
+                )
+            for rid, reply in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, Exception):
+                    problems[rid] = f"key {self._key(f'usage:{rid}')}: {reply}"
+        return problems
+
+    async def usage_totals(self, registration_ids: Sequence[str]) -> dict[str, RegistrationUsage]:
+        """Every node's usage of these registrations, as flushed so far; RegistryError if a
+        hash is corrupt, RegistryUnavailableError if Redis cannot be reached."""
+        return await self._in_thread(self._fetch_usage, list(registration_ids))
+
+    def _fetch_usage(self, ids: Sequence[str]) -> dict[str, RegistrationUsage]:
+        totals: dict[str, RegistrationUsage] = {}
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            pipe = self._redis.pipeline(transaction=False)
+            for rid in chunk:
+                pipe.hgetall(self._key(f"usage:{rid}"))
+            for rid, fields in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+                try:
+                    if isinstance(fields, Exception):
+                        raise fields
+                    totals[rid] = RegistrationUsage.from_counters(fields)
+                except (redis.ResponseError, ValueError) as exc:
+                    key = self._key(f"usage:{rid}")
+                    raise RegistryError(f"{self.where}: key {key} is corrupt ({exc})") from None
+        return totals
 
     # ---------------------------------------------------------------- changes (scripts)
 

@@ -37,6 +37,7 @@ from petit.logs import audit
 from petit.statefile import read_json, write_json_atomic
 from petit_server.config import ServerConfig
 from petit_server.ingress import registration_id_for_host
+from petit_server.usage import RegistrationUsage, UsageStore
 
 FIRST_ID = 1001
 FORMAT_VERSION = 1
@@ -211,6 +212,16 @@ class Registry(Protocol):
         """Bring these registrations' view up to date before a hello is checked, so one
         registered on another node a moment ago is known here (a no-op for a file)."""
 
+    async def share_usage(self, usage: UsageStore) -> None:
+        """Add this node's usage to totals shared by every node, until cancelled (returns at
+        once for a file: this node's memory is the only record)."""
+
+    async def usage_totals(
+        self, registration_ids: Sequence[str]
+    ) -> dict[str, RegistrationUsage] | None:
+        """Every node's usage of these registrations, or None if usage is not shared (a file).
+        RegistryError or RegistryUnavailableError if the shared totals cannot be read."""
+
 
 class RegistryView:
     """The in-memory registry both backends keep and answer reads from: the request path and
@@ -325,6 +336,15 @@ class FileRegistry(RegistryView):
 
     async def catch_up(self, registration_ids: Sequence[str]) -> None:
         """Nothing to catch up: this process is the file's only writer."""
+
+    async def share_usage(self, usage: UsageStore) -> None:
+        """Nothing to share: usage stays in this process's memory."""
+
+    async def usage_totals(
+        self, registration_ids: Sequence[str]
+    ) -> dict[str, RegistrationUsage] | None:
+        """No shared totals: the usage store in memory is the record."""
+        return None
 
     # ---------------------------------------------------------------- registrations
 

@@ -162,6 +162,8 @@ class ServerService:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
                 await listeners.start(self.registry.run)
+                # In handlers: cancelled after the drain, it adds the last requests' usage.
+                handlers.start_soon(self.registry.share_usage, self.usage)
                 tunnel = partial(
                     serve_websocket,
                     gateway.handle,

@@ -8,6 +8,10 @@
 - Counters only grow, and every field adds up: two snapshots of the same registration merge
   by adding counts and taking the later ``lastSeen``. That is what lets a store be persisted
   elsewhere (``to_json``/``from_json``/``merge``) and what Prometheus counters need.
+- With a shared store (the Redis registry), ``unflushed`` gives what each registration
+  recorded since the last flush and ``flushed`` marks it as added there: deltas, so several
+  nodes and restarts add up, and a flush that failed is simply part of the next one. The
+  only extra memory is one baseline ``RegistrationUsage`` per ID.
 - The ingress sees each request through a ``RequestMeter``: one per public connection, fed
   the bytes read and written, the response status and the registration the Host named; it
   records the request when its response is complete or cut short.
@@ -31,6 +35,7 @@ from petit.session import Traffic
 
 # Upper bounds (seconds) of the latency histogram's buckets; one more bucket holds the rest.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_NAMES: Final = (*(str(bound) for bound in LATENCY_BUCKETS), "+Inf")
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 RECENT_ERRORS: Final = 50  # failures kept for the dashboard
 
@@ -120,6 +125,62 @@ class RegistrationUsage:
         self.tcp.b_to_a += other.tcp.b_to_a
         self.tcp_connections += other.tcp_connections
 
+    def counters(self) -> dict[str, int | float]:
+        """Every count under a flat name (a shared store keeps them as one hash per ID and
+        adds to them); ``lastSeen``, a time, is not a count and is kept apart."""
+        return {
+            "requests": self.requests,
+            **{f"status:{name}": self.statuses[name] for name in STATUS_CLASSES},
+            "successes": self.successes,
+            "errors": self.errors,
+            "unavailables": self.unavailables,
+            "bytesIn": self.bytes_in,
+            "bytesOut": self.bytes_out,
+            **{f"latency:{b}": c for b, c in zip(LATENCY_NAMES, self.latency_counts, strict=True)},
+            "latencySum": self.latency_sum,
+            "tcpConnections": self.tcp_connections,
+            "tcpBytesIn": self.tcp.a_to_b,
+            "tcpBytesOut": self.tcp.b_to_a,
+        }
+
+    @classmethod
+    def from_counters(cls, fields: Mapping[str, str | int | float]) -> RegistrationUsage:
+        """The inverse of ``counters``, plus an optional ``lastSeen``; a missing count is 0,
+        a value that is not a number raises ValueError."""
+        count = {
+            name: int(fields.get(name, 0)) for name in cls().counters() if name != "latencySum"
+        }
+        last_seen = fields.get("lastSeen")
+        return cls(
+            requests=count["requests"],
+            statuses={name: count[f"status:{name}"] for name in STATUS_CLASSES},
+            successes=count["successes"],
+            errors=count["errors"],
+            unavailables=count["unavailables"],
+            bytes_in=count["bytesIn"],
+            bytes_out=count["bytesOut"],
+            latency_counts=[count[f"latency:{name}"] for name in LATENCY_NAMES],
+            latency_sum=float(fields.get("latencySum", 0.0)),
+            last_seen=None if last_seen is None else float(last_seen),
+            tcp=Traffic(count["tcpBytesIn"], count["tcpBytesOut"]),
+            tcp_connections=count["tcpConnections"],
+        )
+
+    def since(self, earlier: RegistrationUsage) -> RegistrationUsage:
+        """What was recorded after ``earlier`` (a past state of these same counters);
+        ``last_seen`` only if it moved."""
+        before = earlier.counters()
+        delta = RegistrationUsage.from_counters(
+            {name: value - before[name] for name, value in self.counters().items()}
+        )
+        delta.last_seen = None if self.last_seen == earlier.last_seen else self.last_seen
+        return delta
+
+    @property
+    def empty(self) -> bool:
+        """Nothing recorded."""
+        return self.last_seen is None and not any(self.counters().values())
+
     @property
     def traffic(self) -> int:
         """Bytes both ways, HTTP and TCP: what ranks registrations for metrics labels."""
@@ -151,6 +212,7 @@ class UsageStore:
 
     def __init__(self) -> None:
         self._by_id: dict[str, RegistrationUsage] = {}
+        self._flushed: dict[str, RegistrationUsage] = {}  # what a shared store already has
         self.departed = RegistrationUsage()  # the sum of what unregistered IDs had used
         self.unrouted_requests = 0
         self.recent_errors: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
@@ -166,8 +228,23 @@ class UsageStore:
         """Drop an unregistered ID's usage, so the store does not keep every ID ever seen; its
         counts move to ``departed``, so totals (and Prometheus counters) never go down."""
         usage = self._by_id.pop(registration_id, None)
+        self._flushed.pop(registration_id, None)
         if usage is not None:
             self.departed.merge(usage)
+
+    def unflushed(self) -> dict[str, RegistrationUsage]:
+        """What each registration recorded since its last ``flushed`` (those that did)."""
+        deltas = {
+            rid: usage.since(self._flushed.get(rid) or RegistrationUsage())
+            for rid, usage in self._by_id.items()
+        }
+        return {rid: delta for rid, delta in deltas.items() if not delta.empty}
+
+    def flushed(self, deltas: Mapping[str, RegistrationUsage]) -> None:
+        """These deltas (from ``unflushed``) are now in the shared store."""
+        for rid, delta in deltas.items():
+            if rid in self._by_id:  # else forgotten meanwhile: the shared store drops it too
+                self._flushed.setdefault(rid, RegistrationUsage()).merge(delta)
 
     def items(self) -> list[tuple[str, RegistrationUsage]]:
         """Every registration with recorded usage, by ID."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,8 @@ async def test_servers_ride_out_a_redis_restart(
     await redis_server.stop()
     assert await answers(server, client.host, 200)  # routing from what the node knows
     assert await answers(server, "shop.example.com", 200)
+    usage = await server.admin_json(f"/usage/{client.registration_id}")
+    assert (usage["source"], usage["requests"]) == ("node", 2), usage  # this node's memory
     refused = await server.cli("addalias", "www.example.com", client.registration_id, check=False)
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: Alias not added: the registry is unavailable (Redis")
@@ -206,6 +209,44 @@ async def test_servers_ride_out_a_redis_restart(
     log = tail(server.log, 200)
     assert "is unreachable" in log, log
     assert "is reachable again" in log, log
+
+
+async def test_usage_on_either_node_is_the_sum_of_both(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    python_backend: PythonBackend,
+    redis_server: RedisServer,
+) -> None:
+    """The client is connected to A only: A answers its requests, B answers 503 for it. Both
+    count, in one total that either node's admin API serves."""
+    first_port = free_port()
+    a = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
+    b = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
+    client = await client_factory(a, python_backend.port)
+    rid = client.registration_id
+    for _ in range(3):
+        assert await answers(a, client.host, 200)
+    for _ in range(2):
+        assert await answers(b, client.host, 503)
+
+    async def shows_both(server: PetitServer) -> bool:
+        usage = await server.admin_json(f"/usage/{rid}")
+        assert usage["source"] == "shared", usage
+        return bool(usage["requests"] == 5)
+
+    for server in (a, b):
+        await wait_until(partial(shows_both, server), SEEN, what="both nodes' flushes", poll=0.2)
+    stats = await b.admin_json(f"/stats/{rid}")
+    assert stats == {"successes": 3, "errors": 0, "unavailables": 2, "source": "shared"}
+    assert (await a.admin_json("/counts/requests"))["count"] == 5
+    every = await a.admin_json("/usage")
+    assert every["registrations"][rid]["statuses"]["5xx"] == 2, every
+
+    # A node that stops adds what it had not flushed yet before it exits.
+    for _ in range(4):
+        assert await answers(a, client.host, 200)
+    await a.stop()
+    assert (await b.admin_json(f"/usage/{rid}"))["requests"] == 9
 
 
 async def test_starting_without_redis_is_one_line(server_factory: ServerFactory) -> None:

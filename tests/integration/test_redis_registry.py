@@ -24,6 +24,7 @@ from petit_server.registry import (
     RegistryError,
     RegistryUnavailableError,
 )
+from petit_server.usage import RegistrationUsage, UsageStore
 from tests.integration.harness import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -348,3 +349,64 @@ async def test_both_backends_write_the_same_audit_records(
     ]
     assert on_file[-1]["aliases"] == ["blog.example.com"]
     assert on_redis == on_file
+
+
+def served(store: UsageStore, rid: str, count: int, *, status: int = 200) -> None:
+    """``count`` requests of 10 bytes in, 20 out, half a second each."""
+    for _ in range(count):
+        store.record_request(
+            rid,
+            status=status,
+            unavailable=False,
+            complete=True,
+            bytes_in=10,
+            bytes_out=20,
+            seconds=0.5,
+        )
+
+
+async def test_usage_flushes_add_every_nodes_deltas_once_and_survive_an_outage(
+    redis_server: RedisServer,
+) -> None:
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        rid = (await a.register(key(1), {})).registration_id
+        usage_a, usage_b = UsageStore(), UsageStore()
+        served(usage_a, rid, 2)
+        served(usage_b, rid, 3, status=502)
+        usage_b.record_tcp_connection(rid).a_to_b += 7
+
+        async def totals() -> RegistrationUsage:
+            return (await b.usage_totals([rid]))[rid]
+
+        def expected() -> RegistrationUsage:
+            both = RegistrationUsage()
+            both.merge(usage_a.of(rid))
+            both.merge(usage_b.of(rid))
+            return both
+
+        for _ in range(2):  # the second flush has nothing new to add
+            await a.flush_usage(usage_a)
+            await b.flush_usage(usage_b)
+            assert await totals() == expected()
+        assert (await totals()).statuses == {"1xx": 0, "2xx": 2, "3xx": 0, "4xx": 0, "5xx": 3}
+
+        served(usage_a, rid, 4)
+        await redis_server.stop()
+        await a.flush_usage(usage_a)  # fails: A keeps its delta
+        served(usage_a, rid, 1)
+        await redis_server.start()
+
+        async def flushed() -> bool:
+            await a.flush_usage(usage_a)
+            return not usage_a.unflushed()
+
+        await wait_until(flushed, 10, what="A to flush once Redis is back", poll=0.2)
+        assert await totals() == expected()
+        assert (await totals()).requests == 10
+
+        # Unregistering deletes the totals; a late flush for the ID adds nothing back.
+        await a.unregister(rid)
+        served(usage_b, rid, 1)
+        await b.flush_usage(usage_b)
+        with redis_server.client() as client:
+            assert client.exists(f"petit:usage:{rid}") == 0

@@ -123,3 +123,50 @@ async def test_an_unregistered_id_gives_up_its_label_and_its_usage() -> None:
     # Its bytes (and the in-flight request's 100) now count in "other": nothing went down.
     assert labels[OTHER] == before[OTHER] - labels[ids[0]] + before[gone] + 100
     assert sum(labels.values()) == sum(before.values()) + 100
+
+
+def test_counters_round_trip_through_strings() -> None:
+    store = UsageStore()
+    record(store, "1001", status=404, seconds=0.5)
+    store.record_tcp_connection("1001").b_to_a += 9
+    usage = store.of("1001")
+    stored = {name: str(value) for name, value in usage.counters().items()}
+    assert RegistrationUsage.from_counters({**stored, "lastSeen": repr(usage.last_seen)}) == usage
+    with pytest.raises(ValueError, match="invalid literal"):
+        RegistrationUsage.from_counters({"requests": "many"})
+
+
+def test_flushed_deltas_add_up_and_a_failed_flush_is_retried_without_counting_twice() -> None:
+    """What a shared store (Redis) does with deltas: adds them. Its total must always equal
+    what the node recorded, however flushes succeed or fail."""
+    store, shared = UsageStore(), RegistrationUsage()
+    record(store, "1001")
+    tcp = store.record_tcp_connection("1001")
+    tcp.a_to_b += 7
+
+    def flush(*, fails: bool = False) -> None:
+        deltas = store.unflushed()
+        if not fails:
+            for delta in deltas.values():
+                shared.merge(delta)
+            store.flushed(deltas)
+
+    flush()
+    assert shared == store.of("1001")
+    assert store.unflushed() == {}  # nothing new: nothing to add
+    record(store, "1001", status=500)
+    tcp.b_to_a += 3  # a splice still running moves the counters it was handed
+    flush(fails=True)
+    record(store, "1001", status=503, unavailable=True)
+    flush()
+    assert shared == store.of("1001")
+    assert (shared.requests, shared.errors, shared.unavailables) == (3, 1, 1)
+    assert (shared.tcp.a_to_b, shared.tcp.b_to_a) == (7, 3)
+
+    record(store, "1001")
+    deltas = store.unflushed()
+    store.forget("1001")  # unregistered while that flush ran: no baseline kept for it
+    store.flushed(deltas)
+    assert store.unflushed() == {}
+    record(store, "1001")  # a request still in flight: a fresh delta, all of it
+    assert store.unflushed()["1001"].requests == 1
