@@ -35,8 +35,10 @@ from petit.session import Traffic
 
 # Upper bounds (seconds) of the latency histogram's buckets; one more bucket holds the rest.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-LATENCY_NAMES: Final = (*(str(bound) for bound in LATENCY_BUCKETS), "+Inf")
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Counter names of the buckets and status classes in RegistrationUsage.counters
+LATENCY_KEYS: Final = (*(f"latency:{bound}" for bound in LATENCY_BUCKETS), "latency:+Inf")
+STATUS_KEYS: Final = tuple(f"status:{name}" for name in STATUS_CLASSES)
 RECENT_ERRORS: Final = 50  # failures kept for the dashboard
 
 
@@ -130,13 +132,16 @@ class RegistrationUsage:
         adds to them); ``lastSeen``, a time, is not a count and is kept apart."""
         return {
             "requests": self.requests,
-            **{f"status:{name}": self.statuses[name] for name in STATUS_CLASSES},
+            **{
+                key: self.statuses[name]
+                for key, name in zip(STATUS_KEYS, STATUS_CLASSES, strict=True)
+            },
             "successes": self.successes,
             "errors": self.errors,
             "unavailables": self.unavailables,
             "bytesIn": self.bytes_in,
             "bytesOut": self.bytes_out,
-            **{f"latency:{b}": c for b, c in zip(LATENCY_NAMES, self.latency_counts, strict=True)},
+            **dict(zip(LATENCY_KEYS, self.latency_counts, strict=True)),
             "latencySum": self.latency_sum,
             "tcpConnections": self.tcp_connections,
             "tcpBytesIn": self.tcp.a_to_b,
@@ -147,19 +152,19 @@ class RegistrationUsage:
     def from_counters(cls, fields: Mapping[str, str | int | float]) -> RegistrationUsage:
         """The inverse of ``counters``, plus an optional ``lastSeen``; a missing count is 0,
         a value that is not a number raises ValueError."""
-        count = {
-            name: int(fields.get(name, 0)) for name in cls().counters() if name != "latencySum"
-        }
+        count = {name: int(fields.get(name, 0)) for name in COUNT_NAMES}
         last_seen = fields.get("lastSeen")
         return cls(
             requests=count["requests"],
-            statuses={name: count[f"status:{name}"] for name in STATUS_CLASSES},
+            statuses={
+                name: count[key] for key, name in zip(STATUS_KEYS, STATUS_CLASSES, strict=True)
+            },
             successes=count["successes"],
             errors=count["errors"],
             unavailables=count["unavailables"],
             bytes_in=count["bytesIn"],
             bytes_out=count["bytesOut"],
-            latency_counts=[count[f"latency:{name}"] for name in LATENCY_NAMES],
+            latency_counts=[count[key] for key in LATENCY_KEYS],
             latency_sum=float(fields.get("latencySum", 0.0)),
             last_seen=None if last_seen is None else float(last_seen),
             tcp=Traffic(count["tcpBytesIn"], count["tcpBytesOut"]),
@@ -177,14 +182,19 @@ class RegistrationUsage:
         return delta
 
     @property
-    def empty(self) -> bool:
-        """Nothing recorded."""
-        return self.last_seen is None and not any(self.counters().values())
+    def progress(self) -> tuple[int, int, int, int]:
+        """What every recording moves (a request its count, TCP its connections or bytes): if
+        this is unchanged, so is every counter."""
+        return (self.requests, self.tcp_connections, self.tcp.a_to_b, self.tcp.b_to_a)
 
     @property
     def traffic(self) -> int:
         """Bytes both ways, HTTP and TCP: what ranks registrations for metrics labels."""
         return self.bytes_in + self.bytes_out + self.tcp.a_to_b + self.tcp.b_to_a
+
+
+NOTHING: Final = RegistrationUsage()  # never changed: the baseline of what was never flushed
+COUNT_NAMES: Final = tuple(name for name in NOTHING.counters() if name != "latencySum")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +244,12 @@ class UsageStore:
 
     def unflushed(self) -> dict[str, RegistrationUsage]:
         """What each registration recorded since its last ``flushed`` (those that did)."""
-        deltas = {
-            rid: usage.since(self._flushed.get(rid) or RegistrationUsage())
-            for rid, usage in self._by_id.items()
-        }
-        return {rid: delta for rid, delta in deltas.items() if not delta.empty}
+        deltas = {}
+        for rid, usage in self._by_id.items():
+            baseline = self._flushed.get(rid) or NOTHING
+            if usage.progress != baseline.progress:  # cheap: most IDs are idle most of the time
+                deltas[rid] = usage.since(baseline)
+        return deltas
 
     def flushed(self, deltas: Mapping[str, RegistrationUsage]) -> None:
         """These deltas (from ``unflushed``) are now in the shared store."""
