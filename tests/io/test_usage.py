@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from petit_server.hub import Hub
 from petit_server.metrics import OTHER, TOP_REGISTRATIONS, Metrics
-from petit_server.usage import LATENCY_BUCKETS, RegistrationUsage, UsageStore
+from petit_server.usage import LATENCY_BUCKETS, NOTHING, RegistrationUsage, UsageStore
 
 
 def record(
@@ -162,6 +162,8 @@ def test_flushed_deltas_add_up_and_a_failed_flush_is_retried_without_counting_tw
     assert shared == store.of("1001")
     assert (shared.requests, shared.errors, shared.unavailables) == (3, 1, 1)
     assert (shared.tcp.a_to_b, shared.tcp.b_to_a) == (7, 3)
+    tcp.a_to_b += 1  # bytes alone, no new request or connection: still a change
+    assert store.unflushed()["1001"].counters() == {**NOTHING.counters(), "tcpBytesIn": 1}
 
     record(store, "1001")
     deltas = store.unflushed()
