@@ -188,14 +188,14 @@ class AdminApi:
         self, ids: list[str]
     ) -> tuple[dict[str, RegistrationUsage], dict[str, object]]:
         """These registrations' usage, and where it comes from (see the module docstring)."""
-        source: dict[str, object] = {}
+        this_node = {rid: self._sources.usage.of(rid) for rid in ids}
         try:
             shared = await self._sources.registry.usage_totals(ids)
         except (RegistryError, RegistryUnavailableError) as exc:
-            shared, source = None, {"source": "node", "sharedUnavailable": str(exc)}
-        if shared is not None:
-            return shared, {"source": "shared"}
-        return {rid: self._sources.usage.of(rid) for rid in ids}, source
+            return this_node, {"source": "node", "sharedUnavailable": str(exc)}
+        if shared is None:
+            return this_node, {}  # not shared (a file): no source, as always
+        return shared, {"source": "shared"}
 
     def _status_summary(self) -> dict[str, object]:
         ids = self._registered_ids()
