@@ -670,6 +670,18 @@ async def http_connection(port: int) -> AsyncIterator[HttpConnection]:
         yield HttpConnection(stream)
 
 
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection to 127.0.0.1; every byte answered until the
+    server closes (so the request should ask to close)."""
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request)
+            answer = bytearray()
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+            return bytes(answer)
+
+
 async def http_request(
     port: int,
     host: str,

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import tomli_w
-import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -23,6 +22,7 @@ from tests.integration.harness import (
     free_port,
     http_request,
     log_records,
+    raw_exchange,
     wait_until,
 )
 
@@ -40,17 +40,6 @@ READ_ENDPOINTS = [
     "/counts/registrations",
     "/counts/requests",
 ]
-
-
-async def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send ``request`` (which asks to close) on a fresh connection; every byte answered."""
-    with trio.fail_after(10):
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(request)
-            answer = bytearray()
-            while chunk := await stream.receive_some(65536):
-                answer += chunk
-            return bytes(answer)
 
 
 def http_get(host: str, target: str) -> bytes:

@@ -8,7 +8,7 @@ from functools import partial
 import trio
 
 from petit.httpapi import Reply, Request, json_reply, serve_api
-from tests.integration.harness import reset_at_once
+from tests.integration.harness import raw_exchange, reset_at_once
 
 
 class Recorder:
@@ -22,17 +22,6 @@ class Recorder:
         return json_reply({"success": True})
 
 
-async def exchange(port: int, request: bytes) -> bytes:
-    """Send ``request`` on a fresh connection; everything answered until the server closes."""
-    with trio.fail_after(10):
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(request)
-            answer = bytearray()
-            while chunk := await stream.receive_some(65536):
-                answer += chunk
-            return bytes(answer)
-
-
 GET = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
@@ -42,7 +31,7 @@ async def test_a_connection_reset_before_it_is_served_does_not_stop_the_server()
         port = await nursery.start(partial(serve_api, answer, host="127.0.0.1", port=0))
         for _ in range(5):
             reset_at_once(port)  # blocking: the reset lands before the server accepts
-        assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200 ")
+        assert (await raw_exchange(port, GET)).startswith(b"HTTP/1.1 200 ")
         nursery.cancel_scope.cancel()
 
 
@@ -57,9 +46,9 @@ async def test_a_request_whose_body_is_refused_is_not_acted_on() -> None:
     )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(serve_api, answer, host="127.0.0.1", port=0))
-        refused = await exchange(port, request)
+        refused = await raw_exchange(port, request)
         assert refused.startswith(b"HTTP/1.1 400 "), refused[:200]
         assert refused.count(b"HTTP/1.1 ") == 1, refused
-        assert (await exchange(port, GET)).startswith(b"HTTP/1.1 200 ")
+        assert (await raw_exchange(port, GET)).startswith(b"HTTP/1.1 200 ")
         nursery.cancel_scope.cancel()
     assert answer.bodies == [b""]  # only the GET was answered
