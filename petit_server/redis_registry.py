@@ -42,7 +42,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -472,19 +472,30 @@ class RedisRegistry(RegistryView):
         except redis.ResponseError as exc:
             raise ConfigError(f"{self.where}: key {key} is corrupt ({exc})") from None
 
-    def _fetch_registrations(self, ids: Sequence[str]) -> dict[str, _Fetched]:
-        fetched: dict[str, _Fetched] = {}
+    def _batched(
+        self, ids: Sequence[str], queue: Callable[[Any, str], None]
+    ) -> Iterator[tuple[str, list[Any]]]:
+        """(ID, its replies) for every ID: ``queue(pipeline, id)`` adds the same commands for
+        each, sent BATCH IDs per round trip; a command that failed replies its exception."""
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
             pipe = self._redis.pipeline(transaction=False)
-            for rid in chunk:
-                pipe.get(self._key(f"registration:{rid}"))
-                pipe.smembers(self._key(f"aliases:{rid}"))
+            for one in chunk:
+                queue(pipe, one)
             replies = pipe.execute(raise_on_error=False)
-            for index, rid in enumerate(chunk):
-                raw, aliases = replies[2 * index], replies[2 * index + 1]
-                fetched[rid] = self._parse_registration(rid, raw, aliases)
-        return fetched
+            per_id = len(replies) // len(chunk)
+            for index, one in enumerate(chunk):
+                yield one, replies[index * per_id : (index + 1) * per_id]
+
+    def _fetch_registrations(self, ids: Sequence[str]) -> dict[str, _Fetched]:
+        def queue(pipe: Any, rid: str) -> None:
+            pipe.get(self._key(f"registration:{rid}"))
+            pipe.smembers(self._key(f"aliases:{rid}"))
+
+        return {
+            rid: self._parse_registration(rid, raw, aliases)
+            for rid, (raw, aliases) in self._batched(ids, queue)
+        }
 
     def _parse_registration(self, rid: str, raw: object, aliases: Any) -> _Fetched:
         key = self._key(f"registration:{rid}")
@@ -504,22 +515,18 @@ class RedisRegistry(RegistryView):
 
     def _fetch_tokens(self, token_ids: Sequence[str]) -> dict[str, _Fetched]:
         fetched: dict[str, _Fetched] = {}
-        for start in range(0, len(token_ids), BATCH):
-            chunk = token_ids[start : start + BATCH]
-            pipe = self._redis.pipeline(transaction=False)
-            for tid in chunk:
-                pipe.get(self._key(f"token:{tid}"))
-            for tid, raw in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
-                key = self._key(f"token:{tid}")
-                if isinstance(raw, Exception):
-                    fetched[tid] = f"key {key} is corrupt ({raw})"
-                elif raw is None:
-                    fetched[tid] = None
-                else:
-                    try:
-                        fetched[tid] = token_from_json(tid, json.loads(raw))
-                    except (KeyError, TypeError, ValueError) as exc:
-                        fetched[tid] = f"key {key} is corrupt ({exc})"
+        tokens = self._batched(token_ids, lambda pipe, tid: pipe.get(self._key(f"token:{tid}")))
+        for tid, (raw,) in tokens:
+            key = self._key(f"token:{tid}")
+            if isinstance(raw, Exception):
+                fetched[tid] = f"key {key} is corrupt ({raw})"
+            elif raw is None:
+                fetched[tid] = None
+            else:
+                try:
+                    fetched[tid] = token_from_json(tid, json.loads(raw))
+                except (KeyError, TypeError, ValueError) as exc:
+                    fetched[tid] = f"key {key} is corrupt ({exc})"
         return fetched
 
     def _fetch_changes(
@@ -671,19 +678,15 @@ class RedisRegistry(RegistryView):
 
     def _fetch_usage(self, ids: Sequence[str]) -> dict[str, RegistrationUsage]:
         totals: dict[str, RegistrationUsage] = {}
-        for start in range(0, len(ids), BATCH):
-            chunk = ids[start : start + BATCH]
-            pipe = self._redis.pipeline(transaction=False)
-            for rid in chunk:
-                pipe.hgetall(self._key(f"usage:{rid}"))
-            for rid, fields in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
-                try:
-                    if isinstance(fields, Exception):
-                        raise fields
-                    totals[rid] = RegistrationUsage.from_counters(fields)
-                except (redis.ResponseError, ValueError) as exc:
-                    key = self._key(f"usage:{rid}")
-                    raise RegistryError(f"{self.where}: key {key} is corrupt ({exc})") from None
+        hashes = self._batched(ids, lambda pipe, rid: pipe.hgetall(self._key(f"usage:{rid}")))
+        for rid, (fields,) in hashes:
+            try:
+                if isinstance(fields, Exception):
+                    raise fields
+                totals[rid] = RegistrationUsage.from_counters(fields)
+            except (redis.ResponseError, ValueError) as exc:
+                key = self._key(f"usage:{rid}")
+                raise RegistryError(f"{self.where}: key {key} is corrupt ({exc})") from None
         return totals
 
     # ---------------------------------------------------------------- changes (scripts)
