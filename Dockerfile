@@ -1,26 +1,22 @@
 # petit server (and client) image. Installs into a venv and runs as a non-root user. It has
 # the redis extra (redis-py), so [server.registry] backend = "redis" and cluster mode work.
 #
-# Air-gapped build (default): the wheels come from ./wheelhouse, nothing is downloaded.
-#   pip wheel '.[redis]' setuptools -w wheelhouse && docker build -t petit .
-# Online build: let pip fetch the dependencies from the package index (an empty
-# ./wheelhouse directory must exist: mkdir -p wheelhouse).
-#   docker build --build-arg PIP_ARGS="" -t petit .
+# The image installs exactly what requirements.lock pins (versions and sha256 hashes), from a
+# wheelhouse made beforehand; nothing is resolved or downloaded during the build:
+#   python3 scripts/locked.py wheelhouse redis wheelhouse .venv/bin/python && podman build -t petit .
 FROM python:3.11-slim
 
-ARG PIP_ARGS="--no-index --find-links /tmp/wheelhouse"
 ENV PATH=/opt/petit/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
 COPY wheelhouse /tmp/wheelhouse
-COPY pyproject.toml README.md /tmp/src/
-COPY petit /tmp/src/petit
-COPY petit_client /tmp/src/petit_client
-COPY petit_server /tmp/src/petit_server
 RUN python3 -m venv /opt/petit \
- && /opt/petit/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS '/tmp/src[redis]' \
- && rm -rf /tmp/wheelhouse /tmp/src \
+ && /opt/petit/bin/pip install --no-cache-dir --disable-pip-version-check --no-index \
+      --find-links /tmp/wheelhouse --require-hashes --no-deps -r /tmp/wheelhouse/requirements.txt \
+ && /opt/petit/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps \
+      /tmp/wheelhouse/petit-*.whl \
+ && rm -rf /tmp/wheelhouse \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/petit --create-home petit
 
 COPY deploy/server-entrypoint.sh deploy/client-entrypoint.sh /opt/petit/bin/

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of petit's parsers with atheris (libFuzzer), one target a run.
 
-    pip install '.[fuzz]'   # or: scripts/bootstrap test,lint,fuzz
+    scripts/bootstrap fuzz   # or all: atheris from requirements.lock
     .venv/bin/python -m tests.fuzz.run TARGET [libFuzzer options] [corpus directory ...]
     e.g. .venv/bin/python -m tests.fuzz.run ingress -runs=100000 -max_total_time=600
 
