@@ -26,7 +26,11 @@
   whose reply is lost to a timeout may be added twice: the one way a count can be off.
 - Redis unreachable: requests keep routing from the mirror, changes fail with
   ``RegistryUnavailableError``, and the poll loop retries until Redis answers again, then
-  reloads. Redis must persist its data (AOF or RDB); a Redis that comes back empty is an
+  reloads. A change that failed stays undone: a Redis that hangs holds the script it was sent
+  and would run it when it resumes, after we told the user it failed. So a change first reads
+  Redis's own clock (``TIME``) and sends its script a deadline ``CHANGE_DEADLINE`` later; the
+  script runs only before it (``_LATE_GUARD``), which is well inside the reply's timeout. One
+  clock, so no skew between hosts matters. Redis must persist its data (AOF or RDB); a Redis that comes back empty is an
   empty registry.
 
 Keys (``prefix`` default ``petit:``): ``next_id`` (last ID handed out), ``ids`` (set),
@@ -90,6 +94,7 @@ SOCKET_TIMEOUT = 2.0  # seconds for one Redis round trip (or connect)
 CHANGES_KEPT = 100_000  # stream entries; a node further behind reloads everything
 BATCH = 500  # entities per pipeline
 USAGE_FLUSH_INTERVAL = 2.0  # seconds between additions of a node's usage to the shared totals
+CHANGE_DEADLINE = SOCKET_TIMEOUT / 2  # a change script runs within this of Redis's TIME, or never
 
 T = TypeVar("T")
 _Fetched = Registration | EnrollmentToken | None | str  # str: why the stored value is corrupt
@@ -102,9 +107,19 @@ local function changed(kind, id)
 end
 """
 
+# A change script's last ARGV is its deadline in Redis's clock (µs): past it, the script
+# does nothing, since its caller has given up on the reply and said the change failed.
+_LATE_GUARD = """
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000000 + tonumber(clock[2]) > tonumber(ARGV[#ARGV]) then
+  return redis.error_reply('petit: too late')
+end
+"""
+
 # ARGV: prefix, public key hex, vitae JSON, now, first port, token digest or "", first ID - 1
 _REGISTER = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 local token, tid = nil, nil
 if ARGV[6] ~= '' then
@@ -156,6 +171,7 @@ return {'ok', id, port, tid or ''}
 # ARGV: prefix, ID
 _UNREGISTER = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 local id = ARGV[2]
 local key = p .. 'registration:' .. id
@@ -178,6 +194,7 @@ return {'ok', unpack(aliases)}
 # ARGV: prefix, alias, ID
 _ADD_ALIAS = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 if redis.call('EXISTS', p .. 'registration:' .. ARGV[3]) == 0 then return 'no such id' end
 if redis.call('SETNX', p .. 'alias:' .. ARGV[2], ARGV[3]) == 0 then return 'exists' end
@@ -190,6 +207,7 @@ return 'ok'
 # ARGV: prefix, alias, ID or ""
 _REMOVE_ALIAS = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 local owner = redis.call('GET', p .. 'alias:' .. ARGV[2])
 if not owner then return {'not an alias'} end
@@ -204,6 +222,7 @@ return {'ok', owner}
 # ARGV: prefix, token JSON, digest, ID it claims or ""
 _CREATE_TOKEN = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 if ARGV[4] ~= '' then
   local raw = redis.call('GET', p .. 'registration:' .. ARGV[4])
@@ -222,6 +241,7 @@ return {'ok', tid}
 # ARGV: prefix, token ID, now
 _REVOKE_TOKEN = (
     _LUA_HEAD
+    + _LATE_GUARD
     + """
 local key = p .. 'token:' .. ARGV[2]
 local raw = redis.call('GET', key)
@@ -695,16 +715,25 @@ class RedisRegistry(RegistryView):
         self, script: str, args: list[Any], refresh: Callable[[Any], tuple[list[str], list[str]]]
     ) -> Any:
         """Run one script, then re-read what it changed into the mirror, so this node sees its
-        own change at once. ``refresh(reply)`` names the registrations and tokens to re-read."""
+        own change at once. ``refresh(reply)`` names the registrations and tokens to re-read.
+        The script gets a deadline in Redis's clock (see ``_LATE_GUARD``)."""
 
         def work() -> tuple[Any, dict[str, _Fetched], dict[str, _Fetched]]:
-            reply = self._scripts[script](args=[self.prefix, *args])
+            seconds, microseconds = self._redis.time()
+            deadline = seconds * 1_000_000 + microseconds + int(CHANGE_DEADLINE * 1_000_000)
+            reply = self._scripts[script](args=[self.prefix, *args, deadline])
             registrations, tokens = refresh(reply)
             return reply, self._fetch_registrations(registrations), self._fetch_tokens(tokens)
 
         try:
             reply, registrations, tokens = await self._in_thread(work)
         except redis.ResponseError as exc:
+            if "petit: too late" in str(exc):
+                raise RegistryUnavailableError(
+                    f"the registry is unavailable (Redis at {redacted_url(self.url)} ran the "
+                    f"change more than {CHANGE_DEADLINE:g} s after it was sent, so it was not "
+                    "made); try again later"
+                ) from None
             raise RegistryError(f"{self.where} refused the change: {exc}") from None
         self._apply(registrations, tokens)
         return reply
