@@ -6,10 +6,12 @@ group a test started, even when the test failed or its async fixtures were cance
 
 from __future__ import annotations
 
+import faulthandler
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _pytest.faulthandler import fault_handler_stderr_fd_key
 from hypothesis import HealthCheck, settings
 
 from tests.integration.harness import (
@@ -28,6 +30,22 @@ from tests.integration.harness import (
 # timing checks (deadline, too_slow) fail tests whose code is fine.
 settings.register_profile("petit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("petit")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """``@pytest.mark.time_limit(SECONDS)``: this test's own hang limit.
+
+    pytest dumps every thread's stack when a test outlives ``faulthandler_timeout``; a test
+    that legitimately runs longer (the container build) re-arms that dump with its own limit,
+    so a dump in the log always means a real hang.
+    """
+    marker = item.get_closest_marker("time_limit")
+    if marker is not None and fault_handler_stderr_fd_key in item.config.stash:
+        seconds = float(marker.args[0])
+        faulthandler.dump_traceback_later(
+            seconds, file=item.config.stash[fault_handler_stderr_fd_key]
+        )
 
 
 @pytest.fixture

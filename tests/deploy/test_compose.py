@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.deploy
+@pytest.mark.time_limit(1200)  # the image build alone may take minutes; the run is bounded below
 @pytest.mark.skipif(
     shutil.which("podman") is None and not os.environ.get("CI"),
     reason="podman is not installed (CI installs it through container-env.sh)",
