@@ -628,10 +628,14 @@ class HttpConnection:
         await self.send(h11.EndOfMessage())
 
     async def receive_head(self) -> h11.Response:
+        """The response head; h11.RemoteProtocolError if the server closed without one (a
+        server being killed does that: callers that expect it catch h11's errors)."""
         while True:
             event = await self.next_event()
             if isinstance(event, h11.Response):
                 return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("the server closed the connection without a response")
             if not isinstance(event, h11.InformationalResponse):
                 raise AssertionError(f"expected a response, got {event!r}")
 

@@ -137,7 +137,19 @@ async def answers(node: PetitServer, client: PetitClient) -> bool:
 
 
 async def answers_on_tcp_port(node: PetitServer, client: PetitClient) -> bool:
-    """The client's raw TCP port on this node carries bytes to its private service."""
+    """The client's raw TCP port on this node carries bytes to its private service.
+
+    A node binds the port of a registration another node holds once it has seen that
+    registration online (after HTTP forwarding already works): wait for it to say so.
+    """
+
+    async def listening() -> bool:
+        reply = await node.control(f"STATUS {client.registration_id}")
+        connections = reply["connections"]
+        assert isinstance(connections, list), reply
+        return bool(connections[0]["tcpListening"])
+
+    await wait_until(listening, 10, what=f"{node.directory.name} to listen on the TCP port")
     reply = await node.control(f"STATUS {client.registration_id}")
     connections = reply["connections"]
     assert isinstance(connections, list), reply
