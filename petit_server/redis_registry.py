@@ -30,8 +30,8 @@
   and would run it when it resumes, after we told the user it failed. So a change first reads
   Redis's own clock (``TIME``) and sends its script a deadline ``CHANGE_DEADLINE`` later; the
   script runs only before it (``_LATE_GUARD``), which is well inside the reply's timeout. One
-  clock, so no skew between hosts matters. Redis must persist its data (AOF or RDB); a Redis that comes back empty is an
-  empty registry.
+  clock, so no skew between hosts matters. Redis must persist its data (AOF or RDB); a Redis
+  that comes back empty is an empty registry.
 
 Keys (``prefix`` default ``petit:``): ``next_id`` (last ID handed out), ``ids`` (set),
 ``registration:<id>`` (JSON as in ``registry.json``, without aliases), ``aliases:<id>``
