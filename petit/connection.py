@@ -57,6 +57,8 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 #   credit to send and to receive on every stream, so BOTH PEERS MUST BE BUILT WITH THE SAME
 #   initial_window. Credit comes back by WINDOW_UPDATE once the application acknowledges the
 #   bytes it consumed (petit.flow batches them).
+# - Frames the peer's input makes us queue (PONG, a refusal) count in reply_backlog until
+#   drained; the driver stops reading while it is past a bound, so a flood costs the flooder.
 
 DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
@@ -272,9 +274,12 @@ class TunnelConnection:
         self._initial_window = initial_window
         self._max_payload = max_payload
         self._decoder = FrameDecoder(max_payload)
-        # Queued frames as (header, payload), joined once by data_to_send(). A DATA payload
-        # from an immutable buffer is queued as a view of it: copied once on its way out.
-        self._outgoing: deque[tuple[bytes, bytes | memoryview]] = deque()
+        # Queued frames as (header, payload, reply size), joined once by data_to_send(). A
+        # DATA payload from an immutable buffer is queued as a view of it: copied once on its
+        # way out. Reply size: the frame's bytes if the peer's input made us queue it (a PONG,
+        # a refusal), else 0; their sum is reply_backlog.
+        self._outgoing: deque[tuple[bytes, bytes | memoryview, int]] = deque()
+        self._reply_backlog = 0
         self._streams: dict[int, _Stream] = {}
         self._highest_stream_id = 0
         self._draining = False  # we sent GOAWAY: no new streams
@@ -398,7 +403,7 @@ class TunnelConnection:
         for start in range(0, size, self._max_payload):
             chunk = view[start : min(start + self._max_payload, size)]
             header = encode_header(FrameType.DATA, stream_id, len(chunk))
-            self._outgoing.append((header, chunk if immutable else bytes(chunk)))
+            self._outgoing.append((header, chunk if immutable else bytes(chunk), 0))
             self._frames_sent += 1
         self._data_bytes_sent += size
         return size
@@ -462,6 +467,15 @@ class TunnelConnection:
         """Whether frames are queued: lets a driver skip waking its writer for nothing."""
         return bool(self._outgoing)
 
+    @property
+    def reply_backlog(self) -> int:
+        """Bytes queued because of the peer's input (PONGs, refusals) and not yet drained.
+
+        A peer that sends PINGs and never reads would grow this without bound: a driver stops
+        reading from the peer while it is past its limit, so the peer pays for its own flood.
+        """
+        return self._reply_backlog
+
     def data_to_send(self, max_bytes: int | None = None) -> bytes:
         """Drain the bytes queued for the peer (``b""`` if there are none).
 
@@ -471,13 +485,14 @@ class TunnelConnection:
         pieces: list[bytes | memoryview] = []
         size = 0
         while self._outgoing:
-            header, payload = self._outgoing[0]
+            header, payload, reply = self._outgoing[0]
             frame_size = len(header) + len(payload)
             if max_bytes is not None and pieces and size + frame_size > max_bytes:
                 break
             self._outgoing.popleft()
             pieces += (header, payload)
             size += frame_size
+            self._reply_backlog -= reply
         return b"".join(pieces)
 
     def send_window(self, stream_id: int) -> int:
@@ -588,10 +603,11 @@ class TunnelConnection:
         self._transition(input_)
         self._queue_frame(frame)
 
-    def _queue_frame(self, frame: Frame) -> None:
-        self._outgoing.append(
-            (encode_header(frame.type, frame.stream_id, len(frame.payload)), frame.payload)
-        )
+    def _queue_frame(self, frame: Frame, *, reply: bool = False) -> None:
+        header = encode_header(frame.type, frame.stream_id, len(frame.payload))
+        reply_size = len(header) + len(frame.payload) if reply else 0
+        self._outgoing.append((header, frame.payload, reply_size))
+        self._reply_backlog += reply_size
         self._frames_sent += 1
 
     def _queue_goaway(self, code: ErrorCode, reason: str) -> None:
@@ -638,7 +654,8 @@ class TunnelConnection:
             raise RemoteProtocolError(f"OPEN of stream {stream_id}: target is not UTF-8") from None
         self._highest_stream_id = stream_id
         if self._draining:
-            self._queue_frame(Frame(FrameType.RESET, stream_id, _U32.pack(ErrorCode.REFUSED)))
+            refusal = Frame(FrameType.RESET, stream_id, _U32.pack(ErrorCode.REFUSED))
+            self._queue_frame(refusal, reply=True)
             return None
         self._streams[stream_id] = self._new_stream(stream_id)
         return StreamOpened(stream_id, target)
@@ -668,7 +685,7 @@ class TunnelConnection:
         return WindowUpdated(stream.stream_id, delta)
 
     def _on_ping(self, frame: Frame) -> TunnelEvent:
-        self._queue_frame(Frame(FrameType.PONG, 0, frame.payload))
+        self._queue_frame(Frame(FrameType.PONG, 0, frame.payload), reply=True)
         return PingReceived(frame.payload)
 
     def _on_pong(self, frame: Frame) -> TunnelEvent:

@@ -13,6 +13,11 @@
   carrier message. The reader therefore never blocks on a send (two peers blocked sending to
   each other would deadlock), and frames from many streams are batched for free. The
   writer's backlog is bounded by the send windows, so queuing never needs to wait.
+- The reader stops reading while the replies the peer's input queued (PONGs, refusals) pass
+  ``MAX_REPLY_BACKLOG`` bytes and waits for the writer to drain them: a peer that floods
+  PINGs and never reads fills its own socket buffers, not our memory. Only replies count:
+  our own DATA is bounded by send windows, and waiting on it could deadlock two peers that
+  both have much to send.
 - Liveness: any bytes received count. The keepalive pings every ``ping_interval`` and
   declares the tunnel dead once nothing arrived for 1.5 intervals (checked every quarter
   interval), so a dead tunnel is detected within two intervals.
@@ -70,6 +75,7 @@ log = logging.getLogger("petit.session")
 MAX_CARRIER_MESSAGE = 4 * (MAX_PAYLOAD + HEADER.size)
 RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
 CLOSE_GRACE = 1.0  # seconds an ending session gives the send in progress and its last frames
+MAX_REPLY_BACKLOG = 64 * 1024  # bytes of queued replies to the peer before we stop reading it
 
 
 class Carrier(Protocol):
@@ -149,6 +155,7 @@ class TunnelSession:
         self._streams: dict[int, TunnelStream] = {}
         self._pending_events: deque[TunnelEvent] = deque()
         self._send_needed = trio.Event()
+        self._sent = trio.Event()  # set (and replaced) each time the writer drained the queue
         self._streams_changed = trio.Event()
         self._handler_nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
@@ -252,6 +259,9 @@ class TunnelSession:
             while self._pending_events:
                 if not self._dispatch(self._pending_events.popleft()):
                     return
+            while self.connection.reply_backlog > MAX_REPLY_BACKLOG:
+                self.schedule_send()
+                await self._sent.wait()
             data = await self._carrier.receive()
             self._last_received = trio.current_time()
             try:
@@ -325,6 +335,8 @@ class TunnelSession:
             # progress is not cancelled but bounded by _end_sends_by.
             with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
                 await self._send_queued_now()
+            self._sent.set()
+            self._sent = trio.Event()
 
     def _end_sends_by(self, deadline: float) -> None:
         """Cancel the send in progress, and any later one, at ``deadline`` at the latest."""

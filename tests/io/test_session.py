@@ -10,7 +10,9 @@ import trio.testing
 
 from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.errors import ErrorCode
+from petit.frames import FrameType, encode_header
 from petit.session import (
+    MAX_REPLY_BACKLOG,
     KeepaliveTimeoutError,
     SessionClosedError,
     StreamCarrier,
@@ -276,6 +278,48 @@ async def test_keepalive_keeps_a_live_session_open(autojump_clock: trio.testing.
             await server_stream.send_all(b"alive")
             assert await client_stream.receive_some() == b"alive"
             nursery.cancel_scope.cancel()
+
+
+# Floods.
+
+
+async def test_a_ping_flood_that_never_reads_stops_being_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every PING queues a PONG: past MAX_REPLY_BACKLOG the server stops reading the flooder
+    (whose sends then block), and the keepalive ends the session within two intervals."""
+    # A socket pair: its kernel buffers fill, then a send waits for the other side to read.
+    attacker_socket, server_socket = trio.socket.socketpair()
+    attacker_stream, server_stream = (
+        trio.SocketStream(attacker_socket),
+        trio.SocketStream(server_socket),
+    )
+    client = TunnelSession(
+        TunnelConnection(Role.CLIENT), StreamCarrier(attacker_stream), ping_interval=PING
+    )
+    server = TunnelSession(
+        TunnelConnection(Role.SERVER), StreamCarrier(server_stream), ping_interval=PING
+    )
+    pings = b"".join(
+        encode_header(FrameType.PING, 0, 8) + n.to_bytes(8, "big") for n in range(1024)
+    )
+    flood_limit = 64 * MAX_REPLY_BACKLOG  # bytes: the bounded loop of an unstoppable flood
+    flooded = 0
+    with trio.fail_after(TIMEOUT):
+        await handshake(client, server)  # then the client is gone: the attacker never reads
+        async with trio.open_nursery() as nursery:
+            served = Served(server)
+            await nursery.start(served.run)
+            with trio.move_on_after(0.5 * PING):
+                while flooded < flood_limit:
+                    await attacker_stream.send_all(pings)
+                    flooded += len(pings)
+            backlog = server.connection.reply_backlog
+            await served.finished.wait()
+    one_read_of_replies = 256 * 1024  # a PONG is as long as its PING
+    assert backlog <= MAX_REPLY_BACKLOG + one_read_of_replies
+    assert flooded < flood_limit // 4, "the server kept reading the flood"
+    assert isinstance(served.error, KeepaliveTimeoutError)
 
 
 # Draining.

@@ -600,3 +600,16 @@ def test_statistics() -> None:
     assert (server.open_streams, server.data_bytes_sent, server.frames_sent) == (1, 100, 4)
     assert (client.data_bytes_received, client.frames_received, client.frames_sent) == (100, 4, 2)
     assert (server.frames_received, server.data_bytes_received) == (2, 0)
+
+
+def test_replies_the_peer_caused_count_in_the_reply_backlog_until_drained() -> None:
+    pair = ConnectionPair()
+    pair.client.ping(bytes(8))  # our own frames are not replies
+    assert pair.client.reply_backlog == 0
+    inject(pair.client, *[Frame(FrameType.PING, 0, bytes(8))] * 3)
+    assert pair.client.reply_backlog == 3 * 20  # three PONGs of 12 + 8 bytes
+    first = pair.client.data_to_send(max_bytes=40)  # our PING and the first PONG
+    assert len(first) == 40
+    assert pair.client.reply_backlog == 2 * 20
+    pair.client.data_to_send()
+    assert pair.client.reply_backlog == 0
