@@ -13,12 +13,16 @@
   registration went offline because its session died; on shutdown they get the drain grace.
 - A port that cannot be bound (already in use) is logged once and reported by ``status_of``;
   it is tried again when the registration next comes online.
+- On a cluster node another node may hold a registration this node's registry mirror has not
+  loaded yet (the Redis registry catches up within a poll). Nothing announces that load, so
+  while any served registration is unknown the manager looks again every ``UNKNOWN_RETRY``.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +35,8 @@ from petit_server.registry import Registration
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
+
+UNKNOWN_RETRY = 0.25  # seconds between looks for a served registration the registry lacks
 
 
 @dataclass(slots=True)
@@ -82,13 +88,16 @@ class TcpPorts:
             task_status.started()
             while True:
                 changed = self._upstreams.changed  # taken first: a change while we work is not lost
-                self._reconcile(listeners, handler_nursery)
-                await changed.wait()
+                complete = self._reconcile(listeners, handler_nursery)
+                with trio.move_on_after(math.inf if complete else UNKNOWN_RETRY):
+                    await changed.wait()
 
-    def _reconcile(self, listeners: trio.Nursery, handler_nursery: trio.Nursery) -> None:
+    def _reconcile(self, listeners: trio.Nursery, handler_nursery: trio.Nursery) -> bool:
+        """Open and close listeners; False if a served registration is not in the registry."""
+        served = self._upstreams.served_ids()
         wanted = {
             rid: registration.port
-            for rid in self._upstreams.served_ids()
+            for rid in served
             if (registration := self._registration_for(rid)) is not None
         }
         for rid, listener in list(self._listeners.items()):
@@ -104,6 +113,7 @@ class TcpPorts:
                 listener = _Listener(port)
                 self._listeners[rid] = listener
                 listeners.start_soon(self._listen, rid, listener, previous, handler_nursery)
+        return len(wanted) == len(served)
 
     async def _listen(
         self,
