@@ -91,6 +91,24 @@ def free_port() -> int:
         return port
 
 
+def free_port_block(count: int = 8) -> int:
+    """The first of ``count`` consecutive ports free on every address, for a server's
+    ``firstPort``. Drawn below Linux's ephemeral range (32768 and up), where outgoing
+    connections of tests running beside this one take their local ports, and away from the
+    default 11081, so parallel tests do not bind each other's registration ports."""
+    rng = random.Random()
+    for _ in range(100):
+        first = rng.randrange(20_000, 32_000, count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no block of {count} free ports found")
+
+
 def reset_at_once(port: int) -> None:
     """Connect to a loopback port and close with SO_LINGER 0 (an RST), blocking, so the
     server accepts a connection that is already reset."""

@@ -19,7 +19,7 @@ from tests.integration.harness import (
     PythonBackend,
     ServerFactory,
     edit_config,
-    free_port,
+    free_port_block,
     http_request,
     log_records,
     raw_exchange,
@@ -56,7 +56,7 @@ async def online(
     server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
 ) -> tuple[PetitServer, PetitClient]:
     """A server whose one registration is online, its raw TCP ports on loopback."""
-    server = await server_factory(firstPort=free_port(), tcpAddr="127.0.0.1")
+    server = await server_factory(firstPort=free_port_block(), tcpAddr="127.0.0.1")
     client = await client_factory(server, python_backend.port)
     return server, client
 

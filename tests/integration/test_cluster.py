@@ -34,7 +34,7 @@ from tests.integration.harness import (
     RedisServer,
     ServerFactory,
     edit_config,
-    free_port,
+    free_port_block,
     http_request,
     payload,
     reset_at_once,
@@ -74,7 +74,7 @@ async def start_nodes(
     """Initialised (not started) nodes with the first one's certificates, the Redis registry
     (under ``prefix``) and cluster settings; each listens for raw TCP ports on its own
     loopback address, so their ports never clash."""
-    first_port = free_port()
+    first_port = free_port_block()
     registry = {"backend": "redis", "url": redis.url, "prefix": prefix}
     nodes = {
         name: await server_factory(start=False, firstPort=first_port, registry=registry)

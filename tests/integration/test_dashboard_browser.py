@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
@@ -60,11 +60,12 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 
 def cell_text(driver: webdriver.Chrome, registration_id: str, column: str) -> str | None:
-    """A cell of the registration's row, or None while the page has no such row."""
+    """A cell of the registration's row, or None while the page has no such row (or is
+    redrawing it: the page replaces its rows at each poll, which makes a found cell stale)."""
     try:
-        row = driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{registration_id}"]')
-        return str(row.find_element(By.CSS_SELECTOR, f"td.{column}").text)
-    except NoSuchElementException:
+        cell = driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{registration_id}"] td.{column}')
+        return str(cell.text)
+    except (NoSuchElementException, StaleElementReferenceException):
         return None
 
 

@@ -17,6 +17,7 @@ from tests.integration.harness import (
     PythonBackend,
     ServerFactory,
     free_port,
+    free_port_block,
     http_request,
     wait_until,
 )
@@ -64,7 +65,7 @@ async def test_frozen_client_is_dropped_by_keepalive_then_reconnects(
     server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
 ) -> None:
     """SIGSTOP leaves the TCP connection open but silent: only the pings can tell."""
-    server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
+    server = await server_factory(firstPort=free_port_block(), tcpAddr=LOOPBACK)
     client = await client_factory(server, python_backend.port)
     await assert_serves(server, client)
     port = await registration_port(server, client.registration_id)

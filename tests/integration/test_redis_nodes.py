@@ -27,6 +27,7 @@ from tests.integration.harness import (
     ServerFactory,
     edit_config,
     free_port,
+    free_port_block,
     http_request,
     register_request,
     signed_request,
@@ -66,7 +67,7 @@ async def test_two_servers_share_registrations_aliases_and_tokens(
     python_backend: PythonBackend,
     redis_server: RedisServer,
 ) -> None:
-    first_port = free_port()
+    first_port = free_port_block()
     a = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
     b = await server_factory(
         registry=redis_registry(redis_server), firstPort=first_port, requireToken=True
@@ -124,7 +125,7 @@ async def test_the_client_registers_and_unregisters_through_any_of_its_servers(
 ) -> None:
     """``register`` goes to the first listed server that answers (here the second: nothing
     listens at the first), ``unregister`` to whichever answers: they share the registry."""
-    first_port = free_port()
+    first_port = free_port_block()
     a = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
     b = await server_factory(
         start=False, registry=redis_registry(redis_server), firstPort=first_port
@@ -158,7 +159,7 @@ async def _gone(server: PetitServer, registration_id: str) -> bool:
 async def test_registrations_on_two_servers_at_once_never_collide(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
-    first_port = free_port()
+    first_port = free_port_block()
     nodes = [
         await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
         for _ in range(2)
@@ -219,7 +220,7 @@ async def test_usage_on_either_node_is_the_sum_of_both(
 ) -> None:
     """The client is connected to A only: A answers its requests, B answers 503 for it. Both
     count, in one total that either node's admin API serves."""
-    first_port = free_port()
+    first_port = free_port_block()
     a = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
     b = await server_factory(registry=redis_registry(redis_server), firstPort=first_port)
     client = await client_factory(a, python_backend.port)

@@ -19,6 +19,7 @@ from tests.integration.harness import (
     RedisServer,
     ServerFactory,
     free_port,
+    free_port_block,
     http_request,
     log_records,
     run_cli,
@@ -66,7 +67,7 @@ async def redis_cli(port: int, *command: str) -> str:
 async def test_redis_through_the_registration_port_while_the_client_is_online(
     server_factory: ServerFactory, client_factory: ClientFactory, redis_server: RedisServer
 ) -> None:
-    server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
+    server = await server_factory(firstPort=free_port_block(), tcpAddr=LOOPBACK)
     client = await client_factory(server, redis_server.port)
     port = await registration_port(server, client.registration_id)
     await wait_until(lambda: accepts(port), PORT_BOUND, what=f"TCP port {port} to open")
@@ -112,7 +113,7 @@ async def test_many_concurrent_connections_are_carried_byte_for_byte(
         async with trio.open_nursery() as backend:
             listeners = await backend.start(trio.serve_tcp, echo, 0)
             backend_port = listeners[0].socket.getsockname()[1]
-            server = await server_factory(firstPort=free_port(), tcpAddr=LOOPBACK)
+            server = await server_factory(firstPort=free_port_block(), tcpAddr=LOOPBACK)
             client = await client_factory(server, backend_port)
             port = await registration_port(server, client.registration_id)
             await wait_until(lambda: accepts(port), PORT_BOUND, what=f"TCP port {port} to open")
