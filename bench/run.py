@@ -58,6 +58,9 @@ class Bench:
     root: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     cleanups: list[list[str]] = field(default_factory=list)
+    sshd_port: int = 0
+    petit_server_config: Path = Path()
+    petit_tunnel_port: int = 0
 
     def spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
         """Start a helper process whose output goes to a log file in the run directory."""
@@ -118,12 +121,17 @@ http {{
 
     def start_ssh_tunnel(self, backend_port: int) -> int:
         """A private sshd and ``ssh -R`` exposing the backend on a remote-forwarded port."""
+        self.sshd_port = self.start_sshd()
+        return self.start_ssh_forward(self.sshd_port, backend_port)
+
+    def start_sshd(self) -> int:
+        """A private sshd on loopback (its own config and keys; never the system's)."""
         ssh_dir = self.root / "ssh"
         ssh_dir.mkdir(mode=0o700)
         for name in ("host_key", "client_key"):
             self.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_dir / name)])
         (ssh_dir / "authorized_keys").write_text((ssh_dir / "client_key.pub").read_text())
-        sshd_port, forwarded_port = free_port(), free_port()
+        sshd_port = free_port()
         config = ssh_dir / "sshd_config"
         config.write_text(
             f"""
@@ -144,6 +152,12 @@ GatewayPorts no
         Path("/run/sshd").mkdir(exist_ok=True)
         self.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], "sshd.log")
         wait_listening(sshd_port, "sshd")
+        return sshd_port
+
+    def start_ssh_forward(self, sshd_port: int, backend_port: int) -> int:
+        """``ssh -R`` to the sshd on ``sshd_port``; the remote-forwarded port."""
+        ssh_dir = self.root / "ssh"
+        forwarded_port = free_port()
         self.spawn(
             [
                 "ssh",
@@ -172,8 +186,7 @@ GatewayPorts no
     def start_petit(self, backend_port: int) -> tuple[int, str, dict[str, int]]:
         """petit server + registered client; (ingress port, Host header, pids)."""
         server_config = self.root / "server" / "config.toml"
-        client_config = self.root / "client" / "config.toml"
-        petit_server, petit_client = str(VENV_BIN / "petit-server"), str(VENV_BIN / "petit-client")
+        petit_server = str(VENV_BIN / "petit-server")
         self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"])
         _set(
             server_config,
@@ -186,6 +199,19 @@ GatewayPorts no
         self.run([petit_server, "start", "-c", str(server_config)])
         self.cleanups.append([petit_server, "stop", "-c", str(server_config)])
         server_pid, server_ports = _pid_file(server_config.parent / "server.pid")
+        self.petit_server_config = server_config
+        self.petit_tunnel_port = server_ports["tunnel"]
+        http_port = server_ports["http"]
+        host, client_pid = self.start_petit_client(server_ports["tunnel"], backend_port, http_port)
+        return http_port, host, {"server": server_pid, "client": client_pid}
+
+    def start_petit_client(
+        self, tunnel_port: int, backend_port: int, http_port: int
+    ) -> tuple[str, int]:
+        """A registered, started petit client dialling ``tunnel_port``; (Host, pid)."""
+        server_config = self.petit_server_config
+        client_config = self.root / f"client-{tunnel_port}" / "config.toml"
+        petit_client = str(VENV_BIN / "petit-client")
         self.run(
             [
                 petit_client,
@@ -193,7 +219,7 @@ GatewayPorts no
                 "-c",
                 str(client_config),
                 "--server",
-                f"localhost:{server_ports['tunnel']}",
+                f"localhost:{tunnel_port}",
                 "--ca",
                 str(server_config.parent / "certificates" / "ca.crt"),
                 "--local",
@@ -208,14 +234,24 @@ GatewayPorts no
         self.run([petit_client, "start", "-c", str(client_config)])
         self.cleanups.append([petit_client, "stop", "-c", str(client_config)])
         client_pid, _ = _pid_file(client_config.parent / "client.pid")
-        http_port = server_ports["http"]
         host = f"{match.group(1)}.localhost"
         deadline = time.monotonic() + 20
         while _status(http_port, host, ONE_KIB) != 200:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the petit tunnel did not come up within 20 s")
             time.sleep(0.05)  # noqa: TID251
-        return http_port, host, {"server": server_pid, "client": client_pid}
+        return host, client_pid
+
+    def start_delay(self, target_port: int, one_way_ms: float) -> int:
+        """A relay to ``target_port`` holding each chunk ``one_way_ms`` each way (delay.py)."""
+        port = free_port()
+        relay = Path(__file__).with_name("delay.py")
+        self.spawn(
+            [sys.executable, str(relay), str(port), str(target_port), f"{one_way_ms:g}"],
+            "delay.log",
+        )
+        wait_listening(port, "the delay relay")
+        return port
 
 
 def _set(config: Path, **values: str) -> None:
@@ -400,7 +436,23 @@ def measure(plan: Plan) -> dict[str, object]:
             results[target.name]["new_connection_ms"] = first_request_ms(target, plan.repeats)
         memory.update({f"{role}_after_mb": rss_mb(pid) for role, pid in pids.items()})
         memory.update(leak_check(paths[-1], pids, plan))
+        results["direct"]["wan_download_mb_s"] = float("nan")  # no tunnel leg to delay
+        for target in long_link_paths(bench, backend, petit_port, WAN_ONE_WAY_MS):
+            median, _ = download_rounds(target, 1, plan.download_rounds)
+            results[target.name]["wan_download_mb_s"] = median
         return {"paths": results, "memory": memory, "duration_s": plan.duration}
+
+
+WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
+
+
+def long_link_paths(bench: Bench, backend: int, petit_port: int, one_way_ms: float) -> list[Route]:
+    """A second ssh -R and a second petit client, each dialling through a delay relay."""
+    ssh_relay = bench.start_delay(bench.sshd_port, one_way_ms)
+    petit_relay = bench.start_delay(bench.petit_tunnel_port, one_way_ms)
+    ssh_port = bench.start_ssh_forward(ssh_relay, backend)
+    petit_host, _ = bench.start_petit_client(petit_relay, backend, petit_port)
+    return [Route("ssh -R", ssh_port, "localhost"), Route("petit", petit_port, petit_host)]
 
 
 def leak_check(petit: Route, pids: dict[str, int], plan: Plan) -> dict[str, list[float]]:
@@ -430,6 +482,7 @@ ROWS = [
     ("download_4x_mb_s", "MB/s, four 10 MiB downloads", True),
     ("download_4x_best_mb_s", "  best of the rounds", True),
     ("new_connection_ms", "ms, one request, new conn", False),
+    ("wan_download_mb_s", "MB/s, one 10 MiB, 50 ms RTT", True),
 ]
 
 

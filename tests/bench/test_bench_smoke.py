@@ -35,6 +35,9 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
             assert math.isfinite(value), (path, name)
             assert value > 0, (path, name)
         assert figures["paths"][path]["c64_non_2xx"] == 0, path
+    for path in ("ssh -R", "petit"):  # the long-link row: through the delay relay
+        assert figures["paths"][path]["wan_download_mb_s"] > 0, path
+    assert math.isnan(figures["paths"]["direct"]["wan_download_mb_s"])
     memory = figures["memory"]
     for role in ("server", "client"):
         for phase in ("idle", "load", "after"):
