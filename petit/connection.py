@@ -57,10 +57,23 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 #   credit to send and to receive on every stream, so BOTH PEERS MUST BE BUILT WITH THE SAME
 #   initial_window. Credit comes back by WINDOW_UPDATE once the application acknowledges the
 #   bytes it consumed (petit.flow batches them).
+# - Windows grow with the link (as HTTP/2 and QUIC stacks auto-tune): while DATA arrives we
+#   send our own PING (a BDP probe, opaque _BDP_PROBE + a counter) and count, per stream, the
+#   DATA bytes the application consumed until its PONG: one round trip. A stream whose reader
+#   took 2/3 of its receive window in that round trip was limited by the window, not by the
+#   link or its reader: its window grows fourfold (up to MAX_WINDOW), the extra granted at
+#   once by a WINDOW_UPDATE. A slow or absent reader takes little, so its window never
+#   grows. All growth on one connection stays within WINDOW_GROWTH_BUDGET, so memory stays
+#   bounded whatever the peer does. No clock: a round trip is measured in bytes. A new probe
+#   waits for _PROBE_SPACING bytes.
 # - Frames the peer's input makes us queue (PONG, a refusal) count in reply_backlog until
 #   drained; the driver stops reading while it is past a bound, so a flood costs the flooder.
 
-DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction
+DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction, at first
+MAX_WINDOW: Final = 16 * 1024 * 1024  # bytes: the most a stream's receive window grows to
+WINDOW_GROWTH_BUDGET: Final = 64 * 1024 * 1024  # bytes of growth, all streams of a connection
+_BDP_PROBE: Final = b"bdp"  # opaque prefix of our own PINGs that measure one round trip
+_PROBE_SPACING: Final = DEFAULT_WINDOW // 4  # DATA bytes received between two BDP probes
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
 _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits the payload
 _U32: Final = struct.Struct("!I")
@@ -241,6 +254,7 @@ class _Stream:
     state: StreamState
     send_window: SendWindow
     receive_window: ReceiveWindow
+    probe_sample: int = 0  # DATA bytes consumed since the BDP probe in flight was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +298,10 @@ class TunnelConnection:
         self._highest_stream_id = 0
         self._draining = False  # we sent GOAWAY: no new streams
         self._peer_goaway: GoAwayReceived | None = None
+        self._window_growth = 0  # bytes the live streams' receive windows grew in all
+        self._probe: bytes | None = None  # the BDP probe in flight
+        self._probes_sent = 0
+        self._since_probe = 0  # DATA bytes received since the last probe was answered
         self._data_bytes_sent = 0
         self._data_bytes_received = 0
         self._frames_sent = 0
@@ -415,9 +433,10 @@ class TunnelConnection:
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
         """Abort ``stream_id`` both ways; a no-op if it is already gone."""
-        if self._find_stream(stream_id, LocalProtocolError) is None:
+        stream = self._find_stream(stream_id, LocalProtocolError)
+        if stream is None:
             return
-        del self._streams[stream_id]
+        self._forget(stream)
         self._queue_frame(Frame(FrameType.RESET, stream_id, _U32.pack(code)))
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
@@ -428,6 +447,8 @@ class TunnelConnection:
         stream = self._find_stream(stream_id, LocalProtocolError)
         if stream is None:
             return
+        if self._probe is not None:
+            stream.probe_sample += size
         increment = stream.receive_window.data_consumed(size)
         if increment:
             self._queue_frame(Frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(increment)))
@@ -531,6 +552,7 @@ class TunnelConnection:
             ) from None
         if self._state is ConnectionState.CLOSED:
             self._streams.clear()
+            self._window_growth = 0
 
     def _advance(self, stream: _Stream, input_: StreamInput) -> None:
         try:
@@ -543,7 +565,12 @@ class TunnelConnection:
                 ErrorCode.STREAM_CLOSED,
             ) from None
         if stream.state is StreamState.CLOSED:
-            del self._streams[stream.stream_id]
+            self._forget(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        """Drop a stream; what its receive window grew returns to the budget."""
+        del self._streams[stream.stream_id]
+        self._window_growth -= stream.receive_window.size - self._initial_window
 
     # Checks shared by both directions.
 
@@ -666,8 +693,15 @@ class TunnelConnection:
 
     def _on_data(self, stream: _Stream, frame: Frame) -> TunnelEvent:
         self._advance(stream, StreamInput.RECV_DATA)
-        stream.receive_window.data_received(len(frame.payload))
-        self._data_bytes_received += len(frame.payload)
+        size = len(frame.payload)
+        stream.receive_window.data_received(size)
+        self._data_bytes_received += size
+        if self._probe is None:
+            self._since_probe += size
+            if self._since_probe >= _PROBE_SPACING:
+                self._probes_sent += 1
+                self._probe = _BDP_PROBE + self._probes_sent.to_bytes(5, "big")
+                self._queue_frame(Frame(FrameType.PING, 0, self._probe))
         return DataReceived(stream.stream_id, frame.payload)
 
     def _on_end(self, stream: _Stream, frame: Frame) -> TunnelEvent:
@@ -675,7 +709,7 @@ class TunnelConnection:
         return StreamEnded(stream.stream_id)
 
     def _on_reset(self, stream: _Stream, frame: Frame) -> TunnelEvent:
-        del self._streams[stream.stream_id]
+        self._forget(stream)
         (code,) = _U32.unpack(frame.payload)
         return StreamReset(stream.stream_id, ErrorCode.from_wire(code))
 
@@ -688,8 +722,24 @@ class TunnelConnection:
         self._queue_frame(Frame(FrameType.PONG, 0, frame.payload), reply=True)
         return PingReceived(frame.payload)
 
-    def _on_pong(self, frame: Frame) -> TunnelEvent:
-        return PongReceived(frame.payload)
+    def _on_pong(self, frame: Frame) -> TunnelEvent | None:
+        if frame.payload != self._probe:
+            return PongReceived(frame.payload)
+        self._probe, self._since_probe = None, 0
+        for stream in self._streams.values():
+            sample, stream.probe_sample = stream.probe_sample, 0
+            window = stream.receive_window
+            if 3 * sample < 2 * window.size:
+                continue  # the link or the reader, not the window, limited this round trip
+            budget = WINDOW_GROWTH_BUDGET - self._window_growth
+            extra = min(4 * window.size, MAX_WINDOW) - window.size
+            if (extra := min(extra, budget)) > 0:
+                window.grow(extra)
+                self._window_growth += extra
+                self._queue_frame(
+                    Frame(FrameType.WINDOW_UPDATE, stream.stream_id, _U32.pack(extra))
+                )
+        return None
 
     def _on_goaway(self, frame: Frame) -> TunnelEvent:
         self._transition(_ConnectionInput.RECV_GOAWAY)

@@ -2,7 +2,8 @@
 
 The receiver grants credit back only when the application has *consumed* bytes, not when they
 arrive: that turns a slow local socket into backpressure on the far peer instead of memory
-growth in the reader.
+growth in the reader. A window may grow (never shrink) when the connection measured that it,
+not the link or the reader, limited a round trip: the extra is granted at once.
 """
 
 from __future__ import annotations
@@ -89,3 +90,9 @@ class ReceiveWindow:
             self.available += increment
             return increment
         return 0
+
+    def grow(self, extra: int) -> None:
+        """Enlarge the window by ``extra`` bytes, all granted now (the WINDOW_UPDATE to send)."""
+        assert 0 < extra <= LARGEST_WINDOW - self.size
+        self.size += extra
+        self.available += extra

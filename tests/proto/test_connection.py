@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 import pytest
 
-from petit.connection import DEFAULT_WINDOW, ConnectionState, Role, StreamState, TunnelConnection
+from petit.connection import (
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    WINDOW_GROWTH_BUDGET,
+    ConnectionState,
+    Role,
+    StreamState,
+    TunnelConnection,
+)
 from petit.errors import (
     ErrorCode,
     FlowControlError,
@@ -27,7 +35,7 @@ from petit.events import (
     WindowUpdated,
 )
 from petit.flow import LARGEST_WINDOW
-from petit.frames import Frame, FrameType, decode_all
+from petit.frames import Frame, FrameType, decode_all, encode_frame
 
 from .helpers import HELLO, NONCE, ConnectionPair, inject, sent_frames
 
@@ -474,6 +482,7 @@ def test_acknowledging_a_gone_stream_is_a_noop() -> None:
     pair.deliver(to=Role.CLIENT)
     pair.server.reset_stream(stream_id)
     pair.deliver(to=Role.CLIENT)
+    assert [frame.type for frame in sent_frames(pair.client)] == [FrameType.PING]  # BDP probe
     pair.client.acknowledge_received_data(stream_id, DEFAULT_WINDOW // 2)
     assert pair.client.data_to_send() == b""
 
@@ -613,3 +622,63 @@ def test_replies_the_peer_caused_count_in_the_reply_backlog_until_drained() -> N
     assert pair.client.reply_backlog == 2 * 20
     pair.client.data_to_send()
     assert pair.client.reply_backlog == 0
+
+
+# Windows that grow with the link.
+
+
+def _window_limited_round_trip(pair: ConnectionPair, stream_id: int) -> None:
+    """The server sends all its credit; the client reads each piece as it comes. The PONG of
+    the BDP probe the client sends meanwhile comes back after the last byte: one round trip
+    carried the whole window."""
+    window = pair.server.send_window(stream_id)
+    pair.server.send_data(stream_id, bytes(window))
+    for chunk in decode_all(pair.server.data_to_send()):
+        pair.client.receive_data(encode_frame(chunk))
+        pair.client.acknowledge_received_data(stream_id, len(chunk.payload))
+        pair.deliver(to=Role.SERVER)  # credit, and the probe: its PONG waits at the server
+    pair.deliver(to=Role.CLIENT)  # the PONG, and with it the grown window's credit
+    pair.deliver(to=Role.SERVER)
+
+
+def test_a_window_limited_stream_grows_its_window_up_to_the_maximum() -> None:
+    pair = ConnectionPair()
+    stream_id = pair.open_stream()
+    windows = []
+    for _ in range(8):
+        _window_limited_round_trip(pair, stream_id)
+        windows.append(pair.server.send_window(stream_id))
+    assert windows[0] > DEFAULT_WINDOW
+    assert windows == sorted(windows)
+    assert windows[-1] == MAX_WINDOW
+
+
+def test_a_slow_reader_never_grows_its_window() -> None:
+    pair = ConnectionPair()
+    stream_id = pair.open_stream()
+    pair.server.send_data(stream_id, bytes(DEFAULT_WINDOW))
+    pair.deliver(to=Role.CLIENT)  # the whole window arrives, and a probe goes out
+    pair.deliver(to=Role.SERVER)
+    pair.deliver(to=Role.CLIENT)  # its PONG: the window came in one round trip...
+    for _ in range(64):  # ...but the reader takes 16 KiB a round trip from now on
+        pair.client.acknowledge_received_data(stream_id, 16 * 1024)
+        pair.deliver(to=Role.SERVER)
+        pair.server.send_data(stream_id, bytes(pair.server.send_window(stream_id)))
+        pair.deliver(to=Role.CLIENT)
+    assert pair.server.send_window(stream_id) <= DEFAULT_WINDOW
+
+
+def test_window_growth_on_a_connection_stays_within_its_budget() -> None:
+    pair = ConnectionPair()
+    streams = [pair.open_stream() for _ in range(2 * WINDOW_GROWTH_BUDGET // MAX_WINDOW)]
+    for _ in range(8):
+        for stream_id in streams:
+            _window_limited_round_trip(pair, stream_id)
+    credit = sum(pair.server.send_window(stream_id) for stream_id in streams)
+    assert credit == len(streams) * DEFAULT_WINDOW + WINDOW_GROWTH_BUDGET
+    pair.server.reset_stream(streams[0])  # a closed stream gives its growth back
+    pair.deliver(to=Role.CLIENT)
+    extra = pair.open_stream()
+    for _ in range(8):
+        _window_limited_round_trip(pair, extra)
+    assert pair.server.send_window(extra) > DEFAULT_WINDOW
