@@ -191,6 +191,8 @@ GatewayPorts no
         _set(
             server_config,
             bindAddr='"127.0.0.1"',
+            tcpAddr='"127.0.0.1"',
+            firstPort=str(free_port_block()),
             backPort="0",
             proxyPort="0",
             listenPort="0",
@@ -206,11 +208,12 @@ GatewayPorts no
         return http_port, host, {"server": server_pid, "client": client_pid}
 
     def start_petit_client(
-        self, tunnel_port: int, backend_port: int, http_port: int
+        self, tunnel_port: int, backend_port: int, http_port: int, *, http: bool = True
     ) -> tuple[str, int]:
-        """A registered, started petit client dialling ``tunnel_port``; (Host, pid)."""
+        """A registered, started petit client dialling ``tunnel_port``; (Host, pid). With
+        ``http``, returns once a request through it is answered (its backend is nginx)."""
         server_config = self.petit_server_config
-        client_config = self.root / f"client-{tunnel_port}" / "config.toml"
+        client_config = self.root / f"client-{tunnel_port}-{backend_port}" / "config.toml"
         petit_client = str(VENV_BIN / "petit-client")
         self.run(
             [
@@ -236,11 +239,37 @@ GatewayPorts no
         client_pid, _ = _pid_file(client_config.parent / "client.pid")
         host = f"{match.group(1)}.localhost"
         deadline = time.monotonic() + 20
-        while _status(http_port, host, ONE_KIB) != 200:
+        while http and _status(http_port, host, ONE_KIB) != 200:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the petit tunnel did not come up within 20 s")
             time.sleep(0.05)  # noqa: TID251
         return host, client_pid
+
+    def start_redis(self) -> int:
+        """A private redis-server on loopback, nothing persisted: the raw TCP ports' backend."""
+        port = free_port()
+        redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+        argv = [
+            redis,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.spawn([*argv, "--dir", str(self.root)], "redis.log")
+        wait_listening(port, "redis-server")
+        return port
+
+    def petit_tcp_port(self, host: str) -> int:
+        """The raw TCP port the server opened for the registration behind ``host``."""
+        registration_id = host.split(".")[0]
+        argv = [str(VENV_BIN / "petit-server"), "status", registration_id, "--json"]
+        reply = json.loads(self.run([*argv, "-c", str(self.petit_server_config)]))
+        return int(reply["connections"][0]["port"])
 
     def start_delay(self, target_port: int, one_way_ms: float) -> int:
         """A relay to ``target_port`` holding each chunk ``one_way_ms`` each way (delay.py)."""
@@ -252,6 +281,19 @@ GatewayPorts no
         )
         wait_listening(port, "the delay relay")
         return port
+
+
+def free_port_block(count: int = 16) -> int:
+    """The first of ``count`` consecutive loopback ports free now, below the ephemeral range."""
+    for first in range(20_000, 32_000, count):
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise SystemExit("bench: no block of free ports for the registrations' TCP ports")
 
 
 def _set(config: Path, **values: str) -> None:
@@ -405,6 +447,7 @@ class Plan:
     repeats: int  # new-connection requests (median)
     download_rounds: int  # timed downloads per figure (median and best)
     load_rounds: int  # extra petit load rounds for the leak check, RSS after each
+    redis_requests: int  # redis-benchmark requests at 50 connections (a tenth at one)
 
 
 def measure(plan: Plan) -> dict[str, object]:
@@ -436,6 +479,8 @@ def measure(plan: Plan) -> dict[str, object]:
             results[target.name]["new_connection_ms"] = first_request_ms(target, plan.repeats)
         memory.update({f"{role}_after_mb": rss_mb(pid) for role, pid in pids.items()})
         memory.update(leak_check(paths[-1], pids, plan))
+        for target in redis_paths(bench, petit_port):
+            results[target.name].update(redis_figures(target, plan))
         results["direct"]["wan_download_mb_s"] = float("nan")  # no tunnel leg to delay
         for target in long_link_paths(bench, backend, petit_port, WAN_ONE_WAY_MS):
             median, _ = download_rounds(target, 1, plan.download_rounds)
@@ -444,6 +489,47 @@ def measure(plan: Plan) -> dict[str, object]:
 
 
 WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
+
+
+def redis_paths(bench: Bench, petit_port: int) -> list[Route]:
+    """redis-server reached directly, through ssh -R, and through a petit registration's raw
+    TCP port (a third client whose private service is the redis-server)."""
+    redis_port = bench.start_redis()
+    ssh_port = bench.start_ssh_forward(bench.sshd_port, redis_port)
+    host, _ = bench.start_petit_client(bench.petit_tunnel_port, redis_port, petit_port, http=False)
+    petit_tcp = bench.petit_tcp_port(host)
+    wait_listening(petit_tcp, "the registration's TCP port")
+    return [
+        Route("direct", redis_port, ""),
+        Route("ssh -R", ssh_port, ""),
+        Route("petit", petit_tcp, ""),
+    ]
+
+
+def redis_figures(target: Route, plan: Plan) -> dict[str, float]:
+    """redis-benchmark through ``target``: GET req/s at 1 and 50 connections, SET at 50, and
+    the round trip of an inline PING at one connection (p50, p99 ms)."""
+    figures = {}
+    for test, clients, requests in (
+        ("get", 1, plan.redis_requests // 10),
+        ("get", 50, plan.redis_requests),
+        ("set", 50, plan.redis_requests),
+        ("ping_inline", 1, plan.redis_requests // 10),
+    ):
+        row = _redis_benchmark(target.port, test, clients, requests)
+        figures[f"tcp_{test}_c{clients}_req_s"] = row["rps"]
+        if test == "ping_inline":
+            figures["tcp_ping_p50_ms"] = row["p50_latency_ms"]
+            figures["tcp_ping_p99_ms"] = row["p99_latency_ms"]
+    return figures
+
+
+def _redis_benchmark(port: int, test: str, clients: int, requests: int) -> dict[str, float]:
+    argv = ["redis-benchmark", "-p", str(port), "-t", test, "-c", str(clients)]
+    argv += ["-n", str(requests), "--csv", "--precision", "3"]
+    output = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    header, values = (line.replace('"', "").split(",") for line in output.strip().splitlines()[:2])
+    return {name: float(value) for name, value in zip(header[1:], values[1:], strict=True)}
 
 
 def long_link_paths(bench: Bench, backend: int, petit_port: int, one_way_ms: float) -> list[Route]:
@@ -483,6 +569,11 @@ ROWS = [
     ("download_4x_best_mb_s", "  best of the rounds", True),
     ("new_connection_ms", "ms, one request, new conn", False),
     ("wan_download_mb_s", "MB/s, one 10 MiB, 50 ms RTT", True),
+    ("tcp_get_c1_req_s", "TCP port: redis GET/s, 1 conn", True),
+    ("tcp_get_c50_req_s", "TCP port: redis GET/s, 50 conns", True),
+    ("tcp_set_c50_req_s", "TCP port: redis SET/s, 50 conns", True),
+    ("tcp_ping_p50_ms", "TCP port: PING p50 ms, 1 conn", False),
+    ("tcp_ping_p99_ms", "TCP port: PING p99 ms, 1 conn", False),
 ]
 
 
@@ -539,10 +630,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
     options = parser.parse_args()
     if options.smoke:
-        plan = Plan(duration=1.0, repeats=3, download_rounds=1, load_rounds=2)
+        plan = Plan(duration=1.0, repeats=3, download_rounds=1, load_rounds=2, redis_requests=2000)
     else:
         plan = Plan(
-            options.duration, repeats=21, download_rounds=7, load_rounds=options.load_rounds
+            options.duration,
+            repeats=21,
+            download_rounds=7,
+            load_rounds=options.load_rounds,
+            redis_requests=20_000,
         )
     results = measure(plan)
     print(table(results))

@@ -23,6 +23,13 @@ FIGURES = (
     "download_4x_best_mb_s",
     "new_connection_ms",
 )
+TCP_FIGURES = (
+    "tcp_get_c1_req_s",
+    "tcp_get_c50_req_s",
+    "tcp_set_c50_req_s",
+    "tcp_ping_p50_ms",
+    "tcp_ping_p99_ms",
+)
 
 
 @pytest.mark.integration
@@ -35,6 +42,11 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
             assert math.isfinite(value), (path, name)
             assert value > 0, (path, name)
         assert figures["paths"][path]["c64_non_2xx"] == 0, path
+    for path in PATHS:  # redis-benchmark through each path; petit's is a raw TCP port
+        for name in TCP_FIGURES:
+            value = figures["paths"][path][name]
+            assert math.isfinite(value), (path, name)
+            assert value > 0, (path, name)
     for path in ("ssh -R", "petit"):  # the long-link row: through the delay relay
         assert figures["paths"][path]["wan_download_mb_s"] > 0, path
     assert math.isnan(figures["paths"]["direct"]["wan_download_mb_s"])
