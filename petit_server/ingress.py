@@ -52,6 +52,9 @@ HOP_BY_HOP: Final = frozenset(
         b"expect",
     }
 )
+# End-to-end fields a Connection header may not make us drop: without them the request
+# could not be routed or framed (a caller naming them only tries to desync us).
+_NEVER_HOP_BY_HOP: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]*)?", re.IGNORECASE)
 
 
@@ -225,7 +228,18 @@ class IngressConnection:
         if b"transfer-encoding" in names and b"content-length" in names:
             await self._send_simple(400, b"both Content-Length and Transfer-Encoding")
             return
-        host = _host_header(request)
+        if request.method == b"CONNECT":  # h11 would switch protocols: nothing to pass on
+            await self._discard_request_body()
+            await self._send_simple(405, b"CONNECT is not served here: petit is no forward proxy")
+            return
+        if _connection_tokens(headers) & _NEVER_HOP_BY_HOP:
+            await self._send_simple(400, b"Connection may not name Host or the message framing")
+            return
+        try:
+            host, target = _authority_and_target(request)
+        except ValueError as exc:
+            await self._send_simple(400, str(exc).encode())
+            return
         registration_id = self._routing.route(host)
         if registration_id is None:
             await self._refuse(404)
@@ -238,7 +252,7 @@ class IngressConnection:
         bad_body: h11.RemoteProtocolError | None = None
         try:
             upstream = await self._upstream_for(registration_id)
-            await self._proxy(request, upstream, host)
+            await self._proxy(request, upstream, host, target)
         except _UpstreamFailedError as failure:
             await self._drop_upstream()
             await self._refuse(failure.status)
@@ -274,10 +288,12 @@ class IngressConnection:
             await self._upstream.stream.aclose()
             self._upstream = None
 
-    async def _proxy(self, request: h11.Request, upstream: _Upstream, host: str) -> None:
+    async def _proxy(
+        self, request: h11.Request, upstream: _Upstream, host: str, target: bytes
+    ) -> None:
         forwarded = h11.Request(
             method=request.method,
-            target=request.target,
+            target=target,
             headers=self._upstream_headers(request, host),
         )
         try:
@@ -305,12 +321,14 @@ class IngressConnection:
     def _upstream_headers(self, request: h11.Request, host: str) -> list[tuple[bytes, bytes]]:
         named_in_connection = _connection_tokens(request.headers)
         headers = [
-            (name, value)
+            (name, value if name != b"host" else host.encode("latin-1"))
             for name, value in request.headers
             if name not in HOP_BY_HOP
             and name not in named_in_connection
             and not name.startswith(b"x-forwarded-")
         ]
+        if not any(name == b"host" for name, _ in headers):  # HTTP/1.0, absolute-form
+            headers.insert(0, (b"host", host.encode("latin-1")))
         if any(n == b"transfer-encoding" for n, _ in request.headers):
             headers.append((b"transfer-encoding", b"chunked"))
         prior = [v for n, v in request.headers if n == b"x-forwarded-for"]
@@ -473,6 +491,27 @@ def _has_body(request: h11.Request) -> bool:
 
 def _host_header(request: h11.Request) -> str:
     return next((value.decode("latin-1") for name, value in request.headers if name == b"host"), "")
+
+
+def _authority_and_target(request: h11.Request) -> tuple[str, bytes]:
+    """The authority that routes the request and the origin-form target to pass on.
+
+    RFC 9112 3.2.2: with an absolute-form target (``GET http://a.example/x``) the target's
+    authority wins over the Host header. The backend always gets origin-form and, as Host,
+    the authority that routed the request, so no target can pick another virtual host
+    behind the same registration. ValueError (400) for an authority with user info.
+    """
+    target = request.target
+    scheme, separator, rest = target.partition(b"://")
+    if not separator or scheme.lower() not in (b"http", b"https"):
+        return _host_header(request), target
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority or not authority:
+        raise ValueError("an absolute-form target needs a host and no user info")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority.decode("latin-1"), path
 
 
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:

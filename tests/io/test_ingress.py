@@ -366,3 +366,63 @@ async def test_pipelined_requests_each_count_their_own_bytes() -> None:
     assert usage is not None
     assert usage.of("1001").bytes_in == len(first)
     assert usage.of("1002").bytes_in == len(second)
+
+
+async def raw_exchange(site: Site, nursery: trio.Nursery, request: bytes) -> bytes:
+    """Send raw bytes on a new public connection; all the ingress answers until it closes."""
+    stream = await connect(nursery, site)
+    await stream.send_all(request)
+    received = bytearray()
+    while chunk := await stream.receive_some():
+        received += chunk
+    return bytes(received)
+
+
+async def test_an_absolute_form_target_routes_by_its_own_authority() -> None:
+    """RFC 9112: the target's authority wins over Host; the backend gets origin-form and the
+    authority that routed it, so a target cannot pick another virtual host behind 1001."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = Caller(await connect(nursery, site))
+            response, _ = await caller.request(
+                "1001.localhost", b"http://1002.localhost:8090/secret?x=1"
+            )
+            assert response.status_code == 200
+            (seen,) = site.all_seen
+            assert (seen.backend, seen.path) == ("B", b"/secret?x=1")
+            assert seen.header(b"host") == [b"1002.localhost:8090"]
+            assert seen.header(b"x-forwarded-host") == [b"1002.localhost:8090"]
+            response, _ = await caller.request("1001.localhost", b"http://internal-admin.corp/x")
+            assert response.status_code == 404
+            assert len(site.all_seen) == 1
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"CONNECT 1001.localhost:443 HTTP/1.1\r\nHost: 1001.localhost:443\r\n\r\n", b"405"),
+        (b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\nConnection: host\r\n\r\n", b"400"),
+        (
+            b"POST / HTTP/1.1\r\nHost: 1001.localhost\r\nContent-Length: 2\r\n"
+            b"Connection: content-length\r\n\r\nhi",
+            b"400",
+        ),
+        (b"GET http://user@1001.localhost/ HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n", b"400"),
+    ],
+    ids=["connect", "connection-host", "connection-content-length", "userinfo"],
+)
+async def test_requests_we_cannot_pass_on_faithfully_get_a_4xx(
+    request_bytes: bytes, status: bytes
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            answer = await raw_exchange(site, nursery, request_bytes)
+            assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
+            assert site.all_seen == []
+            # and the ingress still serves the next caller
+            response, _ = await Caller(await connect(nursery, site)).request("1001.localhost")
+            assert response.status_code == 200
+            nursery.cancel_scope.cancel()
