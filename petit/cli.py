@@ -27,7 +27,7 @@ import trio
 from petit.control import ControlError, send_control
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
-from petit.logs import LogSettings, configure_daemon_logging
+from petit.logs import LOG_FILE_MODE, LogSettings, configure_daemon_logging
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
@@ -160,7 +160,9 @@ def start_in_background(argv: list[str], directory: Path, name: str, log_file: P
     crash). If the daemon exits first, the last line there becomes the error.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+    os.fchmod(fd, LOG_FILE_MODE)  # a crash's traceback is a log like any other: owner only
+    with open(fd, "ab") as log:
         before = log.tell()  # what earlier runs left there is not this run's reason
         process = subprocess.Popen(
             argv,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import getpass
+import io
 import json
 import logging
 import logging.handlers
@@ -97,10 +98,27 @@ def log_keys(settings: LogSettings) -> dict[str, object]:
     }
 
 
+LOG_FILE_MODE = 0o600  # daemon and audit logs: their owner only
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Log files readable by their owner only (0600): logs name callers, IDs and errors.
+
+    Each file is created with that mode (no world-readable instant before a chmod), an
+    existing one is narrowed to it, and rotation renames files, so backups keep it.
+    """
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, LOG_FILE_MODE)
+        os.fchmod(fd, LOG_FILE_MODE)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def rotating_json_handler(path: Path, settings: LogSettings) -> logging.Handler:
     """A JSON-lines file rotated at ``max_bytes`` keeping ``backups`` old files (.1 newest)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
+    handler = PrivateRotatingFileHandler(
         path, maxBytes=settings.max_bytes, backupCount=settings.backups, encoding="utf-8"
     )
     handler.setFormatter(JsonFormatter())

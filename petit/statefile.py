@@ -7,6 +7,7 @@ mode: it is never world-readable, not even for the instant before a chmod.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -31,6 +32,17 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             temp_path.unlink()
         raise
     _fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files a killed writer of ``path`` left behind.
+
+    Call it only while holding the lock that guards writes to ``path`` (no writer is running
+    then): each is a partial copy that never became ``path``.
+    """
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
 
 
 def write_json_atomic(path: Path, obj: object, *, mode: int = 0o600) -> None:

@@ -42,6 +42,7 @@ from petit_server.usage import RegistrationUsage, UsageStore
 FIRST_ID = 1001
 FORMAT_VERSION = 1
 ENROLLMENT_PREFIX = "pt_"
+LAST_PORT = 65535  # registrations' TCP ports run from [server] firstPort up to this
 CLAIM_PREFIX = "pc_"  # a token bound to one registration that awaits its key (see importer)
 SERVER_ACTOR = "server"  # who changed the registry, in audit records, unless the caller says
 MAX_NOTE = 200  # characters
@@ -282,11 +283,17 @@ class FileRegistry(RegistryView):
             raise ConfigError(f"{where}: 'registrations' and 'next_id' are required")
         if not isinstance(tokens, dict):
             raise ConfigError(f"{where}: 'tokens' must be an object")
+        owners: dict[int, str] = {}
         for rid, entry in entries.items():
             try:
-                self._registrations[rid] = registration_from_json(rid, entry)
+                self._registrations[rid] = registration = registration_from_json(rid, entry)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: registration {rid} is malformed ({exc})") from None
+            if (owner := owners.setdefault(registration.port, rid)) != rid:
+                raise ConfigError(
+                    f"{where}: registrations {owner} and {rid} both have port "
+                    f"{registration.port}: give one of them a free port"
+                )
         for token_id, entry in tokens.items():
             try:
                 self._tokens[token_id] = token_from_json(token_id, entry)
@@ -370,9 +377,12 @@ class FileRegistry(RegistryView):
         if enrollment is not None and enrollment.for_id is not None:
             return self._claim(enrollment, public_key, vitae, actor)
         used_ports = {r.port for r in self._registrations.values()}
-        port = self._first_port
-        while port in used_ports:
-            port += 1
+        port = next((p for p in range(self._first_port, LAST_PORT + 1) if p not in used_ports), 0)
+        if not port:
+            raise RegistryError(
+                f"no TCP port is free from firstPort {self._first_port} to {LAST_PORT}: "
+                "unregister unused registrations or lower [server] firstPort"
+            )
         registration = Registration(
             registration_id=str(self._next_id),
             public_key=public_key,
@@ -816,10 +826,13 @@ def registration_from_json(rid: str, entry: object) -> Registration:
     aliases = entry.get("aliases", [])
     if not isinstance(vitae, dict) or not isinstance(aliases, list):
         raise TypeError("vitae must be an object and aliases a list")
+    port = int(entry["port"])
+    if not 1 <= port <= LAST_PORT:
+        raise ValueError(f"port {port} is not a TCP port (1-{LAST_PORT})")
     return Registration(
         registration_id=rid,
         public_key=public_key,
-        port=int(entry["port"]),
+        port=port,
         created=float(entry.get("created", 0.0)),
         vitae={str(k): str(v) for k, v in vitae.items()},
         aliases=[str(a) for a in aliases],

@@ -25,6 +25,7 @@ from petit.httpapi import serve_api
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
+from petit.statefile import remove_stale_temporaries
 from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
 from petit_server.admin import AdminApi, AdminSources
 from petit_server.cluster import Cluster
@@ -143,7 +144,10 @@ class ServerService:
         config = self.config
         self._stop = stop
         # Read again now that we hold the lock: an offline edit may have landed since __init__.
-        # (Redis: read by the registry's run task, in a worker thread, below.)
+        # (Redis: read by the registry's run task, in a worker thread, below.) With the lock
+        # held no writer runs, so temporaries a killed server left are partial copies: gone.
+        if config.registry_backend == "file":
+            remove_stale_temporaries(config.registry_file)
         self.registry = open_registry(config, load=False, on_removed=self.hub.forget)
         ssl_context = server_ssl_context(config.certificate, config.key)
         fingerprint = certificate_fingerprint(pem_to_der(config.certificate.read_bytes()))

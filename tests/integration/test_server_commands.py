@@ -258,3 +258,16 @@ async def test_unregistered_id_stops_routing_at_once(
 
     await wait_until(session_ended, 5, what="the unregistered client's session to end")
     assert (await other.control_status())["status"] != "connected"
+
+
+async def test_a_started_server_removes_the_temporaries_a_killed_one_left(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(start=False)
+    stale = server.registry.with_name(f".{server.registry.name}.0123456789abcdef.tmp")
+    stale.write_text('{"half a regis')
+    await server.start()
+    assert not stale.exists()
+    assert json.loads(server.registry.read_text())["version"] == 1
+    for log in (server.directory / "logs").iterdir():  # logs name callers and IDs: owner only
+        assert log.stat().st_mode & 0o777 == 0o600, log

@@ -85,6 +85,7 @@ def test_rotation_keeps_the_configured_number_of_files_under_the_size(tmp_path: 
     assert names == ["a.log", "a.log.1", "a.log.2", "a.log.3"]
     for path in tmp_path.iterdir():
         assert path.stat().st_size <= 2048
+        assert path.stat().st_mode & 0o777 == 0o600, path  # logs name callers and IDs
     assert lines(tmp_path / "a.log")[-1]["message"] == "line 399"
 
 
@@ -119,3 +120,13 @@ def test_the_foreground_also_logs_to_stderr_in_the_chosen_format(
     else:
         assert line.endswith(" INFO petit.server: ready on 8090"), line
     assert lines(settings.file)[0]["message"] == "ready on 8090"  # the file is JSON either way
+
+
+def test_an_existing_world_readable_log_is_narrowed_to_its_owner(tmp_path: Path) -> None:
+    path = tmp_path / "old.log"
+    path.write_text("from before\n")
+    path.chmod(0o644)
+    settings = LogSettings(file=path, audit_file=tmp_path / "b.log")
+    rotating_json_handler(path, settings).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == "from before\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -88,3 +89,16 @@ def test_non_utf8_file_is_reported_as_corrupt(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^registry .*missing\.json does not exist$"):
         statefile.read_json(tmp_path / "missing.json", what="registry")
+
+
+def test_stale_temporaries_of_one_file_are_removed_and_no_others(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    statefile.write_json_atomic(path, {"kept": True})
+    stale = tmp_path / ".registry.json.0123456789abcdef.tmp"
+    stale.write_text('{"half a regis')
+    other = tmp_path / ".other.json.0123456789abcdef.tmp"
+    other.write_text("not ours")
+    statefile.remove_stale_temporaries(path)
+    assert not stale.exists()
+    assert other.exists()
+    assert json.loads(path.read_text()) == {"kept": True}

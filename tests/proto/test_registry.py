@@ -9,7 +9,7 @@ import pytest
 
 import petit_server.registry
 from petit.errors import ConfigError
-from petit_server.registry import FileRegistry
+from petit_server.registry import LAST_PORT, FileRegistry, RegistryError
 
 FIRST_PORT = 20000
 
@@ -89,6 +89,8 @@ def _with_entry(**changes: object) -> str:
         _with_entry(public_key="zz"),
         _with_entry(public_key=key(1).hex()[:-2]),
         _with_entry(port="eleven"),
+        _with_entry(port=99999),
+        _with_entry(port=0),
         _with_entry(vitae=["x"]),
         json.dumps({**valid_document(), "registrations": {"0001": {}}}),
     ],
@@ -165,3 +167,24 @@ async def test_failed_unregister_changes_nothing(
 )
 def test_redis_urls_are_shown_without_their_passwords(url: str, shown: str) -> None:
     assert petit_server.registry.redacted_url(url) == shown
+
+
+def test_two_registrations_with_one_port_are_refused_naming_both(path: Path) -> None:
+    document = valid_document()
+    document["registrations"]["1002"] = {"public_key": key(2).hex(), "port": FIRST_PORT}  # type: ignore[index]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=f"1001 and 1002 both have port {FIRST_PORT}"):
+        FileRegistry(path, first_port=FIRST_PORT)
+
+
+async def test_ports_never_leave_their_range(path: Path) -> None:
+    registry = FileRegistry(path, first_port=LAST_PORT - 1)
+    assert [(await registry.register(key(n), {})).port for n in (1, 2)] == [
+        LAST_PORT - 1,
+        LAST_PORT,
+    ]
+    with pytest.raises(RegistryError, match="no TCP port is free from firstPort"):
+        await registry.register(key(3), {})
+    assert len(registry.all()) == 2
+    await registry.unregister(registry.all()[0].registration_id)
+    assert (await registry.register(key(4), {})).port == LAST_PORT - 1  # a freed port is reused
