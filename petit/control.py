@@ -4,6 +4,12 @@ The wire format is the original product's, so existing scripts keep working:
 ``echo -ne "STOP\\x03" | nc 127.0.0.1 3016``. A command ends at ETX (0x03), or at EOF for
 clients that close without one. Every peer read has a deadline and a size limit, and a
 failing handler costs only its own connection, never the server.
+
+Who may command: a peer in the allow list; and a peer on loopback only if its socket belongs
+to the daemon's own user or root. On Linux the kernel's socket table (/proc/net/tcp, tcp6)
+names the uid that owns the peer's end of a loopback connection, so any other local user
+(``nobody``) gets one refusal line. The handler learns who commanded (``actor``), for the
+audit trail.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,8 +36,11 @@ REPLY_TIMEOUT: Final = 10.0  # seconds a peer gets to take the reply
 LINGER_TIMEOUT: Final = 1.0  # seconds we read leftovers, so closing does not reset the reply
 MAX_LINGER_BYTES: Final = 64 * 1024
 
-Handler: TypeAlias = Callable[[str, list[str]], Awaitable[dict[str, object]]]
-"""(verb upper-cased, arguments) -> the JSON reply. Unknown verbs are the handler's to reject."""
+Handler: TypeAlias = Callable[[str, list[str], str], Awaitable[dict[str, object]]]
+"""(verb upper-cased, arguments, actor) -> the JSON reply. The actor says who commanded
+(``control:uid=0``, or ``control:ADDRESS`` for a peer not on loopback). Unknown verbs are the
+handler's to reject."""
+PROC_NET_TCP: Final = ("/proc/net/tcp", "/proc/net/tcp6")
 
 _Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -133,10 +144,23 @@ async def _serve_connection(
 async def _reply_to_peer(
     handler: Handler, networks: list[_Network], stream: trio.SocketStream
 ) -> bytes:
-    peer = _normalise_address(stream.socket.getpeername()[0])
+    peer_name = stream.socket.getpeername()
+    peer = _normalise_address(peer_name[0])
     if not any(peer in network for network in networks):
         logger.warning("control connection from %s refused: not in the allow list", peer)
         return _encode_error(f"not allowed from {peer}")
+    actor = f"control:{peer}"
+    if peer.is_loopback:
+        ours = stream.socket.getsockname()
+        uid = await trio.to_thread.run_sync(
+            loopback_peer_uid, (peer_name[0], peer_name[1]), (ours[0], ours[1])
+        )
+        if uid is not None and uid not in (0, os.geteuid()):
+            logger.warning("control connection from uid %d refused: not this daemon's user", uid)
+            return _encode_error(
+                f"only uid {os.geteuid()} (this daemon's user) and root may use the control port"
+            )
+        actor = f"control:uid={uid}" if uid is not None else actor
     command = await _receive_command(stream)
     if isinstance(command, _Rejected):
         return _encode_error(command.reason)
@@ -149,7 +173,7 @@ async def _reply_to_peer(
         return _encode_error("empty command")
     verb, args = words[0].upper(), words[1:]
     try:
-        return json.dumps(await handler(verb, args)).encode("utf-8")
+        return json.dumps(await handler(verb, args, actor)).encode("utf-8")
     except Exception:
         logger.exception("control command %s from %s failed", verb, peer)
         return _encode_error("internal error")
@@ -203,6 +227,40 @@ async def _receive_until_eof(stream: trio.SocketStream, limit: int) -> bytes | N
         if len(buffer) > limit:
             return None
     return bytes(buffer)
+
+
+def loopback_peer_uid(peer: tuple[str, int], ours: tuple[str, int]) -> int | None:
+    """The uid owning the peer's end of a loopback TCP connection to ``ours``.
+
+    Found in the kernel's socket tables (Linux): the entry whose local address is the peer's
+    and whose remote address is ours. None where there are no such tables (not Linux); -1,
+    which no user has, when they exist but hold no such entry (the peer already closed).
+    """
+    wanted_local = _proc_forms(*peer)
+    wanted_remote = _proc_forms(*ours)
+    tables = [path for path in PROC_NET_TCP if os.path.exists(path)]
+    if not tables:
+        return None
+    for path in tables:
+        with open(path) as table:
+            next(table, None)  # the column names
+            for line in table:
+                fields = line.split()
+                if fields[1] in wanted_local and fields[2] in wanted_remote:
+                    return int(fields[7])
+    return -1
+
+
+def _proc_forms(host: str, port: int) -> set[str]:
+    """How /proc/net/tcp{,6} write an address: 32-bit words in host order, hex, ``:PORT``."""
+    address = _normalise_address(host)
+    v4 = address if isinstance(address, ipaddress.IPv4Address) else None
+    v6 = address if v4 is None else ipaddress.IPv6Address(f"::ffff:{v4}")
+    words = [v6.packed[i : i + 4] for i in range(0, 16, 4)]
+    forms = {"".join(f"{int.from_bytes(w, sys.byteorder):08X}" for w in words) + f":{port:04X}"}
+    if v4 is not None:
+        forms.add(f"{int.from_bytes(v4.packed, sys.byteorder):08X}:{port:04X}")
+    return forms
 
 
 def _encode_error(message: str) -> bytes:

@@ -165,9 +165,11 @@ class ClientService:
         failed = [link for link in self._links if link.last_error_at is not None]
         return max(failed, key=lambda link: link.last_error_at or 0, default=None)
 
-    async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
-        """The control port's commands: STOP, STATUS, PING, LOG [LEVEL], RELOAD."""
+    async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
+        """The control port's commands: STOP, STATUS, PING, LOG [LEVEL], RELOAD. ``actor``
+        says who commanded (logged for STOP)."""
         if verb == "STOP":
+            log.info("STOP from %s", actor)
             self._stop.set()
             return {"success": True, "status": "stopping"}
         if verb == "STATUS":

@@ -73,10 +73,12 @@ class ServerService:
         )
         self._stop = trio.Event()
 
-    async def handle_control(self, verb: str, args: list[str]) -> dict[str, object]:
+    async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
         """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
-        (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs."""
+        (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs.
+        ``actor`` (who commanded) goes to the log and the audit trail."""
         if verb == "STOP":
+            log.info("STOP from %s", actor)
             self._stop.set()
             return {"success": True, "status": "stopping"}
         if verb == "PING":
@@ -85,7 +87,7 @@ class ServerService:
             return self.status(args[0] if args else None)
         if verb == "LOG":
             return set_level(args[0].lower() if args else "debug")
-        reply = await apply_command(self.registry, verb, args, actor="control")
+        reply = await apply_command(self.registry, verb, args, actor=actor)
         if reply is None:
             return {"success": False, "error": f"unknown command {verb}"}
         return reply

@@ -149,7 +149,7 @@ async def reply_to(port: int, data: bytes) -> bytes:
         return bytes(reply)
 
 
-async def echo_verb(verb: str, args: list[str]) -> dict[str, object]:
+async def echo_verb(verb: str, args: list[str], actor: str) -> dict[str, object]:
     return {"success": True, "verb": verb, "args": args}
 
 
@@ -165,7 +165,8 @@ def control_exchange(inputs: list[bytes]) -> None:
                 for data in inputs:
                     reply = await reply_to(port, data)
                     assert isinstance(json.loads(reply), dict), reply
-                assert await send_control("127.0.0.1", port, "PING") == await echo_verb("PING", [])
+                pong = await send_control("127.0.0.1", port, "PING")
+                assert pong == {"success": True, "verb": "PING", "args": []}
             nursery.cancel_scope.cancel()
 
     trio.run(main)

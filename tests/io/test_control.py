@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -22,9 +24,11 @@ class RecordingHandler:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
+        self.actors: list[str] = []
 
-    async def __call__(self, verb: str, args: list[str]) -> dict[str, object]:
+    async def __call__(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
         self.calls.append((verb, args))
+        self.actors.append(actor)
         if verb == "BOOM":
             raise RuntimeError("handler bug")
         return {"success": True, "verb": verb, "args": args}
@@ -218,3 +222,57 @@ async def test_netcat_stop(port: int, handler: RecordingHandler) -> None:
         )
 
     assert json.loads(result.stdout) == {"success": True, "verb": "STOP", "args": []}
+
+
+# Who may command.
+
+
+async def test_the_handler_learns_the_commanding_uid(port: int, handler: RecordingHandler) -> None:
+    with trio.fail_after(10):
+        await exchange(port, b"PING\x03")
+    expected = f"control:uid={os.geteuid()}" if Path("/proc/net/tcp").exists() else "control:"
+    assert handler.actors[0].startswith(expected)
+
+
+SETPRIV = shutil.which("setpriv")
+NC = shutil.which("nc")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or SETPRIV is None or NC is None or not Path("/proc/net/tcp").exists(),
+    reason="needs root, setpriv and nc on Linux to act as another local user",
+)
+async def test_another_local_user_gets_one_refusal_line(
+    port: int, handler: RecordingHandler
+) -> None:
+    """As ``nobody``: STOP (or anything) is refused and never reaches the handler."""
+    assert SETPRIV is not None
+    assert NC is not None
+    argv = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", NC, "-N"]
+    with trio.fail_after(10):
+        result = await trio.run_process(
+            [*argv, "127.0.0.1", str(port)], stdin=b"STOP\x03", capture_stdout=True
+        )
+    reply = json.loads(result.stdout)
+    assert reply == {
+        "success": False,
+        "error": "only uid 0 (this daemon's user) and root may use the control port",
+    }
+    assert result.stdout.count(b"\n") <= 1
+    assert handler.calls == []
+
+
+def test_the_peer_of_a_loopback_connection_is_found_in_the_socket_table() -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp: not Linux")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as peer:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert control.loopback_peer_uid(peer.getsockname(), accepted.getsockname()) == (
+                    os.geteuid()
+                )
+                stranger = ("127.0.0.1", 1)  # nobody's socket
+                assert control.loopback_peer_uid(stranger, accepted.getsockname()) == -1
