@@ -44,6 +44,7 @@ class ServerConfig:
     listen_addr: str = "127.0.0.1"
     listen_port: int = 3016
     listen_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For/Forwarded we keep
     registry_file: Path
     certificate: Path
     key: Path
@@ -103,6 +104,7 @@ def load_server_config(path: Path) -> ServerConfig:
         listen_addr=server.string("listenAddr", "127.0.0.1"),
         listen_port=server.port("listenPort", 3016),
         listen_allow=tuple(server.string_list("listenAllow", ["127.0.0.1", "::1"])),
+        trusted_proxies=tuple(_networks(server.string_list("trustedProxies", []))),
         registry_file=server.path("registryfile", "./registry.json"),
         certificate=server.path("certificate", "./certificates/server.crt"),
         key=server.path("key", "./certificates/server.key"),
@@ -218,6 +220,9 @@ proxyPort = 8090
 listenAddr = "127.0.0.1"
 listenPort = 3016
 listenAllow = ["127.0.0.1", "::1"]
+# Load balancers in front of the ingress (CIDRs): their X-Forwarded-For is kept and extended.
+# Anyone else's X-Forwarded-*, Forwarded, X-Real-IP and True-Client-IP are replaced by ours.
+trustedProxies = []
 # Registrations (IDs, public keys, ports, aliases) and hashed enrollment tokens, written
 # atomically.
 registryfile = "./registry.json"
@@ -273,3 +278,15 @@ backend = "file"
 # url = "redis://127.0.0.1:6379/0"
 # prefix = "petit:"
 """
+
+
+def _networks(entries: list[str]) -> list[str]:
+    """``trustedProxies`` as given, each checked to be an IP address or a CIDR network."""
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"[server] trustedProxies entry {entry!r} is not an IP address or CIDR network"
+            ) from None
+    return [entry.strip() for entry in entries]

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
@@ -55,7 +56,11 @@ HOP_BY_HOP: Final = frozenset(
 # End-to-end fields a Connection header may not make us drop: without them the request
 # could not be routed or framed (a caller naming them only tries to desync us).
 _NEVER_HOP_BY_HOP: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
-_HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]*)?", re.IGNORECASE)
+# Who the caller is, as a proxy says it: only a trusted proxy's are kept (X-Forwarded-* too).
+_FORWARDING_HEADERS: Final = frozenset(
+    {b"forwarded", b"x-real-ip", b"true-client-ip", b"x-client-ip", b"client-ip"}
+)
+_HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?", re.IGNORECASE)
 
 
 def registration_id_for_host(host: str) -> str | None:
@@ -83,6 +88,9 @@ class Routing:
     response_timeout: float = 60.0
     idle_timeout: float = 75.0
     usage: UsageStore | None = None  # where each routed request's usage is recorded
+    # Peers whose forwarding headers we keep and extend (load balancers); everyone else's
+    # are replaced by ours.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 class _Upstream:
@@ -147,6 +155,7 @@ class IngressConnection:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
         self._meter = RequestMeter(routing.usage)
+        self._peer_trusted = _is_in(peer_ip, routing.trusted_proxies)
 
     async def run(self) -> None:
         """Serve requests until the connection should close."""
@@ -240,6 +249,9 @@ class IngressConnection:
         except ValueError as exc:
             await self._send_simple(400, str(exc).encode())
             return
+        if not valid_authority(host):
+            await self._send_simple(400, b"invalid Host: a host name or [IPv6], and a port")
+            return
         registration_id = self._routing.route(host)
         if registration_id is None:
             await self._refuse(404)
@@ -320,23 +332,29 @@ class IngressConnection:
 
     def _upstream_headers(self, request: h11.Request, host: str) -> list[tuple[bytes, bytes]]:
         named_in_connection = _connection_tokens(request.headers)
+        keep_forwarding = self._peer_trusted
         headers = [
             (name, value if name != b"host" else host.encode("latin-1"))
             for name, value in request.headers
             if name not in HOP_BY_HOP
             and name not in named_in_connection
-            and not name.startswith(b"x-forwarded-")
+            and (keep_forwarding or not _is_forwarding(name))
+            and name not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
         ]
         if not any(name == b"host" for name, _ in headers):  # HTTP/1.0, absolute-form
             headers.insert(0, (b"host", host.encode("latin-1")))
         if any(n == b"transfer-encoding" for n, _ in request.headers):
             headers.append((b"transfer-encoding", b"chunked"))
-        prior = [v for n, v in request.headers if n == b"x-forwarded-for"]
+        prior = (
+            [v for n, v in request.headers if n == b"x-forwarded-for"] if keep_forwarding else []
+        )
         chain = b", ".join([*prior, self._peer_ip.encode()])
+        proto = _first(request.headers, b"x-forwarded-proto") if keep_forwarding else None
+        forwarded_host = _first(request.headers, b"x-forwarded-host") if keep_forwarding else None
         headers += [
             (b"x-forwarded-for", chain),
-            (b"x-forwarded-proto", self._proto.encode()),
-            (b"x-forwarded-host", host.encode("latin-1")),
+            (b"x-forwarded-proto", proto or self._proto.encode()),
+            (b"x-forwarded-host", forwarded_host or host.encode("latin-1")),
         ]
         return headers
 
@@ -468,6 +486,17 @@ class IngressConnection:
             return
 
 
+def valid_authority(host: str) -> bool:
+    """Whether a Host (or an absolute target's authority) is a host name of at most 253
+    characters or a bracketed IPv6 literal, with at most a port in 0-65535. Anything else
+    (user info, a path, bytes beyond ASCII) would be echoed upstream as X-Forwarded-Host."""
+    match = _HOST_HEADER.fullmatch(host)
+    if match is None or len(match["name"]) > 253:
+        return False
+    port = host[match.end("name") + 1 :]
+    return not port or int(port) <= 65535
+
+
 def https_location(host: str, port: int, target: bytes) -> bytes | None:
     """The redirect target of a plain request: same host (its port dropped) and target on
     HTTPS ``port``; None if the Host header is no hostname or IP literal."""
@@ -512,6 +541,27 @@ def _authority_and_target(request: h11.Request) -> tuple[str, bytes]:
     if not path.startswith(b"/"):
         path = b"/" + path
     return authority.decode("latin-1"), path
+
+
+def _is_forwarding(name: bytes) -> bool:
+    """Whether a header says who the caller is or how it came (underscore spellings too,
+    which some servers read as the dashed ones)."""
+    name = name.replace(b"_", b"-")
+    return name.startswith(b"x-forwarded-") or name in _FORWARDING_HEADERS
+
+
+def _first(headers: Sequence[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+    return next((value for name, value in headers if name == wanted), None)
+
+
+def _is_in(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:

@@ -8,6 +8,7 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import time
@@ -163,6 +164,9 @@ class ServerService:
             header_timeout=config.header_timeout,
             response_timeout=config.response_timeout,
             usage=self.usage,
+            trusted_proxies=tuple(
+                ipaddress.ip_network(cidr, strict=False) for cidr in config.trusted_proxies
+            ),
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:

@@ -7,6 +7,8 @@ speaks HTTP/1.1 itself (h11) over the tunnel stream, standing in for the private
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -305,21 +307,69 @@ async def test_forwarded_headers_are_added_and_hop_by_hop_headers_stripped() -> 
                     (b"foo", b"hop"),
                     (b"keep-alive", b"timeout=5"),
                     (b"te", b"trailers"),
-                    (b"x-forwarded-for", b"198.51.100.7"),
-                    (b"x-forwarded-host", b"spoofed.example"),
-                    (b"x-forwarded-proto", b"https"),
+                    *SPOOFED,
                     (b"x-custom", b"kept"),
                 ],
             )
             assert response.status_code == 200
             (seen,) = site.all_seen
-            assert seen.header(b"x-forwarded-for") == [b"198.51.100.7, " + PEER_IP.encode()]
+            # The caller is not a trusted proxy: what it says of itself is replaced by ours.
+            assert seen.header(b"x-forwarded-for") == [PEER_IP.encode()]
             assert seen.header(b"x-forwarded-proto") == [b"http"]
             assert seen.header(b"x-forwarded-host") == [b"1001-shop.example.com"]
             assert seen.header(b"host") == [b"1001-shop.example.com"]
             assert seen.header(b"x-custom") == [b"kept"]
             for hop in (b"connection", b"foo", b"keep-alive", b"te"):
                 assert seen.header(hop) == [], hop
+            for name, _ in SPOOFED[3:]:
+                assert seen.header(name) == [], name
+            nursery.cancel_scope.cancel()
+
+
+SPOOFED = [
+    (b"x-forwarded-for", b"198.51.100.7"),
+    (b"x-forwarded-host", b"spoofed.example"),
+    (b"x-forwarded-proto", b"https"),
+    (b"forwarded", b"for=198.51.100.7;proto=https"),
+    (b"x-real-ip", b"198.51.100.7"),
+    (b"true-client-ip", b"198.51.100.7"),
+    (b"x_forwarded_for", b"198.51.100.7"),
+    (b"x-forwarded-port", b"443"),
+]
+
+
+async def test_a_trusted_proxys_forwarding_headers_are_kept_and_extended() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            trusted = ipaddress.ip_network("203.0.113.0/24")  # PEER_IP's
+            site = Site(
+                dataclasses.replace(site.routing, trusted_proxies=(trusted,)), site.backends
+            )
+            caller = Caller(await connect(nursery, site))
+            response, _ = await caller.request("1001.localhost", headers=SPOOFED)
+            assert response.status_code == 200
+            (seen,) = site.all_seen
+            assert seen.header(b"x-forwarded-for") == [b"198.51.100.7, " + PEER_IP.encode()]
+            assert seen.header(b"x-forwarded-proto") == [b"https"]
+            assert seen.header(b"x-forwarded-host") == [b"spoofed.example"]
+            assert seen.header(b"forwarded") == [b"for=198.51.100.7;proto=https"]
+            assert seen.header(b"x-real-ip") == [b"198.51.100.7"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"1001.localhost@evil", b"1001.localhost/evil", b"1001.localhost:99999", b"", b"a" * 300],
+)
+async def test_an_invalid_host_gets_400_and_reaches_no_backend(host: bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+            answer = await raw_exchange(site, nursery, request)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            assert site.all_seen == []
             nursery.cancel_scope.cancel()
 
 
