@@ -181,6 +181,9 @@ class ServerService:
                     handler_nursery=handlers,
                     max_message_size=MAX_MESSAGE,
                     receive_buffer_size=RECEIVE_BUFFER,
+                    # From TCP accept through TLS and the WebSocket upgrade; the hello then
+                    # has its own handshakeTimeout (gateway).
+                    connect_timeout=config.handshake_timeout,
                 )
                 websocket_server = await _bind(
                     listeners, "tunnel endpoint", "backPort", public, config.back_port, tunnel

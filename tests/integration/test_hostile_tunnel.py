@@ -9,6 +9,7 @@ registry file: ``start`` refuses it in one line and leaves it as it was.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -282,3 +283,23 @@ async def test_a_corrupt_registry_stops_start_with_one_line_and_stays_untouched(
         assert server.registry.read_bytes() == content, f"{name}: the registry was rewritten"
         assert server.running() is None
         assert not (server.directory / "server.lock").exists()
+
+
+@pytest.mark.parametrize("stage", ["nothing", "TLS only"])
+async def test_a_connection_that_never_completes_its_handshake_is_closed_in_time(
+    server_factory: ServerFactory, stage: str
+) -> None:
+    """handshakeTimeout runs from TCP accept: a peer that sends nothing, or stops after TLS
+    (no WebSocket upgrade), is closed within it rather than held for a minute."""
+    timeout = 1.0
+    server = await server_factory(handshakeTimeout=timeout)
+    with trio.fail_after(timeout * 8):
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", server.tunnel_port)
+        if stage == "TLS only":
+            context = client_ssl_context(server.directory / "certificates" / "ca.crt")
+            stream = trio.SSLStream(stream, context, server_hostname="localhost")
+            await stream.do_handshake()
+        async with stream:
+            # Closed without a TLS close_notify is closed all the same.
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await stream.receive_some() == b""
