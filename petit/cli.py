@@ -13,6 +13,7 @@ import enum
 import itertools
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -275,7 +276,9 @@ def start_daemon(
             raise CliError(
                 f"{name.capitalize()} is already running on pid {running.pid}.", ExitCode.RUNNING
             )
-        argv = [sys.executable, "-m", module, "start", "--foreground", "--detached"]
+        # -P: the working directory never goes on the daemon's import path, so a folder
+        # named petit/ where the command runs cannot shadow the installed package.
+        argv = [sys.executable, "-P", "-m", module, "start", "--foreground", "--detached"]
         argv += ["-c", str(config_path)] + (["-v"] if verbose else [])
         info = start_in_background(argv, directory, name, log.file.parent / f"{name}.stderr")
         click.echo(started.format(pid=info.pid))
@@ -283,6 +286,8 @@ def start_daemon(
     with exit_codes():
         configure_daemon_logging(log, verbose=verbose, to_stderr=not detached)
     logger = logging.getLogger("petit")
+    if (raised := raise_open_file_limit()) is not None:
+        logger.info("open-file limit raised from %d to %d", *raised)
     try:
         with exit_codes():
             lock = ProcessLock(directory, name)
@@ -296,6 +301,19 @@ def start_daemon(
         logger.error("%s", exc.format_message())  # the log file says why the daemon ended
         raise
     return None
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise the soft limit on open files to the hard one; (old, new), or None if unchanged.
+
+    Every public connection, tunnel and stream holds descriptors: systemd's soft default of
+    1,024 let 1,100 idle connections starve everyone else, while the hard limit is far higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
 
 
 def detached_option(function: Callable[..., None]) -> Callable[..., None]:

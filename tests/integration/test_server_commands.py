@@ -12,10 +12,13 @@ import re
 from pathlib import Path
 
 import pytest
+import trio
 
 from petit.transport import UNREGISTER_PATH
 from petit_server.registry import ENROLLMENT_REFUSED
 from tests.integration.harness import (
+    CLI_TIMEOUT,
+    PETIT_SERVER,
     UNAVAILABLE,
     ClientFactory,
     PetitClient,
@@ -271,3 +274,29 @@ async def test_a_started_server_removes_the_temporaries_a_killed_one_left(
     assert json.loads(server.registry.read_text())["version"] == 1
     for log in (server.directory / "logs").iterdir():  # logs name callers and IDs: owner only
         assert log.stat().st_mode & 0o777 == 0o600, log
+
+
+async def test_start_works_from_a_directory_holding_a_petit_folder(
+    server_factory: ServerFactory, reaper: Reaper, tmp_path: Path
+) -> None:
+    """The daemon is started without the working directory on its import path."""
+    server = await server_factory(start=False)
+    shadow = tmp_path / "checkout"
+    (shadow / "petit").mkdir(parents=True)
+    (shadow / "petit" / "__init__.py").write_text("raise ImportError('shadowed by ./petit')\n")
+    with trio.fail_after(CLI_TIMEOUT):
+        done = await trio.run_process(
+            [PETIT_SERVER, "start", "-c", server.config],
+            cwd=shadow,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    match = re.search(rb"Server started with pid (\d+)\.", done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert match is not None, done.stdout
+    reaper.track_daemon(int(match[1]))
+    info = server.running()
+    assert info is not None
+    server.adopt(info)
+    await server.stop()
