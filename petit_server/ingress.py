@@ -401,6 +401,13 @@ class IngressConnection:
                 if event.status_code != 100:
                     self._queue_public(outgoing, event)
             elif isinstance(event, h11.Response):
+                names = {name for name, _ in event.headers}
+                if {b"content-length", b"transfer-encoding"} <= names:
+                    log.info(
+                        "%s answered with both Content-Length and Transfer-Encoding: 502",
+                        upstream.registration_id,
+                    )
+                    raise _UpstreamFailedError(502)  # ambiguous framing: relay none of it
                 response = h11.Response(
                     status_code=event.status_code,
                     headers=_response_headers(event.headers),

@@ -476,3 +476,30 @@ async def test_requests_we_cannot_pass_on_faithfully_get_a_4xx(
             response, _ = await Caller(await connect(nursery, site)).request("1001.localhost")
             assert response.status_code == 200
             nursery.cancel_scope.cancel()
+
+
+async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
+    """A response framed two ways could desync the caller: none of it is relayed."""
+
+    async def ambiguous(stream: TunnelStream, target: str) -> None:
+        stream.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some()
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nHTTP/1.1 200 OK\r\n"
+        )
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            hub = Hub()
+            session = (await session_pair(nursery, handler=ambiguous)).server.session
+            hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
+            routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
+            caller = Caller(await connect(nursery, Site(routing, site.backends)))
+            response, body = await caller.request("1001.localhost")
+            assert (response.status_code, body) == (502, UNAVAILABLE_BODY)
+            nursery.cancel_scope.cancel()
