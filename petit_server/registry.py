@@ -641,8 +641,9 @@ def redacted_url(url: str) -> str:
 def route_host(
     host: str, alias_owner: dict[str, str], registrations: dict[str, Registration]
 ) -> str | None:
-    """The routing rule on a registry's data: an alias first, then ``<ID>[-…].<domain>``."""
-    name = host.strip().lower().partition(":")[0]
+    """The routing rule on a registry's data: an alias first, then ``<ID>[-…].<domain>``.
+    A fully qualified name's final dot (``shop.example.com.``) names the same host."""
+    name = host.strip().lower().partition(":")[0].removesuffix(".")
     owner = alias_owner.get(name)
     if owner is not None:
         return owner

@@ -33,6 +33,9 @@ def reloaded(registry: FileRegistry) -> FileRegistry:
         ("myalias.example.com", "1002"),
         ("MyAlias.Example.COM", "1002"),
         ("myalias.example.com:8090", "1002"),
+        ("myalias.example.com.", "1002"),  # fully qualified, as the ID rule already allowed
+        ("myalias.example.com.:8090", "1002"),
+        ("1001.localhost.", "1001"),
         (" myalias.example.com ", "1002"),
         ("other.example.com", None),
         ("example.com", None),
