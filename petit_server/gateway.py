@@ -19,13 +19,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from petit import messages
 from petit.auth import (
+    NOBODY_KEY,
     NONCE_SIZE,
     accepted_ids,
     b64decode,
     decode_hello,
     decode_vitae,
-    generate_key,
-    public_key_raw,
     register_transcript,
     unregister_transcript,
     verify,
@@ -39,9 +38,6 @@ from petit_server.hub import Attachment, Hub
 from petit_server.registry import Registry, RegistryUnavailableError, token_to_present
 
 log = logging.getLogger("petit.gateway")
-
-# A public key whose private half was thrown away: what an unknown ID's proof is checked against.
-_NOBODY = public_key_raw(generate_key())
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +199,7 @@ class Gateway:
         # so nobody learns which IDs exist.
         key = self.registry.public_key_of(rid)
         transcript = unregister_transcript(nonce, self.certificate_fingerprint, rid)
-        if not verify(key or _NOBODY, signature, transcript) or key is None:
+        if not verify(key or NOBODY_KEY, signature, transcript) or key is None:
             raise AuthError("unregistration refused: not proven with the registration's key")
         await self.registry.unregister(rid, actor=f"tunnel:{remote}")
         self.hub.forget(rid)

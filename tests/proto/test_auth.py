@@ -10,8 +10,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, strategies as st
 
+import petit.auth
 from petit.auth import (
     MAX_CLAIMS,
+    NOBODY_KEY,
     Hello,
     accepted_ids,
     decode_hello,
@@ -216,3 +218,21 @@ def test_transcripts_of_different_purposes_never_collide() -> None:
 @pytest.mark.parametrize("public", [b"", b"\x01" * 31, b"\x01" * 33])
 def test_verify_with_a_malformed_key_is_false(public: bytes) -> None:
     assert not verify(public, b"\x00" * 64, b"transcript")
+
+
+def test_unknown_ids_cost_a_verification_like_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time a hello takes must not tell which IDs exist: every claim is verified once,
+    an unknown ID's against a key nobody holds."""
+    checked: list[bytes] = []
+
+    def counting_verify(public_raw: bytes, signature: bytes, transcript: bytes) -> bool:
+        checked.append(public_raw)
+        return verify(public_raw, signature, transcript)
+
+    monkeypatch.setattr(petit.auth, "verify", counting_verify)
+    known = signed_hello({"1001": KEY_1001, "1002": KEY_1002})
+    unknown = signed_hello({"4001": STRANGER, "4002": STRANGER})
+    assert accepted(known) == ["1001", "1002"]
+    assert accepted(unknown) == []
+    assert len(checked) == 4
+    assert checked[2:] == [NOBODY_KEY, NOBODY_KEY]
