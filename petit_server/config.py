@@ -64,6 +64,9 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     header_timeout: float = 10.0
     response_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    max_connections: int = 10_000
+    max_connections_per_address: int = 256
     log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
     # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
@@ -124,6 +127,11 @@ def load_server_config(path: Path) -> ServerConfig:
         shutdown_grace=server.number("shutdownGrace", 5.0, low=0, high=600),
         header_timeout=server.number("headerTimeout", 10.0, low=0.1, high=600),
         response_timeout=server.number("responseTimeout", 60.0, low=0.1, high=3600),
+        idle_timeout=server.number("idleTimeout", 75.0, low=0.1, high=86400),
+        max_connections=server.integer("maxConnections", 10_000, low=1, high=10_000_000),
+        max_connections_per_address=server.integer(
+            "maxConnectionsPerAddress", 256, low=1, high=10_000_000
+        ),
         log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
         registry_backend=backend,
@@ -253,6 +261,12 @@ pingInterval = 15
 openTimeout = 15
 # Seconds a public request waits for the private service's response head (then 504).
 responseTimeout = 60
+# Seconds a public keep-alive connection may wait for its next request.
+idleTimeout = 75
+# Public connections (HTTP and HTTPS together) open at once, in all and from one address;
+# past either a new one is refused at once (HTTP: 503).
+maxConnections = 10000
+maxConnectionsPerAddress = 256
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
 # debug, info, warning or error (petit-server log LEVEL changes it while running)

@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import h11
@@ -76,6 +76,54 @@ def registration_id_for_host(host: str) -> str | None:
     return None
 
 
+@dataclass(slots=True)
+class ConnectionLimits:
+    """Open public connections, in total and per source address: past either bound a new
+    connection is refused at once (HTTP gets a 503; what it sent is discarded, never parsed),
+    so no caller can hold all the descriptors or all the memory. Refusals are logged once
+    per interval."""
+
+    total: int = 10_000
+    per_address: int = 256
+    log_interval: float = 10.0  # seconds between two refusal log lines
+    open: int = 0
+    _by_address: dict[str, int] = field(default_factory=dict)
+    _refused: int = 0
+    _logged_at: float = -math.inf
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from ``address`` in, or refuse it (False)."""
+        from_address = self._by_address.get(address, 0)
+        if self.open >= self.total or from_address >= self.per_address:
+            self._refused += 1
+            now = trio.current_time()
+            if now - self._logged_at >= self.log_interval:
+                log.warning(
+                    "refused %d public connection(s) past the limits (%d open, at most %d; "
+                    "%d from %s, at most %d per address)",
+                    self._refused,
+                    self.open,
+                    self.total,
+                    from_address,
+                    address,
+                    self.per_address,
+                )
+                self._refused, self._logged_at = 0, now
+            return False
+        self.open += 1
+        self._by_address[address] = from_address + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """Count a connection ``admit`` let in out again."""
+        self.open -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+
+
 @dataclass(frozen=True, slots=True)
 class Routing:
     """What the ingress needs from the server: which registration a Host names, who serves it."""
@@ -91,6 +139,7 @@ class Routing:
     # Peers whose forwarding headers we keep and extend (load balancers); everyone else's
     # are replaced by ours.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class _Upstream:
@@ -598,12 +647,28 @@ async def handle_public_connection(
 ) -> None:
     """Serve one public connection, over the stream ``tls`` handshakes when given (HTTPS).
 
-    A failure here never reaches other connections.
+    A failure here never reaches other connections. Past the connection limits it is
+    refused before anything is parsed.
     """
     stream: trio.abc.Stream = connection
+    admitted: str | None = None
     try:
         peer = connection.socket.getpeername()
         peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if not routing.limits.admit(peer_ip):
+            if tls is None:
+                with trio.move_on_after(1):  # bounded: the refusal, then a brief linger
+                    await connection.send_all(_OVER_LIMITS)
+                    await connection.send_eof()
+                    # Closing with the request unread would reset the connection, and the
+                    # reset can destroy the 503 before the caller reads it: drop what comes.
+                    discarded = 0
+                    while discarded < MAX_HEADER_BYTES and (
+                        chunk := await connection.receive_some()
+                    ):
+                        discarded += len(chunk)
+            return
+        admitted = peer_ip
         if tls is not None:
             stream = await tls(connection)
         proto = "http" if tls is None else "https"
@@ -615,7 +680,16 @@ async def handle_public_connection(
     except Exception:  # per-connection boundary: log the bug, keep serving others
         log.exception("bug while serving a public connection")
     finally:
+        if admitted is not None:
+            routing.limits.release(admitted)
         await trio.aclose_forcefully(stream)
+
+
+_OVER_LIMITS: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+    % (len(UNAVAILABLE_BODY), UNAVAILABLE_BODY)
+)
 
 
 async def serve_ingress(

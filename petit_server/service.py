@@ -34,7 +34,7 @@ from petit_server.config import ServerConfig
 from petit_server.gateway import Gateway
 from petit_server.https import ReloadingContext, certificate_source, serve_https
 from petit_server.hub import Attachment, Hub, Upstreams
-from petit_server.ingress import Routing, serve_ingress
+from petit_server.ingress import ConnectionLimits, Routing, serve_ingress
 from petit_server.registry import Registration, Registry, apply_command, open_registry
 from petit_server.tcpports import TcpPorts
 from petit_server.usage import UsageStore
@@ -163,7 +163,11 @@ class ServerService:
             open_timeout=config.open_timeout,
             header_timeout=config.header_timeout,
             response_timeout=config.response_timeout,
+            idle_timeout=config.idle_timeout,
             usage=self.usage,
+            limits=ConnectionLimits(
+                total=config.max_connections, per_address=config.max_connections_per_address
+            ),
             trusted_proxies=tuple(
                 ipaddress.ip_network(cidr, strict=False) for cidr in config.trusted_proxies
             ),

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import h11
 import pytest
@@ -22,11 +23,14 @@ from petit.session import StreamHandler, TunnelStream
 from petit_server.hub import Attachment, Hub
 from petit_server.ingress import (
     UNAVAILABLE_BODY,
+    ConnectionLimits,
     IngressConnection,
     Routing,
     registration_id_for_host,
+    serve_ingress,
 )
 from petit_server.usage import UsageStore
+from tests.integration.harness import wait_until
 
 from .helpers import session_pair
 
@@ -502,4 +506,35 @@ async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
             caller = Caller(await connect(nursery, Site(routing, site.backends)))
             response, body = await caller.request("1001.localhost")
             assert (response.status_code, body) == (502, UNAVAILABLE_BODY)
+            nursery.cancel_scope.cancel()
+
+
+async def test_connections_past_the_limits_are_refused_and_others_still_served() -> None:
+    """Per source address and in total: past either, a new connection gets a 503 at once and
+    its request reaches no backend; a freed place is taken again."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            limits = ConnectionLimits(total=10, per_address=2)
+            routing = dataclasses.replace(site.routing, limits=limits)
+            port = await nursery.start(
+                partial(serve_ingress, routing, host="127.0.0.1", port=0, handler_nursery=nursery)
+            )
+            held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+            await wait_until(lambda: limits.open == 2, TIMEOUT, what="two connections admitted")
+            async with await trio.open_tcp_stream("127.0.0.1", port) as third:
+                await third.send_all(b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n")
+                answer = bytearray()
+                while chunk := await third.receive_some():
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert answer.endswith(UNAVAILABLE_BODY)
+            assert site.all_seen == []
+            await held.pop().aclose()
+            await wait_until(lambda: limits.open == 1, TIMEOUT, what="the place to be freed")
+            caller = Caller(await trio.open_tcp_stream("127.0.0.1", port))
+            response, _ = await caller.request("1001.localhost")
+            assert response.status_code == 200
+            await caller.stream.aclose()
+            await held.pop().aclose()
             nursery.cancel_scope.cancel()
