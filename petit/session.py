@@ -153,6 +153,8 @@ class TunnelSession:
         self._ping_interval = ping_interval
         self._stream_handler = stream_handler
         self._streams: dict[int, TunnelStream] = {}
+        self._targets: dict[int, str] = {}  # (server) stream id -> the target it was opened to
+        self._open_to: dict[str, int] = {}  # (server) target -> streams open to it
         self._pending_events: deque[TunnelEvent] = deque()
         self._send_needed = trio.Event()
         self._sent = trio.Event()  # set (and replaced) each time the writer drained the queue
@@ -382,6 +384,11 @@ class TunnelSession:
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
+        if (target := self._targets.pop(stream_id, None)) is not None:
+            if left := self._open_to[target] - 1:
+                self._open_to[target] = left
+            else:
+                del self._open_to[target]
         self._streams_changed.set()
         self._streams_changed = trio.Event()
 
@@ -394,6 +401,10 @@ class TunnelSession:
     def active_streams(self) -> int:
         """How many streams are live on this session."""
         return len(self._streams)
+
+    def streams_to(self, target: str) -> int:
+        """(server) How many streams opened to ``target`` are live on this session."""
+        return self._open_to.get(target, 0)
 
     async def open_stream(self, target: str) -> TunnelStream:
         """(server) Open a stream towards registration ``target``; wait for the client's answer.
@@ -410,6 +421,8 @@ class TunnelSession:
             raise SessionClosedError(str(exc)) from None
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
+        self._targets[stream_id] = target
+        self._open_to[target] = self._open_to.get(target, 0) + 1
         self.schedule_send()
         try:
             await stream._wait_accepted()

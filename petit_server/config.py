@@ -67,6 +67,7 @@ class ServerConfig:
     idle_timeout: float = 75.0
     max_connections: int = 10_000
     max_connections_per_address: int = 256
+    max_streams_per_registration: int = 1000
     log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
     # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
@@ -131,6 +132,9 @@ def load_server_config(path: Path) -> ServerConfig:
         max_connections=server.integer("maxConnections", 10_000, low=1, high=10_000_000),
         max_connections_per_address=server.integer(
             "maxConnectionsPerAddress", 256, low=1, high=10_000_000
+        ),
+        max_streams_per_registration=server.integer(
+            "maxStreamsPerRegistration", 1000, low=1, high=1_000_000
         ),
         log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
@@ -267,6 +271,9 @@ idleTimeout = 75
 # past either a new one is refused at once (HTTP: 503).
 maxConnections = 10000
 maxConnectionsPerAddress = 256
+# Streams (public connections, HTTP or raw TCP) one registration may have open at once, over
+# all its sessions; the next caller gets 503.
+maxStreamsPerRegistration = 1000
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
 # debug, info, warning or error (petit-server log LEVEL changes it while running)

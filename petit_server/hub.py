@@ -21,6 +21,10 @@ from petit.logs import audit
 from petit.session import SessionClosedError, TunnelSession, TunnelStream
 
 
+class StreamLimitError(SessionClosedError):
+    """The registration has as many streams open as it may (503 for the next caller)."""
+
+
 class Upstreams(Protocol):
     """Where public connections for a registration go."""
 
@@ -55,8 +59,14 @@ class Attachment:
 class Hub:
     """Registration ID → sessions currently serving it."""
 
-    def __init__(self, on_forget: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_forget: Callable[[str], None] | None = None,
+        *,
+        max_streams_per_registration: int = 1000,
+    ) -> None:
         self._on_forget = on_forget  # told of every unregistered ID (the usage store forgets it)
+        self._max_streams = max_streams_per_registration
         self._by_id: dict[str, list[Attachment]] = {}
         self._attachments: list[Attachment] = []
         self._turn = itertools.count()
@@ -119,6 +129,12 @@ class Hub:
         session = self.session_for(registration_id)
         if session is None:
             raise SessionClosedError(f"registration {registration_id} is offline")
+        serving = self._by_id.get(registration_id, [])
+        if sum(a.session.streams_to(registration_id) for a in serving) >= self._max_streams:
+            raise StreamLimitError(
+                f"registration {registration_id} has {self._max_streams} streams open, "
+                "the most [server] maxStreamsPerRegistration allows"
+            )
         return await session.open_stream(registration_id)
 
     def is_online(self, registration_id: str) -> bool:

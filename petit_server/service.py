@@ -51,7 +51,10 @@ class ServerService:
         self.registry: Registry = open_registry(config)
         self.registry.close()
         self.usage = UsageStore()
-        self.hub = Hub(on_forget=self.usage.forget)
+        self.hub = Hub(
+            on_forget=self.usage.forget,
+            max_streams_per_registration=config.max_streams_per_registration,
+        )
         self.cluster = (
             None
             if config.cluster is None
