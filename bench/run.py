@@ -192,6 +192,7 @@ GatewayPorts no
             server_config,
             bindAddr='"127.0.0.1"',
             tcpAddr='"127.0.0.1"',
+            requireToken="false",  # a loopback measurement: clients register freely
             firstPort=str(free_port_block()),
             backPort="0",
             proxyPort="0",

@@ -11,7 +11,10 @@ if [ ! -f "$config" ]; then
 fi
 if ! ls /var/lib/petit/tenants/*/registration >/dev/null 2>&1; then
   tries=0
-  until petit-client register -c "$config"; do
+  token_file=${PETIT_TOKEN_FILE:-/server-state/demo-client.token}
+  token=""
+  [ -r "$token_file" ] && token=$(cat "$token_file")
+  until petit-client register -c "$config" ${token:+--token "$token"}; do
     tries=$((tries + 1))
     [ "$tries" -lt 30 ] || exit 1
     sleep 1

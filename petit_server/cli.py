@@ -91,6 +91,10 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
     )
     click.echo(f"Clients pin the CA: petit-client init --ca {certificates / 'ca.crt'}")
     click.echo(
+        f"Each client registers with a one-time token: petit-server token create -c {path}, "
+        "then petit-client register --token TOKEN (requireToken = false lets anyone register)."
+    )
+    click.echo(
         f"Admin API on {config.admin_addr}:{config.admin_port} (token: adminToken in {path.name})."
     )
 

@@ -57,7 +57,7 @@ class ServerConfig:
     https_pkcs12: Path | None = None
     https_pkcs12_password: str | None = field(default=None, repr=False)
     https_redirect: bool = False
-    require_token: bool = False
+    require_token: bool = True
     ping_interval: float = 15.0
     handshake_timeout: float = 10.0
     open_timeout: float = 15.0
@@ -121,7 +121,7 @@ def load_server_config(path: Path) -> ServerConfig:
         https_pkcs12=server.optional_path("httpsPkcs12"),
         https_pkcs12_password=server.optional_string("httpsPkcs12Password"),
         https_redirect=server.boolean("httpsRedirect", False),
-        require_token=server.boolean("requireToken", False),
+        require_token=server.boolean("requireToken", True),
         ping_interval=server.number("pingInterval", 15.0, low=0.05, high=3600),
         handshake_timeout=server.number("handshakeTimeout", 10.0, low=0.1, high=600),
         open_timeout=server.number("openTimeout", 15.0, low=0.1, high=600),
@@ -257,8 +257,9 @@ secureProxyPort = 8453
 # httpsPkcs12Password = "secret"
 # Answer plain HTTP with a redirect to HTTPS (when HTTPS is enabled).
 httpsRedirect = false
-# Require a one-time enrollment token (petit-server token create) to register.
-requireToken = false
+# Require a one-time enrollment token (petit-server token create) to register; false lets
+# anyone who reaches the tunnel endpoint register.
+requireToken = true
 # Seconds between keepalive pings; a tunnel silent for two intervals is dropped.
 pingInterval = 15
 # Seconds a public request waits for the client to reach its local service.

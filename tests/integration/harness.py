@@ -329,6 +329,7 @@ class PetitServer:
             "listenPort": 0,
             "adminPort": 0,
             "pingInterval": PING_INTERVAL,
+            "requireToken": False,  # the token tests ask for it; the rest register freely
         }
         edit_config(self.config, "server", **{**values, **settings})
 

@@ -63,6 +63,12 @@ def test_default_server_config_loads_as_the_documented_defaults(tmp_path: Path) 
     )
 
 
+def test_a_new_install_requires_an_enrollment_token(tmp_path: Path) -> None:
+    """Secure by default: what init writes, and a config without the key, both require one."""
+    assert load_server_config(write(tmp_path, server_text())).require_token
+    assert load_server_config(write(tmp_path, "[server]\n")).require_token
+
+
 @pytest.mark.parametrize("ca", ["./ca.crt", None])
 def test_default_client_config_loads_as_the_documented_defaults(
     tmp_path: Path, ca: str | None
