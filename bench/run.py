@@ -193,6 +193,7 @@ GatewayPorts no
             bindAddr='"127.0.0.1"',
             tcpAddr='"127.0.0.1"',
             requireToken="false",  # a loopback measurement: clients register freely
+            registrationsPerMinute="1000000",
             firstPort=str(free_port_block()),
             backPort="0",
             proxyPort="0",

@@ -152,6 +152,7 @@ async def scale(clients: int, workdir: Path) -> dict[str, float]:
         "adminPort": "0",
         "pingInterval": "30",
         "requireToken": "false",  # a loopback measurement: clients register freely
+        "registrationsPerMinute": "1000000",
     }.items():
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
     config.write_text(text)

@@ -68,6 +68,7 @@ class ServerConfig:
     max_connections: int = 10_000
     max_connections_per_address: int = 256
     max_streams_per_registration: int = 1000
+    registrations_per_minute: int = 10
     log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     vitae: dict[str, str] = field(default_factory=dict)
     # [server.registry]: where registrations live (file, or a Redis shared by several nodes)
@@ -135,6 +136,9 @@ def load_server_config(path: Path) -> ServerConfig:
         ),
         max_streams_per_registration=server.integer(
             "maxStreamsPerRegistration", 1000, low=1, high=1_000_000
+        ),
+        registrations_per_minute=server.integer(
+            "registrationsPerMinute", 10, low=1, high=1_000_000
         ),
         log=read_log_settings(server, "server"),
         vitae=server.scalars("vitae"),
@@ -275,6 +279,8 @@ maxConnectionsPerAddress = 256
 # Streams (public connections, HTTP or raw TCP) one registration may have open at once, over
 # all its sessions; the next caller gets 503.
 maxStreamsPerRegistration = 1000
+# Registrations one source address may make per minute (a burst of as many, then steadily).
+registrationsPerMinute = 10
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
 # debug, info, warning or error (petit-server log LEVEL changes it while running)

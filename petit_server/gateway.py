@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -40,6 +41,31 @@ from petit_server.registry import Registry, RegistryUnavailableError, token_to_p
 log = logging.getLogger("petit.gateway")
 
 
+class RegistrationRateError(PetitError):
+    """One source address asked for too many registrations too quickly."""
+
+
+@dataclass(slots=True)
+class SourceRate:
+    """At most ``per_minute`` registrations per source address: a token bucket each, full at
+    first and refilled steadily. Memory is bounded: past ``max_sources`` addresses the
+    oldest bucket is dropped (it was the least likely to matter)."""
+
+    per_minute: int
+    max_sources: int = 65_536
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, when
+
+    def seconds_to_wait(self, address: str, now: float) -> float:
+        """0 and one registration counted, or how long ``address`` must wait for its next."""
+        tokens, then = self._buckets.pop(address, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) * 60 / self.per_minute
+        if len(self._buckets) >= self.max_sources:
+            del self._buckets[next(iter(self._buckets))]
+        self._buckets[address] = (tokens - 1 if not wait else tokens, now)
+        return wait
+
+
 @dataclass(frozen=True, slots=True)
 class Gateway:
     """What the WebSocket handler needs, bound once at start."""
@@ -48,6 +74,7 @@ class Gateway:
     registry: Registry
     hub: Hub
     certificate_fingerprint: bytes
+    registrations: SourceRate
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Dispatch one WebSocket request by path."""
@@ -165,6 +192,11 @@ class Gateway:
     async def _register(
         self, request: dict[str, object], nonce: bytes, remote: str
     ) -> dict[str, object]:
+        if wait := self.registrations.seconds_to_wait(remote, trio.current_time()):
+            raise RegistrationRateError(
+                f"too many registrations from {remote}: try again in {math.ceil(wait)} s "
+                "([server] registrationsPerMinute)"
+            )
         public_key = _field_bytes(request, "public_key")
         signature = _field_bytes(request, "signature")
         vitae = decode_vitae(request.get("vitae", {}))

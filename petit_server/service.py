@@ -31,7 +31,7 @@ from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
 from petit_server.admin import AdminApi, AdminSources
 from petit_server.cluster import Cluster
 from petit_server.config import ServerConfig
-from petit_server.gateway import Gateway
+from petit_server.gateway import Gateway, SourceRate
 from petit_server.https import ReloadingContext, certificate_source, serve_https
 from petit_server.hub import Attachment, Hub, Upstreams
 from petit_server.ingress import ConnectionLimits, Routing, serve_ingress
@@ -159,7 +159,13 @@ class ServerService:
         fingerprint = certificate_fingerprint(pem_to_der(config.certificate.read_bytes()))
         https_source = certificate_source(config)
         https_context = None if https_source is None else ReloadingContext(https_source)
-        gateway = Gateway(config, self.registry, self.hub, fingerprint)
+        gateway = Gateway(
+            config,
+            self.registry,
+            self.hub,
+            fingerprint,
+            SourceRate(config.registrations_per_minute),
+        )
         routing = Routing(
             route=self.registry.route,
             open_upstream=self.upstreams.open_stream,

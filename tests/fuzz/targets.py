@@ -27,7 +27,7 @@ from petit.frames import Frame, FrameType, encode_frame
 from petit.logs import LogSettings
 from petit.messages import decode as decode_message
 from petit_server.config import ServerConfig
-from petit_server.gateway import Gateway
+from petit_server.gateway import Gateway, SourceRate
 from petit_server.hub import Attachment, Hub
 from petit_server.ingress import IngressConnection, Routing, registration_id_for_host
 from petit_server.registry import FileRegistry
@@ -95,7 +95,7 @@ def make_gateway(directory: Path) -> Gateway:
     )
     registry = FileRegistry(config.registry_file, first_port=config.first_port)
     trio.run(registry.register, bytes(32), {})
-    return Gateway(config, registry, Hub(), secrets.token_bytes(32))
+    return Gateway(config, registry, Hub(), secrets.token_bytes(32), SourceRate(1_000_000))
 
 
 def refuse_unproven(

@@ -300,3 +300,15 @@ async def test_start_works_from_a_directory_holding_a_petit_folder(
     assert info is not None
     server.adopt(info)
     await server.stop()
+
+
+async def test_one_address_registers_at_most_registrations_per_minute(
+    server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    server = await server_factory(registrationsPerMinute=2)
+    client = await client_factory(server, python_backend.port, start=False)  # the first
+    await client.cli("register", "-t", "second")
+    refused = await client.cli("register", "-t", "third", check=False)
+    assert refused.returncode != 0
+    assert "too many registrations from 127.0.0.1: try again in 30 s" in refused.stderr
+    assert len(json.loads(server.registry.read_text())["registrations"]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from petit.errors import AuthError, ConfigError
+from petit_server.gateway import SourceRate
 from petit_server.registry import (
     ENROLLMENT_REFUSED,
     FileRegistry,
@@ -201,3 +202,15 @@ async def test_a_claim_gives_a_key_once_and_never_replaces_one(registry: FileReg
         await registry.create_token("", for_id="4001")
     with pytest.raises(RegistryError, match="No such registeredId 4999"):
         await registry.create_token("", for_id="4999")
+
+
+def test_registrations_per_source_are_a_token_bucket_with_bounded_memory() -> None:
+    rate = SourceRate(per_minute=2, max_sources=3)
+    assert rate.seconds_to_wait("192.0.2.1", 0.0) == 0
+    assert rate.seconds_to_wait("192.0.2.1", 0.0) == 0
+    assert rate.seconds_to_wait("192.0.2.1", 0.0) == pytest.approx(30.0)  # 2/min: one per 30 s
+    assert rate.seconds_to_wait("192.0.2.2", 0.0) == 0  # another address has its own bucket
+    assert rate.seconds_to_wait("192.0.2.1", 30.0) == 0  # refilled
+    for n in range(3, 10):  # many sources: the oldest buckets go, memory stays bounded
+        rate.seconds_to_wait(f"192.0.2.{n}", 31.0)
+    assert len(rate._buckets) == 3
