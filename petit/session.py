@@ -365,6 +365,8 @@ class TunnelSession:
         for stream in list(self._streams.values()):
             stream._abort(None)
         self._streams.clear()
+        self._targets.clear()
+        self._open_to.clear()
         for waiter in self._pong_waiters.values():
             waiter.set()  # left in the dict: ping_round_trip sees it was never answered
         self.closed.set()

@@ -310,5 +310,8 @@ async def test_one_address_registers_at_most_registrations_per_minute(
     await client.cli("register", "-t", "second")
     refused = await client.cli("register", "-t", "third", check=False)
     assert refused.returncode != 0
-    assert "too many registrations from 127.0.0.1: try again in 30 s" in refused.stderr
+    # At most 30 s (one registration per 30 s refills); less as time passes.
+    assert re.search(
+        r"too many registrations from 127\.0\.0\.1: try again in \d+ s", refused.stderr
+    )
     assert len(json.loads(server.registry.read_text())["registrations"]) == 2
