@@ -291,15 +291,15 @@ async def test_a_connection_that_never_completes_its_handshake_is_closed_in_time
 ) -> None:
     """handshakeTimeout runs from TCP accept: a peer that sends nothing, or stops after TLS
     (no WebSocket upgrade), is closed within it rather than held for a minute."""
-    timeout = 1.0
+    timeout = 2.0
     server = await server_factory(handshakeTimeout=timeout)
-    with trio.fail_after(timeout * 8):
+    with trio.fail_after(timeout * 5):
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", server.tunnel_port)
-        if stage == "TLS only":
-            context = client_ssl_context(server.directory / "certificates" / "ca.crt")
-            stream = trio.SSLStream(stream, context, server_hostname="localhost")
-            await stream.do_handshake()
         async with stream:
-            # Closed without a TLS close_notify is closed all the same.
+            # Closed before or after TLS, with or without a close_notify: closed all the same.
             with contextlib.suppress(trio.BrokenResourceError):
+                if stage == "TLS only":
+                    context = client_ssl_context(server.directory / "certificates" / "ca.crt")
+                    stream = trio.SSLStream(stream, context, server_hostname="localhost")
+                    await stream.do_handshake()
                 assert await stream.receive_some() == b""
