@@ -1,5 +1,6 @@
 """Coverage-guided fuzzing of each target with atheris, when asked for:
-``PETIT_ATHERIS_RUNS=100000 .venv/bin/pytest tests/fuzz -s`` (``pip install '.[fuzz]'`` first).
+``PETIT_ATHERIS_RUNS=100000 .venv/bin/pytest tests/fuzz -s`` (atheris comes from the lock:
+``scripts/bootstrap all``).
 Each target runs in its own process from its seeds; the inputs run are printed.
 """
 
@@ -20,13 +21,13 @@ RUNS = int(os.environ.get("PETIT_ATHERIS_RUNS", "0"))
 SECONDS_PER_INPUT = 0.05  # bound for the slowest target (ingress: a trio run with a session pair)
 
 pytestmark = pytest.mark.skipif(
-    RUNS == 0, reason="PETIT_ATHERIS_RUNS=N fuzzes each target N inputs (pip install '.[fuzz]')"
+    RUNS == 0, reason="PETIT_ATHERIS_RUNS=N fuzzes each target N inputs"
 )
 
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_atheris_finds_no_crash(name: str, tmp_path: Path) -> None:
-    pytest.importorskip("atheris", reason="pip install '.[fuzz]' (atheris) first")
+    pytest.importorskip("atheris", reason="atheris is missing: scripts/bootstrap all installs it")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for number, seed in enumerate(SEEDS[name]):
