@@ -134,11 +134,22 @@ class Table:
             raise ConfigError(f"unknown key(s) {names}")
 
 
-def root_table(document: Mapping[str, object], section: str, path: Path) -> Table:
-    """The ``[section]`` table of a config document; other top-level sections are ignored.
+SECTIONS = ("server", "client")  # the top-level tables a petit config may hold
 
-    Client and server may share one file (as in the original), so each reads only its own.
+
+def root_table(document: Mapping[str, object], section: str, path: Path) -> Table:
+    """The ``[section]`` table of a config document.
+
+    Client and server may share one file (as in the original), so each reads only its own;
+    any other top-level name is a mistake (``[clinet]`` would leave every setting at its
+    default), so it is an error naming it.
     """
+    unknown = [name for name in document if name not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f'config "{path}": unknown table [{unknown[0]}]; petit reads only '
+            + " and ".join(f"[{name}]" for name in SECTIONS)
+        )
     value = document.get(section)
     if not isinstance(value, dict):
         raise ConfigError(f'config "{path}" has no [{section}] table')

@@ -43,7 +43,7 @@ from petit.control import ControlError, send_control
 from petit.errors import ConfigError, RemoteProtocolError
 from petit.lockfile import PidInfo, read_pid
 from petit.logs import audit, audit_to_file, cli_actor
-from petit.pki import client_ssl_context
+from petit.pki import client_ssl_context, pem_to_der
 from petit.statefile import write_atomic
 from petit.transport import (
     REGISTER_PATH,
@@ -165,9 +165,18 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
         raise CliError(f'Configuration file "{path}" exists.', ExitCode.FAILURE)
     address = _parse_server(server)
     with exit_codes():
+        pem = None if ca is None else ca.read_bytes()
+        if pem is not None:
+            try:
+                pem_to_der(pem)
+            except ConfigError:
+                raise ConfigError(
+                    f"--ca {ca} holds no PEM certificate: give the server's "
+                    "certificates/ca.crt (from petit-server init)"
+                ) from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        if ca is not None:
-            write_atomic(path.parent / "ca.crt", ca.read_bytes(), mode=0o644)
+        if pem is not None:
+            write_atomic(path.parent / "ca.crt", pem, mode=0o644)
         text = default_config_text(
             host=address.host, port=address.port, ca="./ca.crt" if ca else None
         )

@@ -85,10 +85,8 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
     click.echo(f'Created configuration file "{path}".')
     click.echo(f'Created registry file "{config.registry_file}".')
     click.echo(f'Created CA "{certificates / "ca.crt"}" ({fingerprint_hex(ca.cert_pem)}).')
-    click.echo(
-        f'Created server certificate "{certificates / "server.crt"}" for '
-        f"{', '.join(names)}, localhost."
-    )
+    covered = ", ".join(dict.fromkeys([*names, "localhost"]))  # localhost always, once
+    click.echo(f'Created server certificate "{certificates / "server.crt"}" for {covered}.')
     click.echo(f"Clients pin the CA: petit-client init --ca {certificates / 'ca.crt'}")
     click.echo(
         f"Each client registers with a one-time token: petit-server token create -c {path}, "

@@ -315,3 +315,13 @@ async def test_one_address_registers_at_most_registrations_per_minute(
         r"too many registrations from 127\.0\.0\.1: try again in \d+ s", refused.stderr
     )
     assert len(json.loads(server.registry.read_text())["registrations"]) == 2
+
+
+async def test_init_names_each_certificate_host_once(server_factory: ServerFactory) -> None:
+    server = await server_factory(start=False)  # init --hostname localhost
+    (line,) = [
+        line
+        for line in server.outputs["init"].stdout.splitlines()
+        if line.startswith("Created server certificate")
+    ]
+    assert line.endswith('server.crt" for localhost.'), line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -49,3 +51,19 @@ def test_misuse_is_one_line_and_exit_2_before_reading_the_config(
     result = CliRunner().invoke(main, [*argv, "-c", "/nonexistent/config.toml"])
     assert result.exit_code == 2
     assert result.output == f"error: {message}\n"
+
+
+def test_init_refuses_a_ca_that_is_no_certificate(tmp_path: Path) -> None:
+    """--ca given the server's config (or anything but a certificate) fails at init, with
+    exit 3 and one line, and writes nothing, rather than at the first register."""
+    not_a_certificate = tmp_path / "config.toml"
+    not_a_certificate.write_text("[server]\n")
+    config = tmp_path / "client" / "config.toml"
+    argv = ["init", "-c", str(config), "--server", "localhost:3014"]
+    result = CliRunner().invoke(main, [*argv, "--ca", str(not_a_certificate)])
+    assert result.exit_code == 3
+    assert result.output.strip().splitlines() == [
+        f"error: --ca {not_a_certificate} holds no PEM certificate: give the server's "
+        "certificates/ca.crt (from petit-server init)"
+    ]
+    assert not config.parent.exists()

@@ -200,6 +200,17 @@ def test_config_without_its_own_table_is_refused(tmp_path: Path) -> None:
         load_server_config(path)
 
 
+@pytest.mark.parametrize(("text", "table"), [("[sever]\n", "sever"), ("[clinet]\n", "clinet")])
+def test_a_misspelled_table_is_an_error_naming_it(tmp_path: Path, text: str, table: str) -> None:
+    """A misspelled table would leave every setting at its default without a word."""
+    server = write(tmp_path, server_text() + text)
+    with pytest.raises(ConfigError, match=rf"unknown table \[{table}\]; petit reads only"):
+        load_server_config(server)
+    client = write(tmp_path, client_text() + text)
+    with pytest.raises(ConfigError, match=rf"unknown table \[{table}\]"):
+        load_client_config(client)
+
+
 def test_client_and_server_may_share_one_file(tmp_path: Path) -> None:
     path = write(tmp_path, server_text() + "\n" + client_text())
     assert load_server_config(path).back_port == 3014
