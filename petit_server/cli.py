@@ -224,7 +224,7 @@ def show_config(config_path: Path, verbose: bool) -> None:
     tokens = registry.tokens()
     unused = sum(token.state == "unused" for token in tokens)
     click.echo(
-        f"{registry.where.capitalize()}: {len(entries)} registration(s), "
+        f"{registry.where[:1].upper()}{registry.where[1:]}: {len(entries)} registration(s), "
         f"{len(tokens)} enrollment token(s) ({unused} unused)."
     )
     for registration in entries:

@@ -30,6 +30,7 @@ from tests.integration.harness import (
     edit_config,
     free_port,
     registry_entry,
+    run_cli,
     signed_request,
     unregister_request,
     wait_until,
@@ -325,3 +326,12 @@ async def test_init_names_each_certificate_host_once(server_factory: ServerFacto
         if line.startswith("Created server certificate")
     ]
     assert line.endswith('server.crt" for localhost.'), line
+
+
+async def test_config_shows_the_registry_path_as_it_is(tmp_path: Path) -> None:
+    """No recasing: a path with capitals (``/srv/Petit``) must be shown as it is."""
+    config = tmp_path / "Petit State" / "config.toml"
+    await run_cli([PETIT_SERVER, "init", "-c", config, "--hostname", "localhost"])
+    shown = (await run_cli([PETIT_SERVER, "config", "-c", config])).stdout
+    registry = config.parent / "registry.json"
+    assert f"Registry {registry}: 0 registration(s), 0 enrollment token(s)" in shown
