@@ -157,7 +157,9 @@ class TunnelSession:
         self._open_to: dict[str, int] = {}  # (server) target -> streams open to it
         self._pending_events: deque[TunnelEvent] = deque()
         self._send_needed = trio.Event()
-        self._sent = trio.Event()  # set (and replaced) each time the writer drained the queue
+        # Woken each time the writer drained the queue (a parking lot: waking nobody is free,
+        # where a fresh Event per send would be allocated on every message).
+        self._sent = trio.lowlevel.ParkingLot()
         self._streams_changed = trio.Event()
         self._handler_nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
@@ -263,7 +265,7 @@ class TunnelSession:
                     return
             while self.connection.reply_backlog > MAX_REPLY_BACKLOG:
                 self.schedule_send()
-                await self._sent.wait()
+                await self._sent.park()
             data = await self._carrier.receive()
             self._last_received = trio.current_time()
             try:
@@ -337,8 +339,7 @@ class TunnelSession:
             # progress is not cancelled but bounded by _end_sends_by.
             with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
                 await self._send_queued_now()
-            self._sent.set()
-            self._sent = trio.Event()
+            self._sent.unpark_all()
 
     def _end_sends_by(self, deadline: float) -> None:
         """Cancel the send in progress, and any later one, at ``deadline`` at the latest."""
