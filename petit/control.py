@@ -64,7 +64,7 @@ async def serve_control(
 
     ``allow`` lists the IPs or CIDR networks that may connect; others get an error reply.
     """
-    networks = _parse_allow(allow)
+    networks = parse_networks(allow, "control allow")
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0:
         # Each address of a multi-address host would get its own random port: keep one.
@@ -106,16 +106,28 @@ async def send_control(host: str, port: int, command: str) -> dict[str, object]:
     return document
 
 
-def _parse_allow(allow: Sequence[str]) -> list[_Network]:
+def parse_networks(entries: Sequence[str], what: str) -> list[_Network]:
+    """IP addresses or CIDR networks (an allow list, trusted proxies); ConfigError naming
+    ``what`` and the entry that is neither."""
     networks = []
-    for entry in allow:
+    for entry in entries:
         try:
             networks.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError:
             raise ConfigError(
-                f"control allow entry {entry!r} is not an IP address or CIDR network"
+                f"{what} entry {entry!r} is not an IP address or CIDR network"
             ) from None
     return networks
+
+
+def in_networks(host: str, networks: Sequence[_Network]) -> bool:
+    """Whether IP ``host`` (IPv4-mapped IPv6 unwrapped) is in any of ``networks``; False for
+    anything that is no IP address."""
+    try:
+        address = _normalise_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def _normalise_address(host: str) -> _Address:
@@ -146,7 +158,7 @@ async def _reply_to_peer(
 ) -> bytes:
     peer_name = stream.socket.getpeername()
     peer = _normalise_address(peer_name[0])
-    if not any(peer in network for network in networks):
+    if not in_networks(peer_name[0], networks):
         logger.warning("control connection from %s refused: not in the allow list", peer)
         return _encode_error(f"not allowed from {peer}")
     actor = f"control:{peer}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petit.config import Table, load_toml, root_table
+from petit.control import parse_networks
 from petit.errors import ConfigError
 from petit.logs import LogSettings, read_log_settings
 
@@ -109,7 +110,7 @@ def load_server_config(path: Path) -> ServerConfig:
         listen_addr=server.string("listenAddr", "127.0.0.1"),
         listen_port=server.port("listenPort", 3016),
         listen_allow=tuple(server.string_list("listenAllow", ["127.0.0.1", "::1"])),
-        trusted_proxies=tuple(_networks(server.string_list("trustedProxies", []))),
+        trusted_proxies=_checked_networks(server.string_list("trustedProxies", [])),
         registry_file=server.path("registryfile", "./registry.json"),
         certificate=server.path("certificate", "./certificates/server.crt"),
         key=server.path("key", "./certificates/server.key"),
@@ -308,13 +309,7 @@ backend = "file"
 """
 
 
-def _networks(entries: list[str]) -> list[str]:
+def _checked_networks(entries: list[str]) -> tuple[str, ...]:
     """``trustedProxies`` as given, each checked to be an IP address or a CIDR network."""
-    for entry in entries:
-        try:
-            ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"[server] trustedProxies entry {entry!r} is not an IP address or CIDR network"
-            ) from None
-    return [entry.strip() for entry in entries]
+    parse_networks(entries, "[server] trustedProxies")
+    return tuple(entry.strip() for entry in entries)

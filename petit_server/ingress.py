@@ -29,6 +29,7 @@ from typing import Final
 import h11
 import trio
 
+from petit.control import in_networks
 from petit.errors import first_leaf
 from petit.session import SessionClosedError, StreamRefusedError
 from petit_server.usage import RequestMeter, UsageStore
@@ -204,7 +205,7 @@ class IngressConnection:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
         self._meter = RequestMeter(routing.usage)
-        self._peer_trusted = _is_in(peer_ip, routing.trusted_proxies)
+        self._peer_trusted = in_networks(peer_ip, routing.trusted_proxies)
 
     async def run(self) -> None:
         """Serve requests until the connection should close."""
@@ -575,7 +576,7 @@ def _has_body(request: h11.Request) -> bool:
 
 
 def _host_header(request: h11.Request) -> str:
-    return next((value.decode("latin-1") for name, value in request.headers if name == b"host"), "")
+    return (_first(request.headers, b"host") or b"").decode("latin-1")
 
 
 def _authority_and_target(request: h11.Request) -> tuple[str, bytes]:
@@ -608,16 +609,6 @@ def _is_forwarding(name: bytes) -> bool:
 
 def _first(headers: Sequence[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
     return next((value for name, value in headers if name == wanted), None)
-
-
-def _is_in(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
 
 
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:

@@ -8,7 +8,6 @@ every tunnel so clients reconnect once we are back, give in-flight requests
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 import time
@@ -20,7 +19,7 @@ import trio
 from trio_websocket import serve_websocket
 
 from petit import __version__
-from petit.control import serve_control
+from petit.control import parse_networks, serve_control
 from petit.errors import PetitError
 from petit.httpapi import serve_api
 from petit.lockfile import ProcessLock
@@ -177,9 +176,7 @@ class ServerService:
             limits=ConnectionLimits(
                 total=config.max_connections, per_address=config.max_connections_per_address
             ),
-            trusted_proxies=tuple(
-                ipaddress.ip_network(cidr, strict=False) for cidr in config.trusted_proxies
-            ),
+            trusted_proxies=tuple(parse_networks(config.trusted_proxies, "trustedProxies")),
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:

@@ -200,6 +200,15 @@ def test_config_without_its_own_table_is_refused(tmp_path: Path) -> None:
         load_server_config(path)
 
 
+def test_a_trusted_proxy_that_is_no_network_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, server_text().replace("trustedProxies = []", 'trustedProxies = ["lb"]'))
+    with pytest.raises(
+        ConfigError,
+        match=r"\[server\] trustedProxies entry 'lb' is not an IP address or CIDR network",
+    ):
+        load_server_config(path)
+
+
 @pytest.mark.parametrize(("text", "table"), [("[sever]\n", "sever"), ("[clinet]\n", "clinet")])
 def test_a_misspelled_table_is_an_error_naming_it(tmp_path: Path, text: str, table: str) -> None:
     """A misspelled table would leave every setting at its default without a word."""
