@@ -4,10 +4,16 @@ One command starts nginx on loopback as the backend (1 KiB and 10 MiB files), a 
 sshd with an ``ssh -R`` tunnel (its own config, keys and port; never the system sshd), and a
 petit server + client; then measures each path to the same nginx: wrk at 16 and 64
 keep-alive connections (req/s, p50, p99), one and four parallel 10 MiB downloads (MB/s),
-the time of one request on a new connection, and the RSS of petit's processes idle, under
-load and after. Only ratios from the same run mean anything: absolute figures drift.
+the time of one request on a new connection, the CPU petit's server and client spend per
+request, and the RSS of petit's processes idle, under load and after. Only ratios from the
+same run mean anything: absolute figures drift.
 
-Usage: python bench/run.py [--smoke] [--duration S] [--load-rounds N] [--json PATH]
+``--baseline REF`` adds a second petit, the code of git revision REF (same venv, its
+packages first on PYTHONPATH), measured in the same run beside the working tree's: the
+before and after of a change, one table.
+
+Usage: python bench/run.py [--smoke] [--duration S] [--load-rounds N] [--baseline REF]
+                           [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 ONE_KIB = "1k.bin"
 TEN_MIB = "10m.bin"
 
@@ -57,10 +65,9 @@ class Bench:
 
     root: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    cleanups: list[list[str]] = field(default_factory=list)
+    cleanups: list[tuple[list[str], dict[str, str] | None]] = field(default_factory=list)
     sshd_port: int = 0
-    petit_server_config: Path = Path()
-    petit_tunnel_port: int = 0
+    servers: list[PetitServer] = field(default_factory=list)
 
     def spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
         """Start a helper process whose output goes to a log file in the run directory."""
@@ -71,14 +78,16 @@ class Bench:
         self.processes.append(process)
         return process
 
-    def run(self, argv: list[str]) -> str:
+    def run(self, argv: list[str], env: dict[str, str] | None = None) -> str:
         """Run a command to completion; its stdout."""
-        return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+        return subprocess.run(
+            argv, check=True, capture_output=True, text=True, timeout=120, env=env
+        ).stdout
 
     def close(self) -> None:
         """Stop everything this run started."""
-        for argv in reversed(self.cleanups):
-            subprocess.run(argv, check=False, capture_output=True, timeout=30)
+        for argv, env in reversed(self.cleanups):
+            subprocess.run(argv, check=False, capture_output=True, timeout=30, env=env)
         for process in self.processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -183,11 +192,33 @@ GatewayPorts no
         wait_listening(forwarded_port, "the ssh -R forward")
         return forwarded_port
 
-    def start_petit(self, backend_port: int) -> tuple[int, str, dict[str, int]]:
-        """petit server + registered client; (ingress port, Host header, pids)."""
-        server_config = self.root / "server" / "config.toml"
+    def start_petit(self, name: str, backend_port: int, revision: str | None = None) -> Route:
+        """A petit server + registered client in front of ``backend_port``: the working
+        tree's code, or with ``revision`` that git revision's."""
+        env = None
+        if revision is not None:
+            source = self.root / f"source-{revision}"
+            source.mkdir()
+            archive = subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(REPO),
+                    "archive",
+                    revision,
+                    "petit",
+                    "petit_server",
+                    "petit_client",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True, timeout=60)
+            env = {**os.environ, "PYTHONPATH": str(source)}
+        server_config = self.root / f"server-{len(self.servers)}" / "config.toml"
         petit_server = str(VENV_BIN / "petit-server")
-        self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"])
+        self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"], env)
         _set(
             server_config,
             bindAddr='"127.0.0.1"',
@@ -200,22 +231,21 @@ GatewayPorts no
             listenPort="0",
             adminPort="0",
         )
-        self.run([petit_server, "start", "-c", str(server_config)])
-        self.cleanups.append([petit_server, "stop", "-c", str(server_config)])
-        server_pid, server_ports = _pid_file(server_config.parent / "server.pid")
-        self.petit_server_config = server_config
-        self.petit_tunnel_port = server_ports["tunnel"]
-        http_port = server_ports["http"]
-        host, client_pid = self.start_petit_client(server_ports["tunnel"], backend_port, http_port)
-        return http_port, host, {"server": server_pid, "client": client_pid}
+        self.run([petit_server, "start", "-c", str(server_config)], env)
+        self.cleanups.append(([petit_server, "stop", "-c", str(server_config)], env))
+        server_pid, ports = _pid_file(server_config.parent / "server.pid")
+        server = PetitServer(server_config, ports["tunnel"], ports["http"], server_pid, env)
+        self.servers.append(server)
+        host, client_pid = self.start_petit_client(server, server.tunnel_port, backend_port)
+        return Route(name, server.http_port, host, server, client_pid)
 
     def start_petit_client(
-        self, tunnel_port: int, backend_port: int, http_port: int, *, http: bool = True
+        self, server: PetitServer, dial_port: int, backend_port: int, *, http: bool = True
     ) -> tuple[str, int]:
-        """A registered, started petit client dialling ``tunnel_port``; (Host, pid). With
-        ``http``, returns once a request through it is answered (its backend is nginx)."""
-        server_config = self.petit_server_config
-        client_config = self.root / f"client-{tunnel_port}-{backend_port}" / "config.toml"
+        """A registered, started petit client of ``server`` dialling ``dial_port`` (its
+        tunnel port, or a relay to it); (Host, pid). With ``http``, returns once a request
+        through it is answered (its backend is nginx)."""
+        client_config = self.root / f"client-{dial_port}-{backend_port}" / "config.toml"
         petit_client = str(VENV_BIN / "petit-client")
         self.run(
             [
@@ -224,24 +254,25 @@ GatewayPorts no
                 "-c",
                 str(client_config),
                 "--server",
-                f"localhost:{tunnel_port}",
+                f"localhost:{dial_port}",
                 "--ca",
-                str(server_config.parent / "certificates" / "ca.crt"),
+                str(server.config.parent / "certificates" / "ca.crt"),
                 "--local",
                 f"127.0.0.1:{backend_port}",
-            ]
+            ],
+            server.env,
         )
         _set(client_config, listenPort="0", statusPort="0")
-        registered = self.run([petit_client, "register", "-c", str(client_config)])
+        registered = self.run([petit_client, "register", "-c", str(client_config)], server.env)
         match = re.search(r"Registered with ID (\d+)", registered)
         if match is None:
             raise SystemExit(f"bench: petit-client register said: {registered}")
-        self.run([petit_client, "start", "-c", str(client_config)])
-        self.cleanups.append([petit_client, "stop", "-c", str(client_config)])
+        self.run([petit_client, "start", "-c", str(client_config)], server.env)
+        self.cleanups.append(([petit_client, "stop", "-c", str(client_config)], server.env))
         client_pid, _ = _pid_file(client_config.parent / "client.pid")
         host = f"{match.group(1)}.localhost"
         deadline = time.monotonic() + 20
-        while http and _status(http_port, host, ONE_KIB) != 200:
+        while http and _status(server.http_port, host, ONE_KIB) != 200:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the petit tunnel did not come up within 20 s")
             time.sleep(0.05)  # noqa: TID251
@@ -266,11 +297,11 @@ GatewayPorts no
         wait_listening(port, "redis-server")
         return port
 
-    def petit_tcp_port(self, host: str) -> int:
-        """The raw TCP port the server opened for the registration behind ``host``."""
+    def petit_tcp_port(self, server: PetitServer, host: str) -> int:
+        """The raw TCP port ``server`` opened for the registration behind ``host``."""
         registration_id = host.split(".")[0]
         argv = [str(VENV_BIN / "petit-server"), "status", registration_id, "--json"]
-        reply = json.loads(self.run([*argv, "-c", str(self.petit_server_config)]))
+        reply = json.loads(self.run([*argv, "-c", str(server.config)], server.env))
         return int(reply["connections"][0]["port"])
 
     def start_delay(self, target_port: int, one_way_ms: float) -> int:
@@ -337,12 +368,50 @@ def rss_mb(pid: int) -> float:
 
 
 @dataclass(frozen=True)
+class PetitServer:
+    """A running petit server (``env`` selects the code it runs: None is the working tree)."""
+
+    config: Path
+    tunnel_port: int
+    http_port: int
+    pid: int
+    env: dict[str, str] | None
+
+
+@dataclass(frozen=True)
 class Route:
-    """One way to reach nginx: a port and the Host header to send."""
+    """One way to reach a backend: a port and the Host header to send; through petit, the
+    server and the client whose CPU time the request costs."""
 
     name: str
     port: int
     host: str
+    server: PetitServer | None = None
+    client_pid: int = 0
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """petit's processes on this route, by role."""
+        if self.server is None:
+            return {}
+        return {"server": self.server.pid, "client": self.client_pid}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def cpu_per_request(target: Route, figures: dict[str, float], row: str) -> Iterator[None]:
+    """Around a load that fills ``figures``: add petit's CPU µs per request for each role
+    (``{row}_cpu_us_server`` ...) from the load's request count, ``figures[row + "_requests"]``."""
+    before = {role: cpu_seconds(pid) for role, pid in target.pids.items()}
+    yield
+    for role, pid in target.pids.items():
+        spent = cpu_seconds(pid) - before[role]
+        figures[f"{row}_cpu_us_{role}"] = spent * 1e6 / figures[f"{row}_requests"]
 
 
 def wrk(target: Route, connections: int, duration: float) -> dict[str, float]:
@@ -366,10 +435,12 @@ def wrk(target: Route, connections: int, duration: float) -> dict[str, float]:
         timeout=duration + 60,
         check=True,
     ).stdout
-    requests = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    requests = float(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
-        "req_s": requests,
+        "req_s": rate,
+        "requests": requests,
         "p50_ms": _latency(output, "50%"),
         "p99_ms": _latency(output, "99%"),
         "non_2xx": float(errors.group(1)) if errors else 0.0,
@@ -452,26 +523,29 @@ class Plan:
     redis_requests: int  # redis-benchmark requests at 50 connections (a tenth at one)
 
 
-def measure(plan: Plan) -> dict[str, object]:
-    """Run every measurement on the three paths; return the figures."""
+def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
+    """Run every measurement on every path; return the figures."""
     with bench_environment() as bench:
         backend = bench.start_nginx()
         ssh_port = bench.start_ssh_tunnel(backend)
-        petit_port, petit_host, pids = bench.start_petit(backend)
-        paths = [
-            Route("direct", backend, "localhost"),
-            Route("ssh -R", ssh_port, "localhost"),
-            Route("petit", petit_port, petit_host),
-        ]
-        memory: dict[str, object] = {f"{role}_idle_mb": rss_mb(pid) for role, pid in pids.items()}
+        petits = [bench.start_petit("petit", backend)]
+        if baseline is not None:
+            petits.append(bench.start_petit(f"petit@{baseline}", backend, baseline))
+        paths = [Route("direct", backend, "localhost"), Route("ssh -R", ssh_port, "localhost")]
+        paths += petits
+        memory: dict[str, object] = {
+            f"{role}_idle_mb": rss_mb(pid) for role, pid in petits[0].pids.items()
+        }
         results: dict[str, dict[str, float]] = {p.name: {} for p in paths}
-        # Each measure runs on the three paths one after the other, so a neighbour's load
-        # on a shared machine hits all three alike instead of whichever path ran last.
+        # Each measure runs on every path one after the other, so a neighbour's load on a
+        # shared machine hits all of them alike instead of whichever path ran last.
         for connections in (16, 64):
             for target in paths:
-                for key, value in wrk(target, connections, plan.duration).items():
-                    results[target.name][f"c{connections}_{key}"] = value
-        memory.update({f"{r}_load_mb": rss_mb(pid) for r, pid in pids.items()})
+                figures = results[target.name]
+                with cpu_per_request(target, figures, f"c{connections}"):
+                    for key, value in wrk(target, connections, plan.duration).items():
+                        figures[f"c{connections}_{key}"] = value
+        memory.update({f"{r}_load_mb": rss_mb(pid) for r, pid in petits[0].pids.items()})
         for parallel in (1, 4):
             for target in paths:
                 median, best = download_rounds(target, parallel, plan.download_rounds)
@@ -479,12 +553,12 @@ def measure(plan: Plan) -> dict[str, object]:
                 results[target.name][f"download_{parallel}x_best_mb_s"] = best
         for target in paths:
             results[target.name]["new_connection_ms"] = first_request_ms(target, plan.repeats)
-        memory.update({f"{role}_after_mb": rss_mb(pid) for role, pid in pids.items()})
-        memory.update(leak_check(paths[-1], pids, plan))
-        for target in redis_paths(bench, petit_port):
+        memory.update({f"{r}_after_mb": rss_mb(pid) for r, pid in petits[0].pids.items()})
+        memory.update(leak_check(petits[0], plan))
+        for target in redis_paths(bench, petits):
             results[target.name].update(redis_figures(target, plan))
         results["direct"]["wan_download_mb_s"] = float("nan")  # no tunnel leg to delay
-        for target in long_link_paths(bench, backend, petit_port, WAN_ONE_WAY_MS):
+        for target in long_link_paths(bench, backend, petits, WAN_ONE_WAY_MS):
             median, _ = download_rounds(target, 1, plan.download_rounds)
             results[target.name]["wan_download_mb_s"] = median
         return {"paths": results, "memory": memory, "duration_s": plan.duration}
@@ -493,36 +567,43 @@ def measure(plan: Plan) -> dict[str, object]:
 WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
 
 
-def redis_paths(bench: Bench, petit_port: int) -> list[Route]:
-    """redis-server reached directly, through ssh -R, and through a petit registration's raw
-    TCP port (a third client whose private service is the redis-server)."""
+def redis_paths(bench: Bench, petits: list[Route]) -> list[Route]:
+    """redis-server reached directly, through ssh -R, and through each petit's raw TCP port
+    (one more client per server, whose private service is the redis-server)."""
     redis_port = bench.start_redis()
     ssh_port = bench.start_ssh_forward(bench.sshd_port, redis_port)
-    host, _ = bench.start_petit_client(bench.petit_tunnel_port, redis_port, petit_port, http=False)
-    petit_tcp = bench.petit_tcp_port(host)
-    wait_listening(petit_tcp, "the registration's TCP port")
-    return [
-        Route("direct", redis_port, ""),
-        Route("ssh -R", ssh_port, ""),
-        Route("petit", petit_tcp, ""),
-    ]
+    routes = [Route("direct", redis_port, ""), Route("ssh -R", ssh_port, "")]
+    for petit in petits:
+        assert petit.server is not None
+        server = petit.server
+        host, client_pid = bench.start_petit_client(
+            server, server.tunnel_port, redis_port, http=False
+        )
+        tcp_port = bench.petit_tcp_port(server, host)
+        wait_listening(tcp_port, "the registration's TCP port")
+        routes.append(Route(petit.name, tcp_port, "", server, client_pid))
+    return routes
 
 
 def redis_figures(target: Route, plan: Plan) -> dict[str, float]:
     """redis-benchmark through ``target``: GET req/s at 1 and 50 connections, SET at 50, and
-    the round trip of an inline PING at one connection (p50, p99 ms)."""
-    figures = {}
+    the round trip of an inline PING at one connection (p50, p99 ms); through petit, the CPU
+    per GET at one connection."""
+    figures: dict[str, float] = {}
     for test, clients, requests in (
         ("get", 1, plan.redis_requests // 10),
         ("get", 50, plan.redis_requests),
         ("set", 50, plan.redis_requests),
         ("ping_inline", 1, plan.redis_requests // 10),
     ):
-        row = _redis_benchmark(target.port, test, clients, requests)
-        figures[f"tcp_{test}_c{clients}_req_s"] = row["rps"]
+        row = f"tcp_{test}_c{clients}"
+        figures[f"{row}_requests"] = requests
+        with cpu_per_request(target, figures, row):
+            result = _redis_benchmark(target.port, test, clients, requests)
+        figures[f"{row}_req_s"] = result["rps"]
         if test == "ping_inline":
-            figures["tcp_ping_p50_ms"] = row["p50_latency_ms"]
-            figures["tcp_ping_p99_ms"] = row["p99_latency_ms"]
+            figures["tcp_ping_p50_ms"] = result["p50_latency_ms"]
+            figures["tcp_ping_p99_ms"] = result["p99_latency_ms"]
     return figures
 
 
@@ -534,26 +615,32 @@ def _redis_benchmark(port: int, test: str, clients: int, requests: int) -> dict[
     return {name: float(value) for name, value in zip(header[1:], values[1:], strict=True)}
 
 
-def long_link_paths(bench: Bench, backend: int, petit_port: int, one_way_ms: float) -> list[Route]:
-    """A second ssh -R and a second petit client, each dialling through a delay relay."""
+def long_link_paths(
+    bench: Bench, backend: int, petits: list[Route], one_way_ms: float
+) -> list[Route]:
+    """A second ssh -R and one more client per petit server, each dialling through a delay
+    relay."""
     ssh_relay = bench.start_delay(bench.sshd_port, one_way_ms)
-    petit_relay = bench.start_delay(bench.petit_tunnel_port, one_way_ms)
-    ssh_port = bench.start_ssh_forward(ssh_relay, backend)
-    petit_host, _ = bench.start_petit_client(petit_relay, backend, petit_port)
-    return [Route("ssh -R", ssh_port, "localhost"), Route("petit", petit_port, petit_host)]
+    routes = [Route("ssh -R", bench.start_ssh_forward(ssh_relay, backend), "localhost")]
+    for petit in petits:
+        assert petit.server is not None
+        relay = bench.start_delay(petit.server.tunnel_port, one_way_ms)
+        host, _ = bench.start_petit_client(petit.server, relay, backend)
+        routes.append(Route(petit.name, petit.port, host))
+    return routes
 
 
-def leak_check(petit: Route, pids: dict[str, int], plan: Plan) -> dict[str, list[float]]:
+def leak_check(petit: Route, plan: Plan) -> dict[str, list[float]]:
     """RSS of petit's processes after each of ``plan.load_rounds`` further identical loads.
 
     A leak grows a little every round; the allocator's high-water mark is reached in the
     first rounds and then stays flat.
     """
-    after: dict[str, list[float]] = {f"{role}_rounds_mb": [] for role in pids}
+    after: dict[str, list[float]] = {f"{role}_rounds_mb": [] for role in petit.pids}
     for _ in range(plan.load_rounds):
         wrk(petit, 64, plan.duration)
         downloads(petit, 4)
-        for role, pid in pids.items():
+        for role, pid in petit.pids.items():
             after[f"{role}_rounds_mb"].append(rss_mb(pid))
     return after
 
@@ -576,31 +663,52 @@ ROWS = [
     ("tcp_set_c50_req_s", "TCP port: redis SET/s, 50 conns", True),
     ("tcp_ping_p50_ms", "TCP port: PING p50 ms, 1 conn", False),
     ("tcp_ping_p99_ms", "TCP port: PING p99 ms, 1 conn", False),
+    ("c64_cpu_us_server", "CPU µs/req server, 64 conns", False),
+    ("c64_cpu_us_client", "CPU µs/req client, 64 conns", False),
+    ("tcp_get_c1_cpu_us_server", "CPU µs/GET server, TCP 1 conn", False),
+    ("tcp_get_c1_cpu_us_client", "CPU µs/GET client, TCP 1 conn", False),
 ]
 
 
 def _ratio(petit: float, base: float, higher_is_better: bool) -> float:
-    if not petit or not base:
+    if not petit or not base or math.isnan(petit) or math.isnan(base):
         return float("nan")
     return petit / base if higher_is_better else base / petit
 
 
 def table(results: dict[str, object]) -> str:
-    """The figures with petit/ssh and petit/direct ratios (>1 is better for petit)."""
+    """The figures with petit/ssh and petit/direct ratios (>1 is better for petit), and with
+    a baseline revision, petit/petit@REV."""
     paths = results["paths"]
     assert isinstance(paths, dict)
-    header = ("measure", "direct", "ssh -R", "petit", "petit/ssh", "petit/direct")
-    lines = ["{:30} {:>10} {:>10} {:>10} {:>10} {:>12}".format(*header)]
-    for key, label, higher_is_better in ROWS:
-        direct, ssh, petit = (paths[name][key] for name in ("direct", "ssh -R", "petit"))
-        lines.append(
-            f"{label:30} {direct:10.2f} {ssh:10.2f} {petit:10.2f} "
-            f"{_ratio(petit, ssh, higher_is_better):10.2f} "
-            f"{_ratio(petit, direct, higher_is_better):12.3f}"
+    names = list(paths)
+    ratios = [("petit/ssh", "ssh -R"), ("petit/direct", "direct")]
+    ratios += [(f"/{name}", name) for name in names[3:]]
+    header = ["measure", *names, *(label for label, _ in ratios)]
+    widths = [31, *(max(10, len(name)) for name in header[1:])]
+    lines = [
+        " ".join(
+            f"{h:{w}}" if i == 0 else f"{h:>{w}}"
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
         )
-    lines.append(
-        "(ratios: >1 means petit is better; latency ratios are ssh/petit and direct/petit)"
-    )
+    ]
+    for key, label, higher_is_better in ROWS:
+        values = [paths[name].get(key, float("nan")) for name in names]
+        petit = paths["petit"].get(key, float("nan"))
+        cells = [
+            *values,
+            *(
+                _ratio(petit, paths[base].get(key, float("nan")), higher_is_better)
+                for _, base in ratios
+            ),
+        ]
+        lines.append(
+            f"{label:{widths[0]}} "
+            + " ".join(
+                f"{value:{width}.2f}" for value, width in zip(cells, widths[1:], strict=True)
+            )
+        )
+    lines.append("(ratios: >1 means petit is better; for latency and CPU, base/petit)")
     memory = results["memory"]
     assert isinstance(memory, dict)
     phases = {k: v for k, v in memory.items() if isinstance(v, float)}
@@ -629,6 +737,11 @@ def main() -> None:
         default=5,
         help="leak check: petit load rounds (wrk + 4 downloads), RSS after each",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure petit at this git revision (before and after, one run)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
     options = parser.parse_args()
     if options.smoke:
@@ -641,7 +754,7 @@ def main() -> None:
             load_rounds=options.load_rounds,
             redis_requests=20_000,
         )
-    results = measure(plan)
+    results = measure(plan, options.baseline)
     print(table(results))
     options.json.parent.mkdir(parents=True, exist_ok=True)
     options.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.bench.helpers import run_bench
+from tests.bench.helpers import REPO, run_bench
 
-PATHS = ("direct", "ssh -R", "petit")
+PATHS = ("direct", "ssh -R", "petit", "petit@HEAD")
 FIGURES = (
     "c16_req_s",
     "c16_p50_ms",
@@ -32,10 +33,30 @@ TCP_FIGURES = (
 )
 
 
+CPU_FIGURES = (
+    "c16_cpu_us_server",
+    "c16_cpu_us_client",
+    "c64_cpu_us_server",
+    "c64_cpu_us_client",
+    "tcp_get_c1_cpu_us_server",
+    "tcp_get_c1_cpu_us_client",
+)
+
+
+def _in_git_checkout() -> bool:
+    probe = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
 @pytest.mark.integration
+@pytest.mark.skipif(not _in_git_checkout(), reason="--baseline needs a git checkout")
 def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
-    stdout, figures = run_bench("run.py", "--smoke", tmp_path=tmp_path)
+    """Every figure on every path, with the committed code measured beside the working tree."""
+    stdout, figures = run_bench("run.py", "--smoke", "--baseline", "HEAD", tmp_path=tmp_path)
     assert "petit/ssh" in stdout
+    assert "/petit@HEAD" in stdout
     for path in PATHS:
         for name in FIGURES:
             value = figures["paths"][path][name]
@@ -47,7 +68,11 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
             value = figures["paths"][path][name]
             assert math.isfinite(value), (path, name)
             assert value > 0, (path, name)
-    for path in ("ssh -R", "petit"):  # the long-link row: through the delay relay
+    for path in PATHS[2:]:  # CPU per request of petit's own processes
+        for name in CPU_FIGURES:
+            assert figures["paths"][path][name] >= 0, (path, name)
+        assert figures["paths"][path]["c64_cpu_us_server"] > 0, path
+    for path in PATHS[1:]:  # the long-link row: through the delay relay
         assert figures["paths"][path]["wan_download_mb_s"] > 0, path
     assert math.isnan(figures["paths"]["direct"]["wan_download_mb_s"])
     memory = figures["memory"]
