@@ -84,7 +84,7 @@ def init_node(bench: Bench, name: str, redis_url: str, secret: str, tcp_addr: st
 def start_node(bench: Bench, config: Path) -> dict[str, int]:
     """Start a node (backgrounded); its bound ports."""
     bench.run([PETIT_SERVER, "start", "-c", str(config)])
-    bench.cleanups.append([PETIT_SERVER, "stop", "-c", str(config)])
+    bench.at_close([PETIT_SERVER, "stop", "-c", str(config)])
     return _pid_file(config.parent / "server.pid")[1]
 
 
@@ -123,7 +123,7 @@ def start_two_nodes(bench: Bench, backend_port: int) -> tuple[Route, Route]:
     if match is None:
         raise SystemExit(f"bench: petit-client register said: {registered}")
     bench.run([PETIT_CLIENT, "start", "-c", str(client)])
-    bench.cleanups.append([PETIT_CLIENT, "stop", "-c", str(client)])
+    bench.at_close([PETIT_CLIENT, "stop", "-c", str(client)])
     host = f"{match.group(1)}.localhost"
     routes = (
         Route("node A (holds the session)", ports_a["http"], host),

@@ -84,6 +84,10 @@ class Bench:
             argv, check=True, capture_output=True, text=True, timeout=120, env=env
         ).stdout
 
+    def at_close(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Run ``argv`` when the run ends (before helper processes are signalled)."""
+        self.cleanups.append((argv, env))
+
     def close(self) -> None:
         """Stop everything this run started."""
         for argv, env in reversed(self.cleanups):
@@ -232,7 +236,7 @@ GatewayPorts no
             adminPort="0",
         )
         self.run([petit_server, "start", "-c", str(server_config)], env)
-        self.cleanups.append(([petit_server, "stop", "-c", str(server_config)], env))
+        self.at_close([petit_server, "stop", "-c", str(server_config)], env)
         server_pid, ports = _pid_file(server_config.parent / "server.pid")
         server = PetitServer(server_config, ports["tunnel"], ports["http"], server_pid, env)
         self.servers.append(server)
@@ -268,7 +272,7 @@ GatewayPorts no
         if match is None:
             raise SystemExit(f"bench: petit-client register said: {registered}")
         self.run([petit_client, "start", "-c", str(client_config)], server.env)
-        self.cleanups.append(([petit_client, "stop", "-c", str(client_config)], server.env))
+        self.at_close([petit_client, "stop", "-c", str(client_config)], server.env)
         client_pid, _ = _pid_file(client_config.parent / "client.pid")
         host = f"{match.group(1)}.localhost"
         deadline = time.monotonic() + 20
