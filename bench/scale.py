@@ -38,7 +38,6 @@ from petit.transport import (
     REGISTER_PATH,
     TUNNEL_PATH,
     ServerAddress,
-    WebSocketCarrier,
     open_websocket,
 )
 
@@ -99,7 +98,7 @@ async def run_client(
     try:
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
-            WebSocketCarrier(websocket),
+            websocket,
             ping_interval=30,
             stream_handler=answer_http,
         )

@@ -1,8 +1,8 @@
-"""The tunnel's carrier: binary WebSocket messages over TLS (trio-websocket).
+"""The tunnel's carrier: binary WebSocket messages over TLS (``petit.websocket``).
 
-The client opens the TLS connection itself, rather than through ``open_websocket_url``, so
-it can read the server certificate it verified and bind its fingerprint into the handshake,
-and so that connection may run through an HTTP CONNECT proxy (``petit.proxy``).
+The client opens the TLS connection itself so it can read the server certificate it
+verified and bind its fingerprint into the handshake, and so that connection may run
+through an HTTP CONNECT proxy (``petit.proxy``).
 """
 
 from __future__ import annotations
@@ -15,60 +15,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
-from petit.errors import PetitError, RemoteProtocolError
+from petit.errors import PetitError
 from petit.pki import certificate_fingerprint
 from petit.proxy import ConnectHandshake, ProxyError, ProxyURL, select_proxy
+from petit.websocket import CLOSE_WAIT, HandshakeError, WebSocket, connect
 
 log = logging.getLogger("petit.transport")
 
 TUNNEL_PATH = "/petit/v1"
 REGISTER_PATH = "/petit/v1/register"
 UNREGISTER_PATH = "/petit/v1/unregister"
-# trio-websocket reads 4 KiB at a time by default, which costs about half the throughput.
-RECEIVE_BUFFER = 256 * 1024  # bytes
-MAX_MESSAGE = 4 * 1024 * 1024  # bytes; our writer sends at most 256 KiB + 48 per message
 PROXY_RECEIVE = 16 * 1024  # bytes per read of the proxy's CONNECT answer
 
 
 class ServerUnreachableError(PetitError):
     """The tunnel endpoint could not be reached or did not speak TLS + WebSocket."""
-
-
-class WebSocketCarrier:
-    """Frames travel in binary WebSocket messages; any message boundary is allowed."""
-
-    def __init__(self, websocket: WebSocketConnection) -> None:
-        self._websocket = websocket
-
-    async def send(self, data: bytes) -> None:
-        """Send one binary message."""
-        try:
-            await self._websocket.send_message(data)
-        except ConnectionClosed as exc:
-            raise trio.BrokenResourceError("the tunnel WebSocket is closed") from exc
-
-    async def receive(self) -> bytes:
-        """Return the next non-empty binary message, or b"" once the WebSocket closed."""
-        while True:
-            try:
-                message = await self._websocket.get_message()
-            except ConnectionClosed:
-                return b""
-            if isinstance(message, str):
-                raise RemoteProtocolError("text WebSocket message on the tunnel")
-            if message:
-                return message
-
-    async def aclose(self) -> None:
-        """Close the WebSocket."""
-        await self._websocket.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +43,17 @@ class ServerAddress:
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def authority(self) -> str:
+        """host:port as a Host header writes it (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
 
 @asynccontextmanager
 async def open_websocket(
     address: ServerAddress, ssl_context: ssl.SSLContext, path: str, *, proxy: str | None = None
-) -> AsyncIterator[tuple[WebSocketConnection, bytes]]:
+) -> AsyncIterator[tuple[WebSocket, bytes]]:
     """Dial the server; yield the WebSocket and the SHA-256 of the certificate it presented.
 
     ``proxy`` is the configured proxy URL; without one, HTTPS_PROXY applies. NO_PROXY is
@@ -111,27 +79,21 @@ async def open_websocket(
         ) from None
     certificate = tls.getpeercert(binary_form=True)
     assert certificate is not None, "a verified TLS peer always has a certificate"
-    async with trio.open_nursery() as nursery:
-        try:
-            websocket = await wrap_client_stream(
-                nursery,
-                tls,
-                address.host,
-                path,
-                max_message_size=MAX_MESSAGE,
-                receive_buffer_size=RECEIVE_BUFFER,
-            )
-        except (HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-            await trio.aclose_forcefully(tls)
+    try:
+        websocket = await connect(tls, address.authority, path)
+    except BaseException as exc:
+        await trio.aclose_forcefully(tls)
+        if isinstance(exc, HandshakeError | trio.BrokenResourceError):
             raise ServerUnreachableError(
                 f"the server at {address}{through} did not accept a WebSocket on {path}: {exc}"
             ) from None
-        try:
-            yield websocket, certificate_fingerprint(certificate)
-        finally:
-            with trio.move_on_after(1, shield=True):
-                await websocket.aclose()
-            nursery.cancel_scope.cancel()
+        raise
+    try:
+        yield websocket, certificate_fingerprint(certificate)
+    finally:
+        with trio.move_on_after(CLOSE_WAIT, shield=True):
+            await websocket.aclose()
+        await trio.aclose_forcefully(tls)
 
 
 async def _open_stream(address: ServerAddress, proxy: ProxyURL | None) -> trio.SocketStream:

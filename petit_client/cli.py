@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 import tomli_w
 import trio
-from trio_websocket import ConnectionClosed
 
 from petit import __version__, messages
 from petit.auth import (
@@ -298,7 +297,7 @@ async def _exchange(
                     return server, reply
         except trio.TooSlowError:
             error = f"no {what} answer from the server at {server} within {timeout:g} s"
-        except ConnectionClosed:
+        except trio.BrokenResourceError:
             error = f"the server at {server} closed the connection without a {what} answer"
         except ServerUnreachableError as exc:
             error = str(exc)

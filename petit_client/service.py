@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
-from trio_websocket import WebSocketConnection
 
 from petit import __version__
 from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
@@ -48,9 +47,9 @@ from petit.transport import (
     TUNNEL_PATH,
     ServerAddress,
     ServerUnreachableError,
-    WebSocketCarrier,
     open_websocket,
 )
+from petit.websocket import WebSocket
 from petit_client.config import ClientConfig, LocalTarget
 from petit_client.tenants import Tenant, registered_tenants
 
@@ -389,12 +388,10 @@ class ClientService:
         if connecting.cancelled_caught:
             raise trio.TooSlowError(f"no connection to {link.server} within the timeout")
 
-    async def _run_handshaken(
-        self, link: _Link, websocket: WebSocketConnection, fingerprint: bytes
-    ) -> None:
+    async def _run_handshaken(self, link: _Link, websocket: WebSocket, fingerprint: bytes) -> None:
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
-            WebSocketCarrier(websocket),
+            websocket,
             ping_interval=self.config.ping_interval,
             stream_handler=self._handle_stream,
         )

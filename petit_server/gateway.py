@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from petit import messages
 from petit.auth import (
@@ -33,7 +32,8 @@ from petit.auth import (
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, PetitError, RemoteProtocolError
 from petit.session import KeepaliveTimeoutError, TunnelSession
-from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH, WebSocketCarrier
+from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH
+from petit.websocket import UpgradeRequest, WebSocket
 from petit_server.config import ServerConfig
 from petit_server.hub import Attachment, Hub
 from petit_server.registry import Registry, RegistryUnavailableError, token_to_present
@@ -76,9 +76,9 @@ class Gateway:
     certificate_fingerprint: bytes
     registrations: SourceRate
 
-    async def handle(self, request: WebSocketRequest) -> None:
+    async def handle(self, request: UpgradeRequest) -> None:
         """Dispatch one WebSocket request by path."""
-        remote = _remote(request)
+        remote = request.remote
         if request.path == TUNNEL_PATH:
             await self._serve_tunnel(await request.accept(), remote)
         elif request.path == REGISTER_PATH:
@@ -88,10 +88,10 @@ class Gateway:
         else:
             await request.reject(404)
 
-    async def _serve_tunnel(self, websocket: WebSocketConnection, remote: str) -> None:
+    async def _serve_tunnel(self, websocket: WebSocket, remote: str) -> None:
         session = TunnelSession(
             TunnelConnection(Role.SERVER),
-            WebSocketCarrier(websocket),
+            websocket,
             ping_interval=self.config.ping_interval,
         )
         nonce = secrets.token_bytes(NONCE_SIZE)
@@ -154,7 +154,7 @@ class Gateway:
 
     async def _exchange(
         self,
-        websocket: WebSocketConnection,
+        websocket: WebSocket,
         remote: str,
         kind: str,
         answer: Callable[[dict[str, object], bytes, str], Awaitable[dict[str, object]]],
@@ -186,7 +186,7 @@ class Gateway:
                     log.error("%s from %s failed: cannot save the registry: %s", kind, remote, exc)
                     reply = {"type": "error", "error": "the server cannot save its registry"}
                 await websocket.send_message(messages.encode(reply))
-        except (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.info("%s from %s abandoned: %s", kind, remote, str(exc) or "timeout")
 
     async def _register(
@@ -244,8 +244,3 @@ def _field_bytes(request: dict[str, object], key: str) -> bytes:
     if not isinstance(value, str):
         raise RemoteProtocolError(f"'{key}' is required")
     return b64decode(value, what=key)
-
-
-def _remote(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return str(getattr(remote, "address", remote))

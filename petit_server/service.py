@@ -16,7 +16,6 @@ from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import serve_websocket
 
 from petit import __version__
 from petit.control import parse_networks, serve_control
@@ -26,7 +25,7 @@ from petit.lockfile import ProcessLock
 from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.statefile import remove_stale_temporaries
-from petit.transport import MAX_MESSAGE, RECEIVE_BUFFER
+from petit.websocket import serve_websocket
 from petit_server.admin import AdminApi, AdminSources
 from petit_server.cluster import Cluster
 from petit_server.config import ServerConfig
@@ -189,16 +188,15 @@ class ServerService:
                     gateway.handle,
                     ssl_context=ssl_context,
                     handler_nursery=handlers,
-                    max_message_size=MAX_MESSAGE,
-                    receive_buffer_size=RECEIVE_BUFFER,
                     # From TCP accept through TLS and the WebSocket upgrade; the hello then
                     # has its own handshakeTimeout (gateway).
-                    connect_timeout=config.handshake_timeout,
+                    handshake_timeout=config.handshake_timeout,
                 )
-                websocket_server = await _bind(
-                    listeners, "tunnel endpoint", "backPort", public, config.back_port, tunnel
-                )
-                ports: dict[str, int] = {"tunnel": websocket_server.port}
+                ports: dict[str, int] = {
+                    "tunnel": await _bind(
+                        listeners, "tunnel endpoint", "backPort", public, config.back_port, tunnel
+                    )
+                }
                 if https_context is not None:
                     https = partial(
                         serve_https,

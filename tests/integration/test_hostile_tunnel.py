@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from petit.auth import Hello, encode_hello, generate_key, hello_transcript, sign
 from petit.errors import ErrorCode
 from petit.frames import Frame, FrameDecoder, FrameType, encode_frame, encode_header
 from petit.pki import client_ssl_context
 from petit.transport import REGISTER_PATH, TUNNEL_PATH, ServerAddress, open_websocket
+from petit.websocket import WebSocket, WebSocketClosedError
 from tests.integration.harness import (
     ClientFactory,
     PetitClient,
@@ -47,7 +47,7 @@ U32 = struct.Struct("!I")
 class RawTunnel:
     """An attacker's tunnel WebSocket: raw frames out, decoded frames in."""
 
-    websocket: WebSocketConnection
+    websocket: WebSocket
     fingerprint: bytes
     nonce: bytes
     decoder: FrameDecoder
@@ -61,9 +61,8 @@ class RawTunnel:
         """The next frame from the server, or None once it closed the WebSocket."""
         while (frame := self.decoder.next_frame()) is None:
             try:
-                message = await self.websocket.get_message()
-                self.decoder.feed(message if isinstance(message, bytes) else message.encode())
-            except ConnectionClosed:
+                self.decoder.feed(await self.websocket.get_message(limit=1 << 24))
+            except WebSocketClosedError:
                 return None
         return frame
 

@@ -20,7 +20,7 @@ from petit.connection import Role, TunnelConnection
 from petit.errors import RemoteProtocolError
 from petit.pki import client_ssl_context
 from petit.session import StreamHandler, TunnelSession, TunnelStream
-from petit.transport import TUNNEL_PATH, ServerAddress, WebSocketCarrier, open_websocket
+from petit.transport import TUNNEL_PATH, ServerAddress, open_websocket
 from tests.integration.harness import (
     PING_INTERVAL,
     ClientFactory,
@@ -62,7 +62,7 @@ async def tunnel(
     ):
         session = TunnelSession(
             TunnelConnection(Role.CLIENT),
-            WebSocketCarrier(websocket),
+            websocket,
             ping_interval=PING_INTERVAL,
             stream_handler=stream_handler,
         )

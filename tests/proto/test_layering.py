@@ -36,6 +36,11 @@ def test_protocol_core_does_no_io(module: str) -> None:
         ("petit_server", "petit_client"),
         ("petit", "petit_client"),
         ("petit", "petit_server"),
+        # trio-websocket is a test dependency only: a second implementation to interoperate
+        # with. The product speaks WebSocket through petit.websocket.
+        ("petit", "trio_websocket"),
+        ("petit_client", "trio_websocket"),
+        ("petit_server", "trio_websocket"),
     ],
 )
 def test_packages_keep_their_distance(package: str, forbidden: str) -> None:
