@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 import trio
@@ -17,6 +18,7 @@ from petit.session import (
     SessionClosedError,
     StreamCarrier,
     StreamRefusedError,
+    Traffic,
     TunnelSession,
     TunnelStream,
     splice,
@@ -388,6 +390,40 @@ async def test_splice_copies_both_ways_and_passes_half_closes_on() -> None:
             await local_service.send_eof()
             assert await public.receive_some() == b""
             await spliced.wait()  # both directions reached EOF
+            nursery.cancel_scope.cancel()
+
+
+async def test_splice_into_a_socket_keeps_order_when_the_reader_writes_directly() -> None:
+    """Into a real socket the session's reader writes DATA itself while the relay waits. A
+    4 KiB send buffer and small reads on the far side keep the socket filling, so bytes
+    alternate between direct writes and the relay's own sends: they must arrive complete and
+    in order, and be counted. (This caught a reader writing while the relay held a chunk.)"""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(nursery)
+            public, tunnel_end = await pair.open_stream_pair()
+            near, far = trio.socket.socketpair()
+            near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            local_end, local_service = trio.SocketStream(near), trio.SocketStream(far)
+            traffic = Traffic()
+            nursery.start_soon(splice, tunnel_end, local_end, traffic)
+            big = payload(3 * DEFAULT_WINDOW, seed=7)
+            pieces = random.Random(7)
+
+            async def send_in_pieces() -> None:
+                view = memoryview(big)
+                while view:
+                    size = pieces.randint(1, 16 * 1024)
+                    await public.send_all(view[:size])
+                    view = view[size:]
+                await public.send_eof()
+
+            nursery.start_soon(send_in_pieces)
+            received = bytearray()
+            while chunk := await local_service.receive_some(pieces.randint(1, 8 * 1024)):
+                received += chunk
+            assert received == big
+            assert traffic.a_to_b == len(big)
             nursery.cancel_scope.cancel()
 
 
