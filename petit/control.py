@@ -27,6 +27,7 @@ from typing import Final, TypeAlias
 import trio
 
 from petit.errors import ConfigError, PetitError
+from petit.listen import serve_listeners
 
 ETX: Final = b"\x03"
 MAX_COMMAND: Final = 4096  # bytes before ETX
@@ -73,7 +74,9 @@ async def serve_control(
         listeners = listeners[:1]
     bound_port: int = listeners[0].socket.getsockname()[1]
     task_status.started(bound_port)
-    await trio.serve_listeners(partial(_serve_connection, handler, networks), listeners)
+    await serve_listeners(
+        partial(_serve_connection, handler, networks), listeners, what="control port"
+    )
 
 
 async def send_control(host: str, port: int, command: str) -> dict[str, object]:

@@ -18,6 +18,8 @@ from typing import Final, TypeAlias
 import h11
 import trio
 
+from petit.listen import serve_tcp
+
 MAX_HEAD: Final = 16 * 1024  # bytes of a request head
 MAX_BODY: Final = 16 * 1024  # bytes of a request body (these APIs take small documents)
 READ_CHUNK: Final = 64 * 1024
@@ -104,8 +106,6 @@ async def serve_api(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen and serve ``answer`` forever; ``task_status.started`` gets the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
@@ -117,7 +117,14 @@ async def serve_api(
         except Exception:  # per-connection boundary: log the bug, keep serving others
             log.exception("bug while serving an API connection")
 
-    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+    await serve_tcp(
+        handler,
+        port,
+        host=host,
+        what="HTTP API",
+        handler_nursery=handler_nursery,
+        task_status=task_status,
+    )
 
 
 class _Connection:

@@ -55,6 +55,7 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError as HandshakeProtocolError
 
 from petit.errors import PetitError, RemoteProtocolError
+from petit.listen import serve_tcp
 
 log = logging.getLogger("petit.websocket")
 
@@ -318,8 +319,6 @@ async def serve_websocket(
     TLS and the upgrade request must complete within ``handshake_timeout`` of the TCP accept.
     The WebSocket is closed once ``handler`` returns.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
 
     async def serve_one(connection: trio.SocketStream) -> None:
         remote = _address(connection)
@@ -344,7 +343,14 @@ async def serve_websocket(
                     await request.websocket.aclose()
             await trio.aclose_forcefully(tls)
 
-    await trio.serve_listeners(serve_one, listeners, handler_nursery=handler_nursery)
+    await serve_tcp(
+        serve_one,
+        port,
+        host=host,
+        what="tunnel endpoint",
+        handler_nursery=handler_nursery,
+        task_status=task_status,
+    )
 
 
 def _address(connection: trio.SocketStream) -> str:

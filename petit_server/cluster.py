@@ -50,6 +50,7 @@ import trio
 from petit.auth import parse_json_object
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, ConfigError, ErrorCode, PetitError
+from petit.listen import serve_listeners
 from petit.pki import certificate_fingerprint
 from petit.session import (
     SessionClosedError,
@@ -515,7 +516,9 @@ class Cluster:
         self.directory.port = bound
         task_status.started(bound)
         handler = partial(self._accept_link, ssl_context=ssl_context, fingerprint=fingerprint)
-        await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+        await serve_listeners(
+            handler, listeners, what="cluster port", handler_nursery=handler_nursery
+        )
 
     async def _accept_link(
         self, tcp: trio.SocketStream, *, ssl_context: ssl.SSLContext, fingerprint: bytes

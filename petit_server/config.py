@@ -46,6 +46,7 @@ class ServerConfig:
     listen_port: int = 3016
     listen_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For/Forwarded we keep
+    proxy_protocol: bool = False  # trusted peers may send a PROXY header (v1/v2) first
     registry_file: Path
     certificate: Path
     key: Path
@@ -111,6 +112,7 @@ def load_server_config(path: Path) -> ServerConfig:
         listen_port=server.port("listenPort", 3016),
         listen_allow=tuple(server.string_list("listenAllow", ["127.0.0.1", "::1"])),
         trusted_proxies=_checked_networks(server.string_list("trustedProxies", [])),
+        proxy_protocol=server.boolean("proxyProtocol", False),
         registry_file=server.path("registryfile", "./registry.json"),
         certificate=server.path("certificate", "./certificates/server.crt"),
         key=server.path("key", "./certificates/server.key"),
@@ -240,6 +242,9 @@ listenAllow = ["127.0.0.1", "::1"]
 # Load balancers in front of the ingress (CIDRs): their X-Forwarded-For is kept and extended.
 # Anyone else's X-Forwarded-*, Forwarded, X-Real-IP and True-Client-IP are replaced by ours.
 trustedProxies = []
+# With true, a trusted load balancer that passes TCP through (L4) may start each connection
+# with a PROXY protocol header (v1 or v2) naming the caller, on the HTTP and HTTPS ingress.
+proxyProtocol = false
 # Registrations (IDs, public keys, ports, aliases) and hashed enrollment tokens, written
 # atomically.
 registryfile = "./registry.json"

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from petit.errors import ConfigError
+from petit.listen import serve_tcp
 from petit_server.config import ServerConfig
 from petit_server.ingress import Routing, handle_public_connection
 
@@ -187,14 +188,19 @@ async def serve_https(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen for public HTTPS; report the bound port; handlers run in ``handler_nursery``."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
     tls = _Handshake(certificates, handshake_timeout)
 
     async def handler(connection: trio.SocketStream) -> None:
         await handle_public_connection(connection, routing=routing, tls=tls)
 
-    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+    await serve_tcp(
+        handler,
+        port,
+        host=host,
+        what="HTTPS ingress",
+        handler_nursery=handler_nursery,
+        task_status=task_status,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +210,7 @@ class _Handshake:
     certificates: ReloadingContext
     timeout: float
 
-    async def __call__(self, connection: trio.SocketStream) -> trio.SSLStream[trio.SocketStream]:
+    async def __call__(self, connection: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream]:
         stream = trio.SSLStream(
             connection, await self.certificates.current(), server_side=True, https_compatible=True
         )

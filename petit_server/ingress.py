@@ -31,6 +31,8 @@ import trio
 
 from petit.control import in_networks
 from petit.errors import first_leaf
+from petit.listen import serve_tcp
+from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError
 from petit_server.usage import RequestMeter, UsageStore
 
@@ -140,6 +142,8 @@ class Routing:
     # Peers whose forwarding headers we keep and extend (load balancers); everyone else's
     # are replaced by ours.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Whether trusted peers (L4 load balancers) may name the caller with a PROXY header.
+    proxy_protocol: bool = False
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
@@ -633,19 +637,25 @@ async def handle_public_connection(
     connection: trio.SocketStream,
     *,
     routing: Routing,
-    tls: Callable[[trio.SocketStream], Awaitable[trio.abc.Stream]] | None = None,
+    tls: Callable[[trio.abc.Stream], Awaitable[trio.abc.Stream]] | None = None,
     redirect_to_port: int | None = None,
 ) -> None:
     """Serve one public connection, over the stream ``tls`` handshakes when given (HTTPS).
 
     A failure here never reaches other connections. Past the connection limits it is
-    refused before anything is parsed.
+    refused before anything is parsed. With ``proxy_protocol``, a trusted peer's PROXY
+    header (read within headerTimeout) names the caller, who is then the peer for the
+    limits, X-Forwarded-For and the trust in forwarding headers.
     """
     stream: trio.abc.Stream = connection
     admitted: str | None = None
     try:
         peer = connection.socket.getpeername()
         peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if routing.proxy_protocol and in_networks(peer_ip, routing.trusted_proxies):
+            with trio.fail_after(routing.header_timeout):
+                caller, stream = await _read_proxy_header(connection)
+            peer_ip = caller or peer_ip
         if not routing.limits.admit(peer_ip):
             if tls is None:
                 with trio.move_on_after(1):  # bounded: the refusal, then a brief linger
@@ -661,19 +671,58 @@ async def handle_public_connection(
             return
         admitted = peer_ip
         if tls is not None:
-            stream = await tls(connection)
+            stream = await tls(stream)
         proto = "http" if tls is None else "https"
         await IngressConnection(
             stream, routing, peer_ip, proto=proto, redirect_to_port=redirect_to_port
         ).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         log.debug("public connection dropped: %r", exc)
+    except ProxyProtocolError as exc:
+        log.info("public connection from a trusted proxy dropped: %s", exc)
     except Exception:  # per-connection boundary: log the bug, keep serving others
         log.exception("bug while serving a public connection")
     finally:
         if admitted is not None:
             routing.limits.release(admitted)
         await trio.aclose_forcefully(stream)
+
+
+async def _read_proxy_header(connection: trio.SocketStream) -> tuple[str | None, trio.abc.Stream]:
+    """The caller a PROXY header names (None: none, or the balancer itself), and the stream
+    to go on with: the bytes read past the header come first."""
+    received = b""
+    while (header := read_header(received)) is None:
+        chunk = await connection.receive_some(V1_MAX)
+        if not chunk:
+            raise trio.BrokenResourceError("closed before its PROXY header ended")
+        received += chunk
+    return header.source, _Replayed(connection, received[header.size :])
+
+
+class _Replayed(trio.abc.Stream):
+    """A stream whose first bytes were already read (past a PROXY header): they come first."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._first:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._first) if max_bytes is None else max_bytes
+        data, self._first = self._first[:size], self._first[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 _OVER_LIMITS: Final = (
@@ -696,11 +745,15 @@ async def serve_ingress(
 
     With ``redirect_to_port`` every request is redirected (308) to HTTPS on that port.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    task_status.started(bound)
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_public_connection(stream, routing=routing, redirect_to_port=redirect_to_port)
 
-    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
+    await serve_tcp(
+        handler,
+        port,
+        host=host,
+        what="HTTP ingress",
+        handler_nursery=handler_nursery,
+        task_status=task_status,
+    )

@@ -176,6 +176,7 @@ class ServerService:
                 total=config.max_connections, per_address=config.max_connections_per_address
             ),
             trusted_proxies=tuple(parse_networks(config.trusted_proxies, "trustedProxies")),
+            proxy_protocol=config.proxy_protocol,
         )
         public = config.bind_addr
         async with trio.open_nursery() as handlers:

@@ -29,6 +29,7 @@ from functools import partial
 
 import trio
 
+from petit.listen import serve_listeners
 from petit.session import StreamRefusedError, splice
 from petit_server.hub import Upstreams
 from petit_server.registry import Registration
@@ -148,8 +149,11 @@ class TcpPorts:
         self._listening.add(registration_id)
         log.info("registration %s: TCP port %s:%d open", registration_id, self._host, port)
         try:
-            await trio.serve_listeners(
-                partial(self._carry, registration_id), sockets, handler_nursery=handler_nursery
+            await serve_listeners(
+                partial(self._carry, registration_id),
+                sockets,
+                what=f"TCP port {port} of registration {registration_id}",
+                handler_nursery=handler_nursery,
             )
         finally:
             log.info("registration %s: TCP port %d closed", registration_id, port)

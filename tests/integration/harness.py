@@ -412,10 +412,13 @@ class PetitServer:
         assert isinstance(sessions, list), reply
         return len(sessions)
 
-    def spawn_foreground(self, log: Path) -> subprocess.Popen[bytes]:
-        """``start --foreground`` as our own child (for exit statuses)."""
+    def spawn_foreground(
+        self, log: Path, *, wrapper: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """``start --foreground`` as our own child (for exit statuses); ``wrapper`` runs it
+        (``prlimit --nofile=64:64``, say)."""
         return self.reaper.spawn(
-            [PETIT_SERVER, "start", "--foreground", "-c", self.config], log=log
+            [*wrapper, PETIT_SERVER, "start", "--foreground", "-c", self.config], log=log
         )
 
 

@@ -283,3 +283,40 @@ async def test_keep_alive_request_for_another_customer_goes_to_that_customer(sit
     assert [first.body, second.body, third.body] == [b"A /first", b"B /second", b"A /third"]
     assert site.backends[0].targets == [b"/first", b"/third"]
     assert site.backends[1].targets == [b"/second"]
+
+
+async def curl_status(port: int, host: str, *options: str) -> tuple[int, bytes]:
+    """curl's status and body for GET /via-curl on the ingress (0: no HTTP answer)."""
+    argv = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-H", f"Host: {host}", *options]
+    result = await trio.run_process(
+        [*argv, f"http://127.0.0.1:{port}/via-curl"], capture_stdout=True, check=False
+    )
+    body, _, status = result.stdout.rpartition(b"\n")
+    return int(status or 0), body
+
+
+async def test_a_load_balancer_speaking_the_proxy_protocol_is_understood_only_when_trusted(
+    site: Site,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    nursery: trio.Nursery,
+) -> None:
+    """curl --haproxy-protocol stands for an L4 balancer: with proxyProtocol and the balancer
+    in trustedProxies, its header is read and the request served; elsewhere (the default) a
+    PROXY line is just bad HTTP, and no backend sees anything."""
+    proxied = await server_factory(
+        headerTimeout=HEADER_TIMEOUT, trustedProxies=["127.0.0.1"], proxyProtocol=True
+    )
+    backend = RecordingBackend("behind-balancer")
+    await nursery.start(backend.serve)
+    client = await client_factory(proxied, backend.port)
+    with trio.fail_after(EXCHANGE_TIMEOUT):
+        status, body = await curl_status(proxied.http_port, client.host, "--haproxy-protocol")
+        assert (status, body) == (200, b"behind-balancer /via-curl")
+        assert (b"x-forwarded-for", b"127.0.0.1") in backend.seen[0].headers
+        plain = await curl_status(proxied.http_port, client.host)  # the balancer's own request
+        assert plain == (200, b"behind-balancer /via-curl")
+
+        status, _ = await curl_status(site.port, site.host(), "--haproxy-protocol")
+    assert status == 400
+    assert all(not unreached.targets for unreached in site.backends)

@@ -31,6 +31,7 @@ from petit_server.ingress import (
 )
 from petit_server.usage import UsageStore
 from tests.integration.harness import wait_until
+from tests.proto.helpers import proxy_v2
 
 from .helpers import session_pair
 
@@ -537,4 +538,129 @@ async def test_connections_past_the_limits_are_refused_and_others_still_served()
             assert response.status_code == 200
             await caller.stream.aclose()
             await held.pop().aclose()
+            nursery.cancel_scope.cancel()
+
+
+# The PROXY protocol, over real loopback sockets: 127.0.0.1 stands for the load balancer.
+
+LOOPBACK = ipaddress.ip_network("127.0.0.1/32")
+
+
+async def start_proxied_ingress(
+    nursery: trio.Nursery,
+    *,
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (LOOPBACK,),
+    limits: ConnectionLimits | None = None,
+) -> tuple[Site, int]:
+    site = await start_site(nursery)
+    routing = dataclasses.replace(
+        site.routing,
+        trusted_proxies=trusted,
+        proxy_protocol=True,
+        limits=limits or ConnectionLimits(),
+    )
+    port = await nursery.start(
+        partial(serve_ingress, routing, host="127.0.0.1", port=0, handler_nursery=nursery)
+    )
+    return Site(routing, site.backends), port
+
+
+async def proxied_caller(port: int, *header_pieces: bytes) -> Caller:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    for piece in header_pieces:  # separate sends: a header split across reads
+        await stream.send_all(piece)
+    return Caller(stream)
+
+
+BALANCER_ITSELF = "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "caller_ip"),
+    [
+        ([b"PROXY TCP4 198.51.100.20 192.0.2.1 51000 80\r\n"], "198.51.100.20"),
+        ([b"PROX", b"Y TCP6 2001:db8::7 2001:db8::1 51000 80", b"\r\n"], "2001:db8::7"),
+        ([proxy_v2("198.51.100.21")], "198.51.100.21"),
+        ([proxy_v2("2001:db8::8")[:9], proxy_v2("2001:db8::8")[9:]], "2001:db8::8"),
+        ([b"PROXY UNKNOWN\r\n"], BALANCER_ITSELF),
+        ([], BALANCER_ITSELF),  # no header: the balancer's own request (a health check)
+    ],
+)
+async def test_a_trusted_balancers_proxy_header_names_the_caller(
+    pieces: list[bytes], caller_ip: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site, port = await start_proxied_ingress(nursery)
+            caller = await proxied_caller(port, *pieces)
+            response, _ = await caller.request("1001.localhost", headers=SPOOFED[:1])
+            assert response.status_code == 200
+            response, _ = await caller.request("1001.localhost")  # keep-alive: same caller
+            assert response.status_code == 200
+            first, second = site.all_seen
+            # A caller behind the balancer is not trusted: what it claims is replaced. The
+            # balancer itself is, so its X-Forwarded-For is extended.
+            claimed = b"198.51.100.7, " if caller_ip == BALANCER_ITSELF else b""
+            assert first.header(b"x-forwarded-for") == [claimed + caller_ip.encode()]
+            assert second.header(b"x-forwarded-for") == [caller_ip.encode()]
+            await caller.stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_proxy_header_from_an_untrusted_peer_is_a_bad_request() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site, port = await start_proxied_ingress(
+                nursery, trusted=(ipaddress.ip_network("10.0.0.0/8"),)
+            )
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(
+                    b"PROXY TCP4 198.51.100.20 192.0.2.1 51000 80\r\n"
+                    b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n"
+                )
+                answer = bytearray()
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400 "), bytes(answer)
+            assert site.all_seen == []
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 198.51.100.300 192.0.2.1 51000 80\r\n",
+        b"PROXY TCP4 2001:db8::7 192.0.2.1 51000 80\r\n",
+        b"PROXY TCP4 198.51.100.20 192.0.2.1 99999 80\r\n",
+        b"PROXY " + b"X" * 200,  # no end within 107 bytes
+        b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x0c" + bytes(12),  # version 1 in a v2 header
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",  # 65,535 bytes announced
+    ],
+)
+async def test_a_malformed_proxy_header_closes_the_connection_unanswered(header: bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site, port = await start_proxied_ingress(nursery)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(header + b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n")
+                with contextlib.suppress(trio.BrokenResourceError):  # closed, or reset unread
+                    assert await stream.receive_some() == b""
+            assert site.all_seen == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_connection_limits_count_the_callers_a_balancer_names() -> None:
+    """Per address means per caller: the balancer's own address would cap every caller."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            limits = ConnectionLimits(total=10, per_address=1)
+            _, port = await start_proxied_ingress(nursery, limits=limits)
+            first = await proxied_caller(port, proxy_v2("198.51.100.1"))
+            second = await proxied_caller(port, proxy_v2("198.51.100.2"))
+            for caller in (first, second):
+                response, _ = await caller.request("1001.localhost")
+                assert response.status_code == 200
+            again = await proxied_caller(port, proxy_v2("198.51.100.1"))
+            response, _ = await again.request("1001.localhost")
+            assert response.status_code == 503
             nursery.cancel_scope.cancel()

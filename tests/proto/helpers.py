@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.events import (
     ChallengeReceived,
@@ -71,3 +73,14 @@ def inject(connection: TunnelConnection, *frames: Frame) -> list[TunnelEvent]:
 def sent_frames(connection: TunnelConnection) -> list[Frame]:
     """Drain and decode what ``connection`` queued."""
     return decode_all(connection.data_to_send())
+
+
+def proxy_v2(source: str, source_port: int = 51000) -> bytes:
+    """A v2 PROXY header for a TCP connection from ``source`` to port 443 (as a balancer
+    sends it; built here byte by byte, independently of petit.proxyprotocol)."""
+    address = ipaddress.ip_address(source)
+    destination = ipaddress.ip_address("192.0.2.1" if address.version == 4 else "2001:db8::1")
+    ports = source_port.to_bytes(2, "big") + (443).to_bytes(2, "big")
+    body = address.packed + destination.packed + ports
+    family = b"\x11" if address.version == 4 else b"\x21"  # TCP over IPv4 / IPv6
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21" + family + len(body).to_bytes(2, "big") + body

@@ -1,0 +1,131 @@
+"""Accept loops for every TCP listener, and log lines that a flood cannot multiply.
+
+# Theory of operation
+
+- ``serve_listeners`` is trio's, with one difference that matters under attack: when
+  ``accept`` fails because the process or the system ran out of something (descriptors,
+  memory, buffers), the loop waits ``ACCEPT_RETRY`` and tries again, as trio's does, but
+  it writes one WARNING line per ``REPORT_INTERVAL`` per listener with the count of
+  failures, not a traceback per retry (trio's wrote ten a second: 822 in 40 s of an idle
+  connection flood, rotating the log's history away). Every other accept error ends the
+  listener, as in trio.
+- ``Throttled`` is the general form: one line per key per interval, the next line saying
+  how many were held back. Its memory is bounded (``max_keys``, oldest forgotten first), so
+  keying it by peer address cannot grow it without bound.
+- Each accepted connection runs its handler in ``handler_nursery`` (the listener's own
+  nursery by default) and is closed when the handler returns, as trio does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+log = logging.getLogger("petit.listen")
+
+# What accept() raises when resources ran out rather than the listener broke (trio's list).
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of resources
+REPORT_INTERVAL = 10.0  # seconds: at most one log line per listener and per key this often
+
+
+class Throttled:
+    """Log a repeated message at most once per ``interval`` per key, with a count."""
+
+    def __init__(
+        self, logger: logging.Logger, interval: float = REPORT_INTERVAL, max_keys: int = 1024
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._max_keys = max_keys
+        self._seen: dict[object, tuple[float, int]] = {}  # key -> (last logged, held back)
+
+    def log(self, level: int, key: object, now: float, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless ``key`` was logged less than an interval ago;
+        whether it was logged."""
+        last, held = self._seen.pop(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._remember(key, (last, held + 1))
+            return False
+        if held:
+            message += f" (and {held} more like it in the last {now - last:.0f} s)"
+        self._logger.log(level, message, *args)
+        self._remember(key, (now, 0))
+        return True
+
+    def _remember(self, key: object, state: tuple[float, int]) -> None:
+        if len(self._seen) >= self._max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = state
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[object]]
+
+
+async def serve_listeners(
+    handler: Handler,
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
+    *,
+    what: str,
+    handler_nursery: trio.Nursery | None = None,
+) -> None:
+    """Accept on every listener forever; ``what`` names them in log lines."""
+    reports = Throttled(log)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(
+                _accept_loop, listener, handler, handler_nursery or nursery, what, reports
+            )
+
+
+async def serve_tcp(
+    handler: Handler,
+    port: int,
+    *,
+    host: str | None,
+    what: str,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host``:``port``, report the bound port, and serve forever."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await serve_listeners(handler, listeners, what=what, handler_nursery=handler_nursery)
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[trio.SocketStream],
+    handler: Handler,
+    handler_nursery: trio.Nursery,
+    what: str,
+    reports: Throttled,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                reports.log(
+                    logging.WARNING,
+                    listener,
+                    trio.current_time(),
+                    "the %s cannot accept connections: %s; retrying every %g s "
+                    "(raise the open-file limit, or lower maxConnections)",
+                    what,
+                    exc.strerror or exc,
+                    ACCEPT_RETRY,
+                )
+                await trio.sleep(ACCEPT_RETRY)
+            else:
+                handler_nursery.start_soon(_run_handler, handler, stream)
+
+
+async def _run_handler(handler: Handler, stream: trio.SocketStream) -> None:
+    async with stream:
+        await handler(stream)

@@ -1,0 +1,101 @@
+"""Accept loops that outlive running out of descriptors, and throttled log lines."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+
+import pytest
+import trio
+import trio.testing
+
+from petit.listen import ACCEPT_RETRY, REPORT_INTERVAL, Throttled, serve_listeners
+
+TIMEOUT = 60  # virtual seconds (autojump clock)
+
+
+class ExhaustedListener(trio.abc.Listener[trio.SocketStream]):
+    """accept() fails with EMFILE ``failures`` times, then hands out one real connection."""
+
+    def __init__(self, failures: int, connection: trio.SocketStream) -> None:
+        self.failures = failures
+        self.connection: trio.SocketStream | None = connection
+
+    async def accept(self) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint()
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        if self.connection is None:
+            await trio.sleep_forever()
+        connection, self.connection = self.connection, None
+        assert connection is not None
+        return connection
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_an_accept_loop_out_of_descriptors_retries_and_logs_once_per_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = int(2.5 * REPORT_INTERVAL / ACCEPT_RETRY)  # 25 s of EMFILE
+    near, far = trio.socket.socketpair()
+    listener = ExhaustedListener(failures, trio.SocketStream(near))
+    served = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"served")
+        served.set()
+
+    caplog.set_level(logging.WARNING, logger="petit.listen")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: serve_listeners(handler, [listener], what="HTTP ingress"))
+            await served.wait()
+            nursery.cancel_scope.cancel()
+    assert await trio.SocketStream(far).receive_some() == b"served"
+    lines = [r for r in caplog.records if r.name == "petit.listen"]
+    assert len(lines) == 3, [r.getMessage() for r in lines]  # at 0 s, 10 s and 20 s
+    assert all(r.exc_info is None for r in lines), "a traceback per retry floods the log"
+    assert "HTTP ingress cannot accept connections: Too many open files" in lines[0].getMessage()
+    held_back = re.search(r"\(and (\d+) more like it in the last 10 s\)", lines[1].getMessage())
+    assert held_back is not None, lines[1].getMessage()
+    assert 99 <= int(held_back[1]) <= 100  # one retry every 0.1 s for 10 s
+
+
+async def test_an_accept_error_that_is_not_exhaustion_ends_the_listener() -> None:
+    class Broken(trio.abc.Listener[trio.SocketStream]):
+        async def accept(self) -> trio.SocketStream:
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+        async def aclose(self) -> None:
+            await trio.lowlevel.checkpoint()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        raise AssertionError("nothing was accepted")
+
+    with trio.fail_after(TIMEOUT), pytest.raises(ExceptionGroup) as ended:
+        await serve_listeners(handler, [Broken()], what="HTTP ingress")
+    assert ended.group_contains(OSError)
+
+
+def test_throttled_holds_repeats_back_and_counts_them(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("petit.test.throttled")
+    throttled = Throttled(logger, interval=10, max_keys=2)
+    caplog.set_level(logging.INFO, logger=logger.name)
+    assert throttled.log(logging.INFO, "peer A", 0.0, "bad request from %s", "A")
+    assert not throttled.log(logging.INFO, "peer A", 1.0, "bad request from %s", "A")
+    assert not throttled.log(logging.INFO, "peer A", 9.0, "bad request from %s", "A")
+    assert throttled.log(logging.INFO, "peer B", 9.5, "bad request from %s", "B")  # its own key
+    assert throttled.log(logging.INFO, "peer A", 10.0, "bad request from %s", "A")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad request from A",
+        "bad request from B",
+        "bad request from A (and 2 more like it in the last 10 s)",
+    ]
+    # Bounded: a third key forgets the oldest, which then logs at once again.
+    assert throttled.log(logging.INFO, "peer C", 11.0, "bad request from %s", "C")
+    assert throttled.log(logging.INFO, "peer B", 12.0, "bad request from %s", "B")
