@@ -56,6 +56,7 @@ from wsproto.utilities import RemoteProtocolError as HandshakeProtocolError
 
 from petit.errors import PetitError, RemoteProtocolError
 from petit.listen import serve_tcp
+from petit.tls import server_handshake
 
 log = logging.getLogger("petit.websocket")
 
@@ -326,7 +327,7 @@ async def serve_websocket(
         request = None
         with trio.move_on_after(handshake_timeout):
             try:
-                await tls.do_handshake()
+                await server_handshake(tls)
                 request = await read_upgrade(tls, remote)
             except (trio.BrokenResourceError, ssl.SSLError) as exc:
                 log.debug("no WebSocket from %s: %s", remote, exc.__cause__ or exc)

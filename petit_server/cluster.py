@@ -60,6 +60,7 @@ from petit.session import (
     TunnelStream,
     splice,
 )
+from petit.tls import server_handshake
 from petit_server.config import ClusterConfig
 from petit_server.hub import Hub
 from petit_server.registry import redacted_url
@@ -545,7 +546,7 @@ class Cluster:
         try:
             peer = tcp.socket.getpeername()  # fails if the peer has already reset
             with trio.fail_after(self._handshake_timeout):
-                await tls.do_handshake()
+                await server_handshake(tls)
                 welcome = parse_json_object(
                     await session.handshake_as_client(make_hello), what="cluster welcome"
                 )

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from petit.errors import ConfigError
 from petit.listen import serve_tcp
+from petit.tls import server_handshake
 from petit_server.config import ServerConfig
 from petit_server.ingress import Routing, handle_public_connection
 
@@ -215,7 +216,7 @@ class _Handshake:
             connection, await self.certificates.current(), server_side=True, https_compatible=True
         )
         with trio.fail_after(self.timeout):
-            await stream.do_handshake()
+            await server_handshake(stream)
         return stream
 
 

@@ -305,3 +305,26 @@ def test_half_an_https_setup_is_a_config_error(settings: dict[str, Any], message
     )
     with pytest.raises(ConfigError, match=message):
         certificate_source(config)
+
+
+@pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
+async def test_old_tls_versions_are_refused_with_an_alert_that_says_so(
+    version: str,
+    server_factory: ServerFactory,
+    root: trustme.CA,
+    tmp_path: Path,
+) -> None:
+    """TLS 1.0/1.1 callers get OpenSSL's protocol_version alert, on the HTTPS ingress and
+    the tunnel endpoint, not a silent close ("unexpected eof")."""
+    leaf = root.issue_cert(f"*.{DOMAIN}")
+    server = await server_factory(
+        secureProxyPort=0,
+        httpsCertificate=str(write_pem(tmp_path, "cert.pem", leaf.cert_chain_pems[0].bytes())),
+        httpsKey=str(write_pem(tmp_path, "key.pem", leaf.private_key_pem.bytes())),
+    )
+    for port in (server.ports["https"], server.tunnel_port):
+        # SECLEVEL=0: this OpenSSL would not even offer TLS 1.0/1.1 otherwise.
+        argv = ["openssl", "s_client", version, "-cipher", "DEFAULT@SECLEVEL=0"]
+        result = await run_cli([*argv, "-connect", f"127.0.0.1:{port}"], check=False, timeout=30)
+        assert result.returncode != 0, result
+        assert "alert protocol version" in result.stderr, (port, result.stderr)
