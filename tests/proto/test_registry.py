@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 import petit_server.registry
 from petit.errors import ConfigError
+from petit.statefile import write_atomic
 from petit_server.registry import LAST_PORT, FileRegistry, RegistryError
 
 FIRST_PORT = 20000
@@ -120,7 +122,7 @@ async def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.M
     before_file = path.read_bytes()
     before = registry.all()
 
-    monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.register(key(2), {})
     assert registry.all() == before
@@ -141,7 +143,7 @@ async def test_failed_unregister_changes_nothing(
     registered = await registry.register(key(1), {})
     before_file = path.read_bytes()
 
-    monkeypatch.setattr(petit_server.registry, "write_json_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.unregister("1001")
     assert registry.get("1001") == registered
@@ -188,3 +190,63 @@ async def test_ports_never_leave_their_range(path: Path) -> None:
     assert len(registry.all()) == 2
     await registry.unregister(registry.all()[0].registration_id)
     assert (await registry.register(key(4), {})).port == LAST_PORT - 1  # a freed port is reused
+
+
+async def test_the_file_is_the_same_json_as_a_full_encode_after_every_kind_of_change(
+    path: Path,
+) -> None:
+    """Entries are rendered one by one and joined; the file must still be exactly
+    json.dumps(document, indent=2, sort_keys=True), so old and new servers read the same."""
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+
+    def full_encode() -> bytes:
+        document = {
+            "version": 1,
+            "next_id": registry._next_id,
+            "registrations": {r.registration_id: r.to_json() for r in registry.all()},
+            "tokens": {t.token_id: t.to_json() for t in registry.tokens()},
+        }
+        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+    assert not path.exists()
+    registry.save()
+    assert path.read_bytes() == full_encode()  # empty objects
+    for n in range(1, 12):  # IDs 1001..1011: string order differs from number order past 9
+        await registry.register(key(n), {"host": f"h{n}", "note": 'é "quoted"\n'})
+        assert path.read_bytes() == full_encode()
+    await registry.add_alias("shop.example.com", "1003")
+    await registry.create_token("for the next one")
+    await registry.unregister("1002")
+    await registry.remove_alias("shop.example.com")
+    assert path.read_bytes() == full_encode()
+    assert FileRegistry(path, first_port=FIRST_PORT).all() == registry.all()
+
+
+async def test_a_change_renders_only_what_it_touched_and_writes_in_a_worker_thread(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What keeps a 100,000-registration registry from stalling requests on every change:
+    no full re-render, and the file written off the event loop's thread."""
+    registry = FileRegistry(path, first_port=FIRST_PORT)
+    for n in range(1, 51):
+        await registry.register(key(n), {})
+    rendered: list[str] = []
+    original = petit_server.registry.Registration.to_json
+
+    def counting_to_json(self: petit_server.registry.Registration) -> dict[str, object]:
+        rendered.append(self.registration_id)
+        return original(self)
+
+    writers: list[str] = []
+
+    def recording_write(target: Path, data: bytes, *, mode: int = 0o600) -> None:
+        writers.append(threading.current_thread().name)
+        write_atomic(target, data, mode=mode)
+
+    monkeypatch.setattr(petit_server.registry.Registration, "to_json", counting_to_json)
+    monkeypatch.setattr(petit_server.registry, "write_atomic", recording_write)
+    await registry.register(key(51), {})
+    await registry.add_alias("a.example.com", "1007")
+    assert rendered == ["1051", "1007"]
+    assert len(writers) == 2
+    assert threading.main_thread().name not in writers

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import petit_server.registry
 from petit.errors import ConfigError
 from petit_server.registry import FileRegistry, RegistryError, apply_command
 
@@ -138,10 +139,10 @@ async def test_remove_alias(registry: FileRegistry) -> None:
 async def test_failed_save_leaves_no_alias_behind(
     registry: FileRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_save() -> None:
+    def failing_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry, "save", failing_save)
+    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.add_alias("a.example.com", "1001")
     assert registry.route("a.example.com") is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import petit_server.registry
 from petit.errors import AuthError, ConfigError
 from petit_server.gateway import SourceRate
 from petit_server.registry import (
@@ -115,10 +116,10 @@ async def test_consuming_is_undone_when_the_registration_cannot_be_saved(
 ) -> None:
     _, secret = await registry.create_token("")
 
-    def failing_save() -> None:
+    def failing_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry, "save", failing_save)
+    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.register(key(1), {}, token=secret)
     monkeypatch.undo()
