@@ -31,6 +31,7 @@ from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
 from petit.logs import LOG_FILE_MODE, LogSettings, configure_daemon_logging
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
+LOCK_RELEASE_WAIT = 1.0  # seconds from the pid file's removal to the lock file's
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
 
 
@@ -240,10 +241,16 @@ def stop_daemon(directory: Path, name: str, host: str) -> str:
 
 
 def _wait_gone(directory: Path, name: str) -> bool:
+    """Whether the daemon's pid file went away within STOP_TIMEOUT; then, briefly, its lock
+    file too, which the daemon removes just after (so "stopped" means both are gone)."""
+
     async def wait() -> bool:
         with trio.move_on_after(STOP_TIMEOUT):
             while read_pid(directory, name) is not None:  # noqa: ASYNC110 - another process
                 await trio.sleep(0.05)
+            with trio.move_on_after(LOCK_RELEASE_WAIT):
+                while ProcessLock(directory, name).lock_path.exists():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
             return True
         return False
 
