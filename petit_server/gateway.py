@@ -31,6 +31,7 @@ from petit.auth import (
 )
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, PetitError, RemoteProtocolError
+from petit.listen import Throttled
 from petit.session import KeepaliveTimeoutError, TunnelSession
 from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH
 from petit.websocket import UpgradeRequest, WebSocket
@@ -75,6 +76,8 @@ class Gateway:
     hub: Hub
     certificate_fingerprint: bytes
     registrations: SourceRate
+    # Refusals a peer can repeat at will: one log line per peer and kind per interval.
+    reports: Throttled = field(default_factory=lambda: Throttled(log))
 
     async def handle(self, request: UpgradeRequest) -> None:
         """Dispatch one WebSocket request by path."""
@@ -121,7 +124,7 @@ class Gateway:
             with trio.fail_after(self.config.handshake_timeout):
                 await session.handshake_as_server(nonce, check_hello)
         except (PetitError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.info("tunnel from %s refused: %s", remote, str(exc) or "handshake timeout")
+            self._report(remote, "tunnel from %s refused: %s", str(exc) or "handshake timeout")
             return
         attachment = Attachment(session, proven, remote, vitae)
         self.hub.attach(attachment)
@@ -177,17 +180,24 @@ class Gateway:
                         raise RemoteProtocolError(f"{kind}: expected a message of type {kind!r}")
                     reply = await answer(request, nonce, remote)
                 except RegistryUnavailableError as exc:
-                    log.error("%s from %s failed: %s", kind, remote, exc)
+                    self._report(remote, f"{kind} from %s failed: %s", exc, level=logging.ERROR)
                     reply = {"type": "error", "error": str(exc)}
                 except PetitError as exc:
-                    log.info("%s from %s refused: %s", kind, remote, exc)
+                    self._report(remote, f"{kind} from %s refused: %s", exc)
                     reply = {"type": "error", "error": str(exc)}
                 except OSError as exc:
                     log.error("%s from %s failed: cannot save the registry: %s", kind, remote, exc)
                     reply = {"type": "error", "error": "the server cannot save its registry"}
                 await websocket.send_message(messages.encode(reply))
         except (RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.info("%s from %s abandoned: %s", kind, remote, str(exc) or "timeout")
+            self._report(remote, f"{kind} from %s abandoned: %s", str(exc) or "timeout")
+
+    def _report(
+        self, remote: str, message: str, reason: object, *, level: int = logging.INFO
+    ) -> None:
+        """Log a refusal a peer can repeat at will: one line per peer and kind of message
+        per interval, the next one counting those held back."""
+        self.reports.log(level, (remote, message), trio.current_time(), message, remote, reason)
 
     async def _register(
         self, request: dict[str, object], nonce: bytes, remote: str

@@ -34,6 +34,7 @@ from tests.integration.harness import (
     http_request,
     register_request,
     signed_request,
+    tail,
     wait_until,
 )
 
@@ -184,6 +185,24 @@ async def test_a_failed_hello_says_nothing_about_which_ids_exist(
             answers.append(await tunnel.goaway())
     assert answers[0] == answers[1], "an existing and an unknown ID were refused differently"
     assert answers[0][0] is ErrorCode.AUTH
+    await victim.assert_unharmed()
+
+
+async def test_a_peer_repeating_a_refused_hello_costs_one_log_line_per_interval(
+    server: PetitServer, victim: Victim
+) -> None:
+    """20 forged hellos in a row: each is refused, but the log gets one line for them (and
+    the next line, an interval later, would count the rest): no flood rotates history away."""
+    forger = generate_key()
+    rid = victim.client.registration_id
+    for _ in range(20):
+        async with raw_tunnel(server) as tunnel:
+            transcript = hello_transcript(tunnel.nonce, tunnel.fingerprint, [rid])
+            await tunnel.hello({rid: sign(forger, transcript)})
+            code, _ = await tunnel.goaway()
+            assert code is ErrorCode.AUTH
+    refusals = server.log.read_text().count("tunnel from 127.0.0.1 refused")
+    assert 1 <= refusals <= 2, tail(server.log)  # 2 only if the loop crossed an interval
     await victim.assert_unharmed()
 
 
