@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final, TypeAlias
 
 import h11
@@ -62,6 +63,16 @@ class Reply:
 
 
 Answer: TypeAlias = Callable[[Request], Awaitable[Reply]]
+
+
+def response_head(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
+    """A response head with the standard reason phrase (``504 Gateway Timeout``): h11 writes
+    none unless told, and some clients and log readers show only the phrase."""
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    return h11.Response(status_code=status, headers=headers, reason=reason)
 
 
 def json_reply(document: Mapping[str, object], status: int = 200) -> Reply:
@@ -225,7 +236,7 @@ class _Connection:
             headers.append((b"connection", b"close"))
         try:
             for event in (
-                h11.Response(status_code=reply.status, headers=headers),
+                response_head(reply.status, headers),
                 h11.Data(data=reply.body),
                 h11.EndOfMessage(),
             ):

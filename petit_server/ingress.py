@@ -31,6 +31,7 @@ import trio
 
 from petit.control import in_networks
 from petit.errors import first_leaf
+from petit.httpapi import response_head
 from petit.listen import serve_tcp
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError
@@ -540,7 +541,7 @@ class IngressConnection:
         if self._http.their_state is not h11.DONE:
             headers.append((b"connection", b"close"))
         try:
-            await self._send_public(h11.Response(status_code=status, headers=headers))
+            await self._send_public(response_head(status, headers))
             await self._send_public(h11.Data(data=body))
             await self._send_public(h11.EndOfMessage())
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):

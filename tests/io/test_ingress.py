@@ -664,3 +664,27 @@ async def test_connection_limits_count_the_callers_a_balancer_names() -> None:
             response, _ = await again.request("1001.localhost")
             assert response.status_code == 503
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status_line"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: nobody.localhost\r\n\r\n", b"HTTP/1.1 404 Not Found\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: 1004.localhost\r\n\r\n", b"HTTP/1.1 502 Bad Gateway\r\n"),
+        (b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n", b"HTTP/1.1 405 Method Not Allowed\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\n"),
+    ],
+)
+async def test_statuses_the_ingress_writes_itself_carry_their_reason_phrase(
+    request_head: bytes, status_line: bytes
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = await connect(nursery, site)
+            await caller.send_all(request_head)
+            answer = b""
+            while b"\r\n" not in answer:
+                answer += await caller.receive_some()
+            assert answer.startswith(status_line), answer
+            nursery.cancel_scope.cancel()
