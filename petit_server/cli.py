@@ -213,10 +213,25 @@ def registrations(config_path: Path, verbose: bool) -> None:
 @main.command("config")
 @config_option
 @verbose_option
-def show_config(config_path: Path, verbose: bool) -> None:
+@click.option(
+    "--admin-token",
+    "admin_token",
+    is_flag=True,
+    help="Print only the admin API's bearer token (for scripts: TOKEN=$(... --admin-token)).",
+)
+def show_config(config_path: Path, verbose: bool, admin_token: bool) -> None:
     """Verify the config and print it as the server reads it (secrets masked), and the registry."""
     with exit_codes():
         config = load_server_config(config_path)
+        if admin_token:
+            if config.admin_token is None:
+                raise CliError(
+                    f"{config.path} sets no [server] adminToken, so the admin API is off: "
+                    "add one (petit-server init writes one) and restart",
+                    ExitCode.CONFIG,
+                )
+            click.echo(config.admin_token)
+            return
         registry = _read_registry(config)
     click.echo(f"Verified configuration file at {config.path}.")
     click.echo(f'"config": {json.dumps(_effective_config(config), indent=2)}')

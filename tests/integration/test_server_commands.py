@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 import trio
 
 from petit.transport import UNREGISTER_PATH
@@ -335,3 +337,22 @@ async def test_config_shows_the_registry_path_as_it_is(tmp_path: Path) -> None:
     shown = (await run_cli([PETIT_SERVER, "config", "-c", config])).stdout
     registry = config.parent / "registry.json"
     assert f"Registry {registry}: 0 registration(s), 0 enrollment token(s)" in shown
+
+
+async def test_config_admin_token_prints_the_token_alone(tmp_path: Path) -> None:
+    """What scripts and the README use: TOKEN=$(petit-server config --admin-token)."""
+    config = tmp_path / "server" / "config.toml"
+    await run_cli([PETIT_SERVER, "init", "-c", config, "--hostname", "localhost"])
+    token = tomllib.loads(config.read_text())["server"]["adminToken"]
+    shown = await run_cli([PETIT_SERVER, "config", "-c", config, "--admin-token"])
+    assert shown.stdout == f"{token}\n"
+    assert token not in (await run_cli([PETIT_SERVER, "config", "-c", config])).stdout
+
+    document = tomllib.loads(config.read_text())
+    del document["server"]["adminToken"]  # the admin API off
+    config.write_text(tomli_w.dumps(document))
+    refused = await run_cli([PETIT_SERVER, "config", "-c", config, "--admin-token"], check=False)
+    assert refused.returncode == 3, refused
+    assert refused.stderr.count("\n") == 1, refused
+    assert refused.stderr.startswith("error: "), refused
+    assert "sets no [server] adminToken, so the admin API is off" in refused.stderr
