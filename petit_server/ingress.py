@@ -34,7 +34,7 @@ from petit.errors import first_leaf
 from petit.httpapi import response_head
 from petit.listen import serve_tcp
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
-from petit.session import SessionClosedError, StreamRefusedError
+from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
 from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
@@ -59,6 +59,7 @@ HOP_BY_HOP: Final = frozenset(
 )
 # End-to-end fields a Connection header may not make us drop: without them the request
 # could not be routed or framed (a caller naming them only tries to desync us).
+UPGRADES: Final = frozenset({b"websocket"})  # protocols a request may switch to, lowercase
 _NEVER_HOP_BY_HOP: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 # Who the caller is, as a proxy says it: only a trusted proxy's are kept (X-Forwarded-* too).
 _FORWARDING_HEADERS: Final = frozenset(
@@ -225,7 +226,8 @@ class IngressConnection:
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
                 self._meter.end(
-                    complete=self._http.our_state in (h11.DONE, h11.MUST_CLOSE),
+                    complete=self._http.our_state
+                    in (h11.DONE, h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL),
                     read_ahead=self._pipelined_bytes(),
                 )
                 if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
@@ -358,11 +360,11 @@ class IngressConnection:
     async def _proxy(
         self, request: h11.Request, upstream: _Upstream, host: str, target: bytes
     ) -> None:
-        forwarded = h11.Request(
-            method=request.method,
-            target=target,
-            headers=self._upstream_headers(request, host),
-        )
+        headers = self._upstream_headers(request, host)
+        upgrade = _upgrade_asked(request)
+        if upgrade is not None:  # passed on, so the private service may switch (WebSocket)
+            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        forwarded = h11.Request(method=request.method, target=target, headers=headers)
         try:
             await upstream.send(forwarded)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -380,7 +382,9 @@ class IngressConnection:
             failure = await self._relay_response(upstream)
         if failure is not None:  # raised out here, not from the nursery, to stay ungrouped
             raise failure  # once a response began, _refuse sends nothing and run() closes
-        if upstream.reusable:
+        if self._http.our_state is h11.SWITCHED_PROTOCOL:
+            await self._carry_switched(upstream)
+        elif upstream.reusable:
             upstream.http.start_next_cycle()
         else:
             await self._drop_upstream()
@@ -412,6 +416,23 @@ class IngressConnection:
             (b"x-forwarded-host", forwarded_host or host.encode("latin-1")),
         ]
         return headers
+
+    async def _carry_switched(self, upstream: _Upstream) -> None:
+        """After a 101 both sides speak the new protocol: relay bytes both ways as they are
+        (with flow control, half-closes passed on) until either side ends, then close."""
+        self._upstream = None  # this stream is the WebSocket's now, never reused
+        traffic = Traffic()
+        try:
+            early_from_caller, _ = self._http.trailing_data
+            early_from_service, _ = upstream.http.trailing_data
+            if early_from_service:
+                await self._stream.send_all(early_from_service)
+            if early_from_caller:
+                await upstream.stream.send_all(early_from_caller)
+            await splice(self._stream, upstream.stream, traffic)
+        finally:
+            self._meter.carried(traffic.a_to_b, traffic.b_to_a)
+            await upstream.stream.aclose()
 
     async def _pump_request_body(self, upstream: _Upstream) -> None:
         while True:
@@ -455,6 +476,9 @@ class IngressConnection:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code != 100:
                     self._queue_public(outgoing, event)
+                if event.status_code == 101:  # the caller asked for it (h11 checks): switched
+                    await self._flush_public(outgoing)
+                    return
             elif isinstance(event, h11.Response):
                 names = {name for name, _ in event.headers}
                 if {b"content-length", b"transfer-encoding"} <= names:
@@ -573,6 +597,19 @@ def _head_size(request: h11.Request) -> int:
     """Roughly the bytes of a request head: its line and its header lines."""
     line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
     return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+
+
+def _upgrade_asked(request: h11.Request) -> bytes | None:
+    """The protocol an HTTP/1.1 request without a body asks to switch to, if it is one we
+    pass on (WebSocket); else None, and Upgrade is stripped as hop-by-hop. Not h2c: after
+    a switch to cleartext HTTP/2 the caller's requests would no longer pass the ingress one
+    by one ("h2c smuggling")."""
+    if request.http_version != b"1.1" or _has_body(request):
+        return None
+    if b"upgrade" not in _connection_tokens(request.headers):
+        return None
+    protocol = _first(request.headers, b"upgrade")
+    return protocol if protocol is not None and protocol.lower() in UPGRADES else None
 
 
 def _has_body(request: h11.Request) -> bool:

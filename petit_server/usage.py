@@ -345,8 +345,15 @@ class RequestMeter:
 
     def sent(self, event: h11.Event, size: int) -> None:
         self._bytes_out += size
-        if type(event) is h11.Response:
+        if type(event) is h11.Response or (
+            type(event) is h11.InformationalResponse and event.status_code == 101
+        ):
             self._status = event.status_code
+
+    def carried(self, received: int, sent: int) -> None:
+        """Bytes relayed as they are after a protocol switch (a WebSocket's frames)."""
+        self._bytes_in += received
+        self._bytes_out += sent
 
     def begin(self, request: h11.Request) -> None:
         self._started = trio.current_time()

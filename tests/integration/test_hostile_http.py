@@ -320,3 +320,27 @@ async def test_a_load_balancer_speaking_the_proxy_protocol_is_understood_only_wh
         status, _ = await curl_status(site.port, site.host(), "--haproxy-protocol")
     assert status == 400
     assert all(not unreached.targets for unreached in site.backends)
+
+
+async def test_only_websocket_upgrades_reach_the_private_service(site: Site) -> None:
+    """An h2c switch would let later requests bypass the ingress one by one ("h2c
+    smuggling"): its Upgrade is stripped as hop-by-hop. A WebSocket upgrade is passed on
+    (this backend then answers it like any request, and the connection goes on)."""
+    host = site.host()
+    h2c = request(host, "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: ")
+    websocket = request(
+        host,
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    )
+    for raw in (h2c, websocket):
+        answer = await raw_exchange(site.port, [raw])
+        assert answer.status == 200, answer
+    stripped, passed = (dict(seen.headers) for seen in site.backends[0].seen)
+    assert b"upgrade" not in stripped
+    assert b"http2-settings" not in stripped
+    assert stripped.get(b"connection", b"") != b"Upgrade"
+    assert passed[b"upgrade"] == b"websocket"
+    assert passed[b"connection"] == b"upgrade"
