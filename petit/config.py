@@ -53,6 +53,16 @@ class Table:
             raise self._fail(key, "a non-empty string", value)
         return value
 
+    def addresses(self, key: str, default: str) -> str:
+        """Where to listen: an address or name, ``"*"`` (every address, IPv4 and IPv6), or a
+        list of them, kept as one comma-separated string (``petit.listen.open_listeners``)."""
+        value = self._take(key, default)
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return ", ".join(value)
+        if not isinstance(value, str) or not value.strip():
+            raise self._fail(key, 'an address, "*", or a list of addresses', value)
+        return value
+
     def optional_string(self, key: str) -> str | None:
         """A string, or None when the key is absent."""
         value = self._take(key, None)

@@ -27,7 +27,7 @@ from typing import Final, TypeAlias
 import trio
 
 from petit.errors import ConfigError, PetitError
-from petit.listen import serve_listeners
+from petit.listen import open_listeners, serve_listeners
 
 ETX: Final = b"\x03"
 MAX_COMMAND: Final = 4096  # bytes before ETX
@@ -66,12 +66,7 @@ async def serve_control(
     ``allow`` lists the IPs or CIDR networks that may connect; others get an error reply.
     """
     networks = parse_networks(allow, "control allow")
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    if port == 0:
-        # Each address of a multi-address host would get its own random port: keep one.
-        for extra_listener in listeners[1:]:
-            await extra_listener.aclose()
-        listeners = listeners[:1]
+    listeners = await open_listeners(port, host)
     bound_port: int = listeners[0].socket.getsockname()[1]
     task_status.started(bound_port)
     await serve_listeners(

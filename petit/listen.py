@@ -14,6 +14,11 @@
   keying it by peer address cannot grow it without bound.
 - Each accepted connection runs its handler in ``handler_nursery`` (the listener's own
   nursery by default) and is closed when the handler returns, as trio does.
+- ``open_listeners`` binds what a config's address says: one address or name, several
+  separated by commas (``"0.0.0.0, ::"``), or ``"*"`` for every address of both families.
+  All of them share one port, also when the port is 0 (the first bind picks it); trio's own
+  ``open_tcp_listeners`` gave each family its own random port. An IPv6 socket is IPv6 only,
+  so ``"::"`` and ``"0.0.0.0"`` can be bound side by side.
 """
 
 from __future__ import annotations
@@ -82,17 +87,75 @@ async def serve_listeners(
             )
 
 
+EVERY_ADDRESS = "*"
+
+
+def split_addresses(spec: str) -> list[str]:
+    """The addresses a config value names: ``"a, b"`` is two, ``"*"`` stays ``"*"``."""
+    return [address.strip() for address in spec.split(",") if address.strip()]
+
+
+def local_address(spec: str) -> str:
+    """Where this machine reaches a port bound as ``spec``: its first address, with a
+    wildcard (``*``, ``0.0.0.0``, ``::``) meaning loopback."""
+    first = (split_addresses(spec) or [EVERY_ADDRESS])[0]
+    wildcards = {EVERY_ADDRESS: "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+    return wildcards.get(first, first)
+
+
+def show_address(spec: str, port: int) -> str:
+    """Where a port listens, as people write it: ``[::1]:3014`` for IPv6, ``*:3014`` for
+    every address, ``0.0.0.0:3014 and [::]:3014`` for two."""
+    return " and ".join(
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in split_addresses(spec)
+    )
+
+
+async def open_listeners(port: int, spec: str) -> list[trio.SocketListener]:
+    """Listen on every address ``spec`` names, all on one port (see the module's notes).
+
+    Raises:
+        OSError: an address cannot be resolved or bound (in use, not ours).
+    """
+    hosts = [None if host == EVERY_ADDRESS else host for host in split_addresses(spec)]
+    listeners: list[trio.SocketListener] = []
+    try:
+        for host in hosts:
+            infos = await trio.socket.getaddrinfo(
+                host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+            )
+            for family, kind, protocol, _, address in infos:
+                sock = trio.socket.socket(family, kind, protocol)
+                try:
+                    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                    if family == trio.socket.AF_INET6:
+                        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                    await sock.bind((address[0], port, *address[2:]))
+                    sock.listen(0xFFFF)  # as trio does: the kernel caps it at somaxconn
+                except BaseException:
+                    sock.close()
+                    raise
+                listeners.append(trio.SocketListener(sock))
+                port = port or sock.getsockname()[1]  # the rest share the port chosen first
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
+    return listeners
+
+
 async def serve_tcp(
     handler: Handler,
     port: int,
     *,
-    host: str | None,
+    host: str,
     what: str,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``host``:``port``, report the bound port, and serve forever."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Listen on ``host``:``port`` (see ``open_listeners``), report the bound port, and serve
+    forever."""
+    listeners = await open_listeners(port, host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await serve_listeners(handler, listeners, what=what, handler_nursery=handler_nursery)
 

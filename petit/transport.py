@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from petit.errors import PetitError
+from petit.listen import show_address
 from petit.pki import certificate_fingerprint
 from petit.proxy import ConnectHandshake, ProxyError, ProxyURL, select_proxy
 from petit.websocket import CLOSE_WAIT, HandshakeError, WebSocket, connect
@@ -41,13 +42,8 @@ class ServerAddress:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def authority(self) -> str:
-        """host:port as a Host header writes it (an IPv6 address in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        """host:port as a Host header and people write it (an IPv6 address in brackets)."""
+        return show_address(self.host, self.port)
 
 
 @asynccontextmanager
@@ -80,7 +76,7 @@ async def open_websocket(
     certificate = tls.getpeercert(binary_form=True)
     assert certificate is not None, "a verified TLS peer always has a certificate"
     try:
-        websocket = await connect(tls, address.authority, path)
+        websocket = await connect(tls, str(address), path)
     except BaseException as exc:
         await trio.aclose_forcefully(tls)
         if isinstance(exc, HandshakeError | trio.BrokenResourceError):

@@ -309,7 +309,7 @@ async def serve_websocket(
     handler: UpgradeHandler,
     ssl_context: ssl.SSLContext,
     *,
-    host: str | None,
+    host: str,
     port: int,
     handler_nursery: trio.Nursery,
     handshake_timeout: float,

@@ -40,6 +40,7 @@ from petit.cli import (
 from petit.config import LOG_LEVELS
 from petit.control import ControlError, send_control
 from petit.errors import ConfigError, RemoteProtocolError
+from petit.listen import local_address
 from petit.lockfile import PidInfo, read_pid
 from petit.logs import audit, audit_to_file, cli_actor
 from petit.pki import client_ssl_context, pem_to_der
@@ -102,17 +103,11 @@ def _tenants(config: ClientConfig) -> list[Tenant]:
         return all_tenants(config)
 
 
-def _control_host(config: ClientConfig) -> str:
-    """Where this machine reaches the control port (a wildcard address means loopback)."""
-    wildcards = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped away, never bound
-    return wildcards.get(config.listen_addr, config.listen_addr)
-
-
 def _ask_client(config: ClientConfig, command: str) -> dict[str, object]:
     """Send a control command to the running client; CliError unless it succeeded."""
     with exit_codes():
         info = running_daemon(config.directory, "client")
-        reply = control_command(_control_host(config), info.listen, command)
+        reply = control_command(local_address(config.listen_addr), info.listen, command)
     if not reply.get("success"):
         raise CliError(str(reply.get("error", reply)), ExitCode.FAILURE)
     return reply
@@ -546,7 +541,7 @@ def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) ->
 def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
     """Wait for the new daemon's first connection attempt to end; say how it went."""
     timeout = config.connect_timeout + config.handshake_timeout
-    host = _control_host(config)
+    host = local_address(config.listen_addr)
 
     async def first_attempt() -> dict[str, object]:
         reply: dict[str, object] = {}
@@ -585,7 +580,7 @@ def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
 def stop(config_path: Path, verbose: bool) -> None:
     """Stop the running client (STOP on its control port)."""
     config = _load(config_path)
-    click.echo(stop_daemon(config.directory, "client", _control_host(config)))
+    click.echo(stop_daemon(config.directory, "client", local_address(config.listen_addr)))
 
 
 @main.command()
@@ -598,7 +593,7 @@ def status(config_path: Path, verbose: bool, as_json: bool) -> None:
     config = _load(config_path)
     with exit_codes():
         info = running_daemon(config.directory, "client")
-        reply = control_command(_control_host(config), info.listen, "STATUS")
+        reply = control_command(local_address(config.listen_addr), info.listen, "STATUS")
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return

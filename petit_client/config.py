@@ -103,7 +103,7 @@ def load_client_config(path: Path) -> ClientConfig:
         servers=servers,
         server_sessions=server_sessions,
         ca=client.optional_path("ca"),
-        listen_addr=client.string("listenAddr", "127.0.0.1"),
+        listen_addr=client.addresses("listenAddr", "127.0.0.1"),
         listen_port=client.port("listenPort", 3015),
         status_port=client.port("statusPort", 3017),
         ping_interval=client.number("pingInterval", 15.0, low=0.05, high=3600),

@@ -29,6 +29,7 @@ from petit.cli import (
     verbose_option,
 )
 from petit.config import LOG_LEVELS
+from petit.listen import local_address, show_address
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
 from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
 from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
@@ -93,7 +94,8 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         "then petit-client register --token TOKEN (requireToken = false lets anyone register)."
     )
     click.echo(
-        f"Admin API on {config.admin_addr}:{config.admin_port} (token: adminToken in {path.name})."
+        f"Admin API on {show_address(config.admin_addr, config.admin_port)} "
+        f"(token: petit-server config --admin-token -c {path})."
     )
 
 
@@ -127,7 +129,7 @@ def stop(config_path: Path, verbose: bool) -> None:
     """Stop the running server (STOP on its control port)."""
     with exit_codes():
         config = load_server_config(config_path)
-    click.echo(stop_daemon(config.directory, "server", _control_host(config.listen_addr)))
+    click.echo(stop_daemon(config.directory, "server", local_address(config.listen_addr)))
 
 
 @main.command()
@@ -415,7 +417,7 @@ def _control(
 ) -> dict[str, object]:
     """Send a command to the running server; a refusal becomes a one-line error."""
     with exit_codes():
-        reply = control_command(_control_host(config.listen_addr), port, command)
+        reply = control_command(local_address(config.listen_addr), port, command)
     if reply.get("success") is False:
         error = reply.get("error")
         raise CliError(f"{failure}: {error}" if failure else str(error), ExitCode.FAILURE)
@@ -471,10 +473,6 @@ def log(config_path: Path, verbose: bool, level: str) -> None:
 def version(config_path: Path, verbose: bool) -> None:
     """Print the version."""
     click.echo(f"petit server version {__version__}")
-
-
-def _control_host(listen_addr: str) -> str:
-    return "127.0.0.1" if listen_addr in ("0.0.0.0", "", "::") else listen_addr  # noqa: S104
 
 
 main.add_command(service_commands("server", DEFAULT_CONFIG_PATH))

@@ -50,7 +50,7 @@ import trio
 from petit.auth import parse_json_object
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, ConfigError, ErrorCode, PetitError
-from petit.listen import serve_listeners
+from petit.listen import open_listeners, serve_listeners
 from petit.pki import certificate_fingerprint
 from petit.session import (
     SessionClosedError,
@@ -512,7 +512,7 @@ class Cluster:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept links from other nodes on the internal port; report the bound port."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(port, host)
         bound: int = listeners[0].socket.getsockname()[1]
         self.directory.port = bound
         task_status.started(bound)

@@ -105,10 +105,10 @@ def load_server_config(path: Path) -> ServerConfig:
     registry_url = registry.string("url", DEFAULT_REGISTRY_URL)
     config = ServerConfig(
         path=path,
-        bind_addr=server.string("bindAddr", "0.0.0.0"),  # noqa: S104
+        bind_addr=server.addresses("bindAddr", "0.0.0.0"),  # noqa: S104
         back_port=server.port("backPort", 3014),
         proxy_port=server.port("proxyPort", 8090),
-        listen_addr=server.string("listenAddr", "127.0.0.1"),
+        listen_addr=server.addresses("listenAddr", "127.0.0.1"),
         listen_port=server.port("listenPort", 3016),
         listen_allow=tuple(server.string_list("listenAllow", ["127.0.0.1", "::1"])),
         trusted_proxies=_checked_networks(server.string_list("trustedProxies", [])),
@@ -117,7 +117,7 @@ def load_server_config(path: Path) -> ServerConfig:
         certificate=server.path("certificate", "./certificates/server.crt"),
         key=server.path("key", "./certificates/server.key"),
         first_port=server.port("firstPort", 11081),
-        tcp_addr=server.string("tcpAddr", "0.0.0.0"),  # noqa: S104
+        tcp_addr=server.addresses("tcpAddr", "0.0.0.0"),  # noqa: S104
         secure_proxy_port=server.port("secureProxyPort", 8453),
         https_certificate=server.optional_path("httpsCertificate"),
         https_key=server.optional_path("httpsKey"),
@@ -149,7 +149,7 @@ def load_server_config(path: Path) -> ServerConfig:
         registry_url=registry_url,
         registry_prefix=registry.string("prefix", DEFAULT_REGISTRY_PREFIX),
         # Admin API
-        admin_addr=server.string("adminAddr", "127.0.0.1"),
+        admin_addr=server.addresses("adminAddr", "127.0.0.1"),
         admin_port=server.port("adminPort", 8100),
         admin_token=_admin_token(server.optional_string("adminToken")),
         cluster=read_cluster(server.table("cluster"), registry_url if backend == "redis" else None),
@@ -228,7 +228,8 @@ def default_config_text(*, hostname: str, admin_token: str | None = None) -> str
     return f"""\
 # petit server configuration. Relative paths are relative to this file's directory.
 [server]
-# Address the tunnel endpoint and the HTTP ingress listen on.
+# Address the tunnel endpoint and the HTTP ingress listen on: one address, "*" for every
+# IPv4 and IPv6 address, or a list (["0.0.0.0", "::"]); the same for every *Addr key.
 bindAddr = "0.0.0.0"
 # Tunnel endpoint: clients dial wss://{hostname}:3014/petit/v1
 backPort = 3014

@@ -21,6 +21,7 @@ from petit import __version__
 from petit.control import parse_networks, serve_control
 from petit.errors import PetitError
 from petit.httpapi import serve_api
+from petit.listen import show_address
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
@@ -320,15 +321,15 @@ def _task_count() -> int:
 def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
     """Where each listener is, for the ready log line."""
     public = config.bind_addr
-    parts = [f"tunnel wss://{public}:{ports['tunnel']}/petit/v1"]
+    parts = [f"tunnel endpoint {show_address(public, ports['tunnel'])} (/petit/v1)"]
     redirect = " (redirects to HTTPS)" if config.https_redirect else ""
-    parts.append(f"HTTP ingress {public}:{ports['http']}{redirect}")
+    parts.append(f"HTTP ingress {show_address(public, ports['http'])}{redirect}")
     if "https" in ports:
-        parts.append(f"HTTPS ingress {public}:{ports['https']}")
+        parts.append(f"HTTPS ingress {show_address(public, ports['https'])}")
     parts.append(f"TCP ports on {config.tcp_addr}")
-    parts.append(f"control {config.listen_addr}:{ports['control']}")
+    parts.append(f"control {show_address(config.listen_addr, ports['control'])}")
     if "admin" in ports:
-        parts.append(f"admin API http://{config.admin_addr}:{ports['admin']}/dashboard")
+        parts.append(f"admin API {show_address(config.admin_addr, ports['admin'])} (/dashboard)")
     if config.cluster is not None:
         node = config.cluster
         parts.append(f"cluster node {node.node_id} links {node.internal_addr}:{ports['cluster']}")

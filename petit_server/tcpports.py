@@ -29,7 +29,7 @@ from functools import partial
 
 import trio
 
-from petit.listen import serve_listeners
+from petit.listen import open_listeners, serve_listeners, show_address
 from petit.session import StreamRefusedError, splice
 from petit_server.hub import Upstreams
 from petit_server.registry import Registration
@@ -135,10 +135,10 @@ class TcpPorts:
         self, registration_id: str, port: int, handler_nursery: trio.Nursery
     ) -> None:
         try:
-            sockets = await trio.open_tcp_listeners(port, host=self._host)
+            sockets = await open_listeners(port, self._host)
         except OSError as exc:
             reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            message = f"cannot listen on TCP {self._host}:{port}: {reason}"
+            message = f"cannot listen on TCP {show_address(self._host, port)}: {reason}"
             self._errors[registration_id] = message
             log.error(
                 "registration %s: %s; free the port, then reconnect the client",
@@ -147,7 +147,9 @@ class TcpPorts:
             )
             return
         self._listening.add(registration_id)
-        log.info("registration %s: TCP port %s:%d open", registration_id, self._host, port)
+        log.info(
+            "registration %s: TCP port %s open", registration_id, show_address(self._host, port)
+        )
         try:
             await serve_listeners(
                 partial(self._carry, registration_id),

@@ -356,3 +356,26 @@ async def test_config_admin_token_prints_the_token_alone(tmp_path: Path) -> None
     assert refused.stderr.count("\n") == 1, refused
     assert refused.stderr.startswith("error: "), refused
     assert "sets no [server] adminToken, so the admin API is off" in refused.stderr
+
+
+@pytest.mark.parametrize("bind", ["*", ["127.0.0.1", "::1"]])
+async def test_the_public_ports_listen_on_ipv4_and_ipv6_at_once(
+    bind: str | list[str],
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    python_backend: PythonBackend,
+) -> None:
+    """bindAddr "*" failed with trio's "more than 1 listener" RuntimeError, and "::" alone
+    is IPv6 only: "*" and a list of addresses serve both families, on one port each."""
+    server = await server_factory(bindAddr=bind, tcpAddr=bind)
+    client = await client_factory(server, python_backend.port)
+    with trio.fail_after(30):
+        for address in ("127.0.0.1", "::1"):
+            async with await trio.open_tcp_stream(address, server.http_port) as stream:
+                await stream.send_all(
+                    f"GET / HTTP/1.1\r\nHost: {client.host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 "), (address, answer[:100])

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
+import socket
 
 import pytest
 import trio
 import trio.testing
 
-from petit.listen import ACCEPT_RETRY, REPORT_INTERVAL, Throttled, serve_listeners
+from petit.listen import (
+    ACCEPT_RETRY,
+    REPORT_INTERVAL,
+    Throttled,
+    local_address,
+    open_listeners,
+    serve_listeners,
+    show_address,
+)
 
 TIMEOUT = 60  # virtual seconds (autojump clock)
 
@@ -99,3 +109,47 @@ def test_throttled_holds_repeats_back_and_counts_them(caplog: pytest.LogCaptureF
     # Bounded: a third key forgets the oldest, which then logs at once again.
     assert throttled.log(logging.INFO, "peer C", 11.0, "bad request from %s", "C")
     assert throttled.log(logging.INFO, "peer B", 12.0, "bad request from %s", "B")
+
+
+@pytest.mark.parametrize("spec", ["*", "127.0.0.1, ::1"])
+async def test_every_address_of_a_spec_listens_on_one_port(spec: str) -> None:
+    """trio's open_tcp_listeners gave each family its own random port for port 0."""
+    listeners = await open_listeners(0, spec)
+    try:
+        ports = {listener.socket.getsockname()[1] for listener in listeners}
+        families = {listener.socket.family for listener in listeners}
+        assert len(ports) == 1, ports
+        assert families == {socket.AF_INET, socket.AF_INET6}
+        (port,) = ports
+        with trio.fail_after(TIMEOUT):
+            for address in ("127.0.0.1", "::1"):
+                async with await trio.open_tcp_stream(address, port):
+                    pass
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_an_address_that_cannot_be_bound_is_an_oserror_and_leaks_nothing() -> None:
+    descriptors = len(os.listdir("/proc/self/fd"))
+    # 192.0.2.1 (TEST-NET-1) is never this machine's; 127.0.0.1 was bound first.
+    with pytest.raises(OSError, match="Cannot assign requested address"):
+        await open_listeners(0, "127.0.0.1, 192.0.2.1")
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+@pytest.mark.parametrize(
+    ("spec", "local", "shown"),
+    [
+        ("0.0.0.0", "127.0.0.1", "0.0.0.0:80"),
+        ("*", "127.0.0.1", "*:80"),
+        ("::", "::1", "[::]:80"),
+        ("::1, 127.0.0.1", "::1", "[::1]:80 and 127.0.0.1:80"),
+        ("tunnel.example.com", "tunnel.example.com", "tunnel.example.com:80"),
+    ],
+)
+def test_addresses_are_reached_locally_and_shown_as_people_write_them(
+    spec: str, local: str, shown: str
+) -> None:
+    assert local_address(spec) == local
+    assert show_address(spec, 80) == shown
