@@ -316,8 +316,6 @@ class IngressConnection:
         self._meter.routed(registration_id)
         # Never the target: a query string may carry the caller's secrets.
         log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
-        if self._http.they_are_waiting_for_100_continue:
-            await self._send_public(h11.InformationalResponse(status_code=100, headers=[]))
         bad_body: h11.RemoteProtocolError | None = None
         try:
             upstream = await self._upstream_for(registration_id)
@@ -364,6 +362,8 @@ class IngressConnection:
         upgrade = _upgrade_asked(request)
         if upgrade is not None:  # passed on, so the private service may switch (WebSocket)
             headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        if self._http.they_are_waiting_for_100_continue:  # the service may refuse the body
+            headers.append((b"expect", b"100-continue"))
         forwarded = h11.Request(method=request.method, target=target, headers=headers)
         try:
             await upstream.send(forwarded)
@@ -474,7 +474,8 @@ class IngressConnection:
                     raise _UpstreamFailedError(504)
                 continue
             if isinstance(event, h11.InformationalResponse):
-                if event.status_code != 100:
+                # A 100 only while the caller waits for one: it answers its Expect.
+                if event.status_code != 100 or self._http.they_are_waiting_for_100_continue:
                     self._queue_public(outgoing, event)
                 if event.status_code == 101:  # the caller asked for it (h11 checks): switched
                     await self._flush_public(outgoing)
