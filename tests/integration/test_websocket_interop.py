@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +37,27 @@ def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, Path]:
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     ca.cert_pem.write_to_path(tmp_path / "ca.crt")
     return server_context, client_ssl_context(tmp_path / "ca.crt"), tmp_path / "ca.crt"
+
+
+async def serve_on_loopback(
+    nursery: trio.Nursery,
+    handler: Callable[[UpgradeRequest], Awaitable[None]],
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> int:
+    """petit's WebSocket server on 127.0.0.1, a port of the system's choosing; that port."""
+    port: int = await nursery.start(
+        partial(
+            serve_websocket,
+            handler,
+            context,
+            host="127.0.0.1",
+            port=0,
+            handler_nursery=nursery,
+            handshake_timeout=handshake_timeout,
+        )
+    )
+    return port
 
 
 async def echo(websocket: trio_websocket.WebSocketConnection) -> None:
@@ -100,17 +122,7 @@ async def test_trio_websocket_client_against_petit_server(
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(
-                    serve_websocket,
-                    handler,
-                    server_context,
-                    host="127.0.0.1",
-                    port=0,
-                    handler_nursery=nursery,
-                    handshake_timeout=TIMEOUT,
-                )
-            )
+            port = await serve_on_loopback(nursery, handler, server_context, TIMEOUT)
             url = f"wss://127.0.0.1:{port}/echo"
             async with trio_websocket.open_websocket_url(
                 url, client_context, max_message_size=2 * BIG
@@ -149,17 +161,7 @@ async def test_the_listener_answers_non_upgrades_and_idle_connections_and_goes_o
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(
-                    serve_websocket,
-                    handler,
-                    server_context,
-                    host="127.0.0.1",
-                    port=0,
-                    handler_nursery=nursery,
-                    handshake_timeout=1.0,
-                )
-            )
+            port = await serve_on_loopback(nursery, handler, server_context, 1.0)
             tcp = await trio.open_tcp_stream("127.0.0.1", port)
             plain = trio.SSLStream(tcp, client_context, server_hostname="127.0.0.1")
             await plain.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
