@@ -69,6 +69,10 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 # - Frames the peer's input makes us queue (PONG, a refusal) count in reply_backlog until
 #   drained; the driver stops reading while it is past a bound, so a flood costs the flooder.
 
+# An OPEN's target is a registration ID; with PROBE after it, the stream is the original's
+# tunnel check ``GET /-g2c-intercept``: the client answers it itself, never touching the
+# private service (see ``probe_target``).
+PROBE: Final = "/-g2c-intercept"
 DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction, at first
 MAX_WINDOW: Final = 16 * 1024 * 1024  # bytes: the most a stream's receive window grows to
 WINDOW_GROWTH_BUDGET: Final = 64 * 1024 * 1024  # bytes of growth, all streams of a connection
@@ -77,6 +81,17 @@ _PROBE_SPACING: Final = DEFAULT_WINDOW // 4  # DATA bytes received between two B
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
 _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits the payload
 _U32: Final = struct.Struct("!I")
+
+
+def probe_target(registration_id: str) -> str:
+    """The OPEN target of a tunnel check for ``registration_id``."""
+    return registration_id + PROBE
+
+
+def split_target(target: str) -> tuple[str, bool]:
+    """(registration ID, whether the stream is a tunnel check) of an OPEN's target."""
+    registration_id, probe, rest = target.partition(PROBE)
+    return registration_id, bool(probe) and not rest
 
 
 class Role(enum.Enum):

@@ -14,6 +14,7 @@ at once, since a session claims its registrations only in its handshake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import trio
 
 from petit import __version__
 from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
-from petit.connection import Role, TunnelConnection
+from petit.connection import Role, TunnelConnection, split_target
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
 from petit.httpapi import loopback_json, serve_api
@@ -65,6 +66,28 @@ RETRYABLE = (
     trio.TooSlowError,
     OSError,
 )
+
+
+# The original petit's answer to its tunnel check, byte for byte.
+TUNNEL_CHECK_ANSWER = (
+    b'HTTP/1.1 200 OK\r\nContent-Length: 18\r\nConnection: close\r\n\r\n{"success": true}\n'
+)
+MAX_CHECK_HEAD = 16 * 1024  # bytes of the check's request head read before answering
+
+
+async def _answer_tunnel_check(stream: TunnelStream) -> None:
+    """``GET /-g2c-intercept``: answered here, so a caller can test the tunnel and this
+    client without touching the private service. The request head is read first (bounded
+    in size here, in time by the caller), so the answer never races it."""
+    stream.accept()
+    received = b""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while b"\r\n\r\n" not in received and len(received) < MAX_CHECK_HEAD:
+            chunk = await stream.receive_some(MAX_CHECK_HEAD)
+            if not chunk:
+                break
+            received += chunk
+        await stream.send_all(TUNNEL_CHECK_ANSWER)
 
 
 def backoff(max_delay: float, *, first: float = 0.25) -> Iterator[float]:
@@ -428,27 +451,32 @@ class ClientService:
         }
 
     async def _handle_stream(self, stream: TunnelStream, target: str) -> None:
-        tenant = self._tenants.get(target)
+        registration_id, probe = split_target(target)
+        tenant = self._tenants.get(registration_id)
         if tenant is None:
             stream.refuse(ErrorCode.REFUSED)
             return
+        if probe:
+            with trio.move_on_after(self.config.connect_timeout):
+                await _answer_tunnel_check(stream)
+            return  # the session closes the stream: the caller reads the answer, then EOF
         local = tenant.local
         try:
             with trio.fail_after(self.config.connect_timeout):
                 backend = await self._dial(local)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
             cause = exc.__cause__ or exc
-            log.warning("unable to connect to local %s for %s: %s", local, target, cause)
+            log.warning("unable to connect to local %s for %s: %s", local, registration_id, cause)
             stream.refuse(ErrorCode.REFUSED)
             return
-        usage = self._usage_of(target)
+        usage = self._usage_of(registration_id)
         usage.active_streams += 1
-        log.debug("stream %d for %s spliced to local %s", stream.stream_id, target, local)
+        log.debug("stream %d for %s spliced to local %s", stream.stream_id, registration_id, local)
         try:
             stream.accept()
             await splice(stream, backend, usage.traffic)
         except trio.BrokenResourceError as exc:
-            log.debug("stream %d for %s ended early: %s", stream.stream_id, target, exc)
+            log.debug("stream %d for %s ended early: %s", stream.stream_id, registration_id, exc)
         finally:
             usage.active_streams -= 1
             await trio.aclose_forcefully(backend)

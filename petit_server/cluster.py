@@ -48,7 +48,7 @@ from typing import Any
 import trio
 
 from petit.auth import parse_json_object
-from petit.connection import Role, TunnelConnection
+from petit.connection import Role, TunnelConnection, split_target
 from petit.errors import AuthError, ConfigError, ErrorCode, PetitError
 from petit.listen import open_listeners, serve_listeners
 from petit.pki import certificate_fingerprint
@@ -310,23 +310,24 @@ class Cluster:
         """Registrations held by this node or any other."""
         return self._hub.served_ids() | self.directory.remote_ids()
 
-    async def open_stream(self, registration_id: str) -> trio.abc.HalfCloseableStream:
-        """A stream to the registration's private service: through a local session if this
-        node holds one, else forwarded to a node that does.
+    async def open_stream(self, target: str) -> trio.abc.HalfCloseableStream:
+        """A stream to the registration's private service (``target``, see ``Upstreams``):
+        through a local session if this node holds one, else forwarded to a node that does.
 
         Raises:
             SessionClosedError: no node serves the registration (503).
             StreamRefusedError: the private service, or a peer's link, refused (502).
             trio.TooSlowError: the peer's client did not answer in time (504).
         """
+        registration_id, _ = split_target(target)
         try:
-            return await self._hub.open_stream(registration_id)
+            return await self._hub.open_stream(target)
         except SessionClosedError:
             pass  # not held here, or its session just ended: ask the nodes that hold it
         refused: StreamRefusedError | None = None
         for node in self._in_order(self.directory.holders(registration_id)):
             try:
-                stream = await self._open_remote(node, registration_id)
+                stream = await self._open_remote(node, target)
             except _PeerUnavailableError as exc:
                 log.debug("registration %s not served through %s: %s", registration_id, node, exc)
                 self._failed_at[node.node_id] = trio.current_time()
@@ -396,10 +397,10 @@ class Cluster:
 
     # ---------------------------------------------------------------- dialing side
 
-    async def _open_remote(self, node: NodeRecord, registration_id: str) -> TunnelStream:
+    async def _open_remote(self, node: NodeRecord, target: str) -> TunnelStream:
         session = await self._link_to(node)
         try:
-            return await session.open_stream(registration_id)
+            return await session.open_stream(target)
         except SessionClosedError as exc:
             raise _PeerUnavailableError(f"link closed: {exc}") from None
         except StreamRefusedError as exc:
@@ -572,11 +573,11 @@ class Cluster:
         finally:
             await trio.aclose_forcefully(tls)
 
-    async def _serve_forwarded(self, stream: TunnelStream, registration_id: str) -> None:
+    async def _serve_forwarded(self, stream: TunnelStream, target: str) -> None:
         """One forwarded connection: a stream of this node's own hub, spliced (no re-forward)."""
         try:
             with trio.fail_after(self._open_timeout):
-                upstream = await self._hub.open_stream(registration_id)
+                upstream = await self._hub.open_stream(target)
         except SessionClosedError:
             stream.refuse(NOT_HERE)
             return

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import trio
 
+from petit.connection import probe_target, split_target
 from petit.logs import audit
 from petit.session import SessionClosedError, TunnelSession, TunnelStream
 
@@ -35,8 +36,9 @@ class Upstreams(Protocol):
     def served_ids(self) -> set[str]:
         """Registrations that can be reached now."""
 
-    async def open_stream(self, registration_id: str) -> trio.abc.HalfCloseableStream:
-        """A new stream to the registration's private service.
+    async def open_stream(self, target: str) -> trio.abc.HalfCloseableStream:
+        """A new stream to a registration's private service (``target``: its ID), or to its
+        client's tunnel check (``probe_target``).
 
         Raises:
             SessionClosedError: nobody serves the registration (503).
@@ -124,18 +126,21 @@ class Hub:
             return None
         return candidates[next(self._turn) % len(candidates)]
 
-    async def open_stream(self, registration_id: str) -> TunnelStream:
-        """A new stream through one of the registration's sessions (see ``Upstreams``)."""
+    async def open_stream(self, target: str) -> TunnelStream:
+        """A new stream through one of the registration's sessions (see ``Upstreams``);
+        ``target`` is the registration's ID, or its tunnel check (``probe_target``)."""
+        registration_id, _ = split_target(target)
         session = self.session_for(registration_id)
         if session is None:
             raise SessionClosedError(f"registration {registration_id} is offline")
         serving = self._by_id.get(registration_id, [])
-        if sum(a.session.streams_to(registration_id) for a in serving) >= self._max_streams:
+        targets = (registration_id, probe_target(registration_id))
+        if sum(a.session.streams_to(t) for a in serving for t in targets) >= self._max_streams:
             raise StreamLimitError(
                 f"registration {registration_id} has {self._max_streams} streams open, "
                 "the most [server] maxStreamsPerRegistration allows"
             )
-        return await session.open_stream(registration_id)
+        return await session.open_stream(target)
 
     def is_online(self, registration_id: str) -> bool:
         """True if a session serves this registration."""

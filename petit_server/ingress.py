@@ -29,6 +29,7 @@ from typing import Final
 import h11
 import trio
 
+from petit.connection import PROBE, probe_target
 from petit.control import in_networks
 from petit.errors import first_leaf
 from petit.httpapi import response_head
@@ -150,10 +151,11 @@ class Routing:
 
 
 class _Upstream:
-    """One tunnel stream to one registration's private service, with its own h11 client."""
+    """One tunnel stream to one registration's private service (or its client's tunnel
+    check), with its own h11 client."""
 
-    def __init__(self, registration_id: str, stream: trio.abc.HalfCloseableStream) -> None:
-        self.registration_id = registration_id
+    def __init__(self, target: str, stream: trio.abc.HalfCloseableStream) -> None:
+        self.target = target  # the stream's OPEN target: a registration ID, or its check
         self.stream = stream
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
 
@@ -318,7 +320,9 @@ class IngressConnection:
         log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
         bad_body: h11.RemoteProtocolError | None = None
         try:
-            upstream = await self._upstream_for(registration_id)
+            upstream = await self._upstream_for(
+                probe_target(registration_id) if _is_probe(request) else registration_id
+            )
             await self._proxy(request, upstream, host, target)
         except _UpstreamFailedError as failure:
             await self._drop_upstream()
@@ -334,20 +338,22 @@ class IngressConnection:
             await self._drop_upstream()
             await self._send_simple(bad_body.error_status_hint, f"bad request: {bad_body}".encode())
 
-    async def _upstream_for(self, registration_id: str) -> _Upstream:
-        if self._upstream is not None and self._upstream.registration_id == registration_id:
+    async def _upstream_for(self, target: str) -> _Upstream:
+        """A stream for ``target`` (a registration, or its tunnel check): the connection's
+        last one when it went to the same target, else a new one."""
+        if self._upstream is not None and self._upstream.target == target:
             return self._upstream
         await self._drop_upstream()
         try:
             with trio.fail_after(self._routing.open_timeout):
-                stream = await self._routing.open_upstream(registration_id)
+                stream = await self._routing.open_upstream(target)
         except StreamRefusedError:
             raise _UpstreamFailedError(502) from None
         except trio.TooSlowError:
             raise _UpstreamFailedError(504) from None
         except SessionClosedError:
             raise _UpstreamFailedError(503) from None
-        self._upstream = _Upstream(registration_id, stream)
+        self._upstream = _Upstream(target, stream)
         return self._upstream
 
     async def _drop_upstream(self) -> None:
@@ -485,7 +491,7 @@ class IngressConnection:
                 if {b"content-length", b"transfer-encoding"} <= names:
                     log.info(
                         "%s answered with both Content-Length and Transfer-Encoding: 502",
-                        upstream.registration_id,
+                        upstream.target,
                     )
                     raise _UpstreamFailedError(502)  # ambiguous framing: relay none of it
                 response = h11.Response(
@@ -598,6 +604,12 @@ def _head_size(request: h11.Request) -> int:
     """Roughly the bytes of a request head: its line and its header lines."""
     line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
     return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+
+
+def _is_probe(request: h11.Request) -> bool:
+    """The original petit's tunnel check: ``GET /-g2c-intercept...``, answered by the client
+    itself (any path starting so, as the original matched it)."""
+    return request.method == b"GET" and request.target.startswith(PROBE.encode())
 
 
 def _upgrade_asked(request: h11.Request) -> bytes | None:

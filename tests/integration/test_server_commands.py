@@ -31,6 +31,7 @@ from tests.integration.harness import (
     curl,
     edit_config,
     free_port,
+    http_request,
     registry_entry,
     run_cli,
     signed_request,
@@ -379,3 +380,21 @@ async def test_the_public_ports_listen_on_ipv4_and_ipv6_at_once(
                 while chunk := await stream.receive_some():
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 "), (address, answer[:100])
+
+
+async def test_the_tunnel_check_is_answered_by_the_client_without_the_private_service(
+    server: PetitServer, client_factory: ClientFactory
+) -> None:
+    """The original's GET /-g2c-intercept: 200 {"success": true} from the client itself, so
+    a caller can test the tunnel while the private service is down (here: nothing listens)."""
+    client = await client_factory(server, free_port())
+    with trio.fail_after(30):
+        for target in ("/-g2c-intercept", "/-g2c-intercept/anything?x=1"):
+            check = await http_request(server.http_port, client.host, target=target)
+            assert (check.status, check.body) == (200, b'{"success": true}\n'), check
+        # Anything else goes to the private service, which is down: 502.
+        assert (await http_request(server.http_port, client.host, target="/")).status == 502
+        posted = await http_request(
+            server.http_port, client.host, "POST", "/-g2c-intercept", body=b"x"
+        )
+        assert posted.status == 502

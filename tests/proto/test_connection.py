@@ -15,6 +15,8 @@ from petit.connection import (
     Role,
     StreamState,
     TunnelConnection,
+    probe_target,
+    split_target,
 )
 from petit.errors import (
     ErrorCode,
@@ -682,3 +684,17 @@ def test_window_growth_on_a_connection_stays_within_its_budget() -> None:
     for _ in range(8):
         _window_limited_round_trip(pair, extra)
     assert pair.server.send_window(extra) > DEFAULT_WINDOW
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("1001", ("1001", False)),
+        (probe_target("1001"), ("1001", True)),
+        ("1001/-g2c-interceptx", ("1001", False)),  # not exactly the check: never answered
+    ],
+)
+def test_an_open_target_names_a_registration_and_whether_it_is_the_tunnel_check(
+    target: str, expected: tuple[str, bool]
+) -> None:
+    assert split_target(target) == expected
