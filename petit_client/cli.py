@@ -539,7 +539,8 @@ def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) ->
 
 
 def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
-    """Wait for the new daemon's first connection attempt to end; say how it went."""
+    """Wait until the new daemon's tunnel is up or each configured server failed once; say
+    how it went."""
     timeout = config.connect_timeout + config.handshake_timeout
     host = local_address(config.listen_addr)
 
@@ -548,12 +549,16 @@ def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
         with trio.move_on_after(timeout):
             while True:
                 reply = await send_control(host, started.listen, "STATUS")
-                if reply.get("status") == "connected" or reply.get("lastError"):
+                links = _objects(reply.get("servers"))
+                if reply.get("status") == "connected" or (
+                    links and all(link.get("lastError") for link in links)
+                ):  # up, or every configured server failed once
                     break
                 await trio.sleep(0.1)
         return reply
 
-    with progress(f"Waiting for the tunnel to {config.server}"):
+    servers = " or ".join(map(str, config.tunnel_servers))
+    with progress(f"Waiting for the tunnel to {servers}"):
         try:
             reply = trio.run(first_attempt)
         except ControlError as exc:
@@ -564,7 +569,8 @@ def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
             for r in _objects(reply.get("registration"))
             if r.get("state") == "connected"
         ]
-        click.echo(f"Tunnel up to {config.server} for {', '.join(map(str, ids))}.")
+        server = reply.get("server", config.server)  # the one it reached, of several
+        click.echo(f"Tunnel up to {server} for {', '.join(map(str, ids))}.")
         return
     why = reply.get("lastError") or f"not up within {timeout:g} s"
     click.echo(

@@ -24,6 +24,8 @@ from tests.integration.harness import (
     PythonBackend,
     Reaper,
     curl,
+    edit_config,
+    free_port,
     http_request,
 )
 
@@ -154,3 +156,17 @@ async def test_long_steps_show_progress_on_a_terminal_only(
 
     piped = await client.cli("unregister", "-a")  # stderr is a pipe here: no spinner
     assert "\r" not in piped.stderr, piped
+
+
+async def test_start_names_the_server_it_reached_among_several(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    """With servers = [a dead one, the live one], start said "Tunnel up to" the first
+    configured server; it names the one the tunnel reached (and waits for either)."""
+    client = await client_factory(server, python_backend.port, start=False)
+    nowhere = f"127.0.0.1:{free_port()}"
+    live = f"127.0.0.1:{server.tunnel_port}"
+    edit_config(client.config, "client", servers=[nowhere, live], serverSessions=1)
+    await client.start()
+    started = client.outputs["start"].stdout
+    assert f"Tunnel up to {live} for {client.registration_id}.\n" in started, started
