@@ -9,9 +9,6 @@
   failures, not a traceback per retry (trio's wrote ten a second: 822 in 40 s of an idle
   connection flood, rotating the log's history away). Every other accept error ends the
   listener, as in trio.
-- ``Throttled`` is the general form: one line per key per interval, the next line saying
-  how many were held back. Its memory is bounded (``max_keys``, oldest forgotten first), so
-  keying it by peer address cannot grow it without bound.
 - Each accepted connection runs its handler in ``handler_nursery`` (the listener's own
   nursery by default) and is closed when the handler returns, as trio does.
 - ``open_listeners`` binds what a config's address says: one address or name, several
@@ -25,47 +22,17 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
+
+from petit.logs import Throttled
 
 log = logging.getLogger("petit.listen")
 
 # What accept() raises when resources ran out rather than the listener broke (trio's list).
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of resources
-REPORT_INTERVAL = 10.0  # seconds: at most one log line per listener and per key this often
-
-
-class Throttled:
-    """Log a repeated message at most once per ``interval`` per key, with a count."""
-
-    def __init__(
-        self, logger: logging.Logger, interval: float = REPORT_INTERVAL, max_keys: int = 1024
-    ) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._max_keys = max_keys
-        self._seen: dict[object, tuple[float, int]] = {}  # key -> (last logged, held back)
-
-    def log(self, level: int, key: object, now: float, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless ``key`` was logged less than an interval ago;
-        whether it was logged."""
-        last, held = self._seen.pop(key, (-math.inf, 0))
-        if now - last < self._interval:
-            self._remember(key, (last, held + 1))
-            return False
-        if held:
-            message += f" (and {held} more like it in the last {now - last:.0f} s)"
-        self._logger.log(level, message, *args)
-        self._remember(key, (now, 0))
-        return True
-
-    def _remember(self, key: object, state: tuple[float, int]) -> None:
-        if len(self._seen) >= self._max_keys:
-            del self._seen[next(iter(self._seen))]
-        self._seen[key] = state
 
 
 Handler = Callable[[trio.SocketStream], Awaitable[object]]

@@ -6,6 +6,10 @@ The daemon log goes to ``logFile``; records of ``petit.audit`` (who changed a re
 an alias or a token) go only to ``auditFile``, always at INFO whatever the runtime level.
 In the foreground the daemon also writes to stderr, for a terminal or the journal, as text
 or as JSON (``logFormat``); a daemon ``start`` detached writes only to its file.
+A message a peer can make us repeat (a refused connection, a forged hello) goes through
+``Throttled``: one line per key per ``REPORT_INTERVAL``, the next one counting those held
+back, with bounded memory (``max_keys``, oldest forgotten first), so no flood rotates the
+log's history away.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import json
 import logging
 import logging.handlers
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -58,6 +63,39 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document, default=str, ensure_ascii=False)
+
+
+REPORT_INTERVAL = 10.0  # seconds: at most one line per key of a Throttled this often
+
+
+class Throttled:
+    """Log a repeated message at most once per ``interval`` per key, with a count."""
+
+    def __init__(
+        self, logger: logging.Logger, interval: float = REPORT_INTERVAL, max_keys: int = 1024
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._max_keys = max_keys
+        self._seen: dict[object, tuple[float, int]] = {}  # key -> (last logged, held back)
+
+    def log(self, level: int, key: object, now: float, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless ``key`` was logged less than an interval ago;
+        whether it was logged."""
+        last, held = self._seen.pop(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._remember(key, (last, held + 1))
+            return False
+        if held:
+            message += f" (and {held} more like it in the last {now - last:.0f} s)"
+        self._logger.log(level, message, *args)
+        self._remember(key, (now, 0))
+        return True
+
+    def _remember(self, key: object, state: tuple[float, int]) -> None:
+        if len(self._seen) >= self._max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = state
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,7 +31,7 @@ from petit.auth import (
 )
 from petit.connection import Role, TunnelConnection
 from petit.errors import AuthError, PetitError, RemoteProtocolError
-from petit.listen import Throttled
+from petit.logs import Throttled
 from petit.session import KeepaliveTimeoutError, TunnelSession
 from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH
 from petit.websocket import UpgradeRequest, WebSocket

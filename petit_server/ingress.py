@@ -34,6 +34,7 @@ from petit.control import in_networks
 from petit.errors import first_leaf
 from petit.httpapi import response_head
 from petit.listen import serve_tcp
+from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
 from petit_server.usage import RequestMeter, UsageStore
@@ -91,30 +92,26 @@ class ConnectionLimits:
 
     total: int = 10_000
     per_address: int = 256
-    log_interval: float = 10.0  # seconds between two refusal log lines
     open: int = 0
     _by_address: dict[str, int] = field(default_factory=dict)
-    _refused: int = 0
-    _logged_at: float = -math.inf
+    _reports: Throttled = field(default_factory=lambda: Throttled(log))
 
     def admit(self, address: str) -> bool:
         """Count a new connection from ``address`` in, or refuse it (False)."""
         from_address = self._by_address.get(address, 0)
         if self.open >= self.total or from_address >= self.per_address:
-            self._refused += 1
-            now = trio.current_time()
-            if now - self._logged_at >= self.log_interval:
-                log.warning(
-                    "refused %d public connection(s) past the limits (%d open, at most %d; "
-                    "%d from %s, at most %d per address)",
-                    self._refused,
-                    self.open,
-                    self.total,
-                    from_address,
-                    address,
-                    self.per_address,
-                )
-                self._refused, self._logged_at = 0, now
+            self._reports.log(
+                logging.WARNING,
+                "limits",  # one line per interval for all refusals, as one flood
+                trio.current_time(),
+                "refused a public connection past the limits (%d open, at most %d; "
+                "%d from %s, at most %d per address)",
+                self.open,
+                self.total,
+                from_address,
+                address,
+                self.per_address,
+            )
             return False
         self.open += 1
         self._by_address[address] = from_address + 1

@@ -14,13 +14,12 @@ import trio.testing
 
 from petit.listen import (
     ACCEPT_RETRY,
-    REPORT_INTERVAL,
-    Throttled,
     local_address,
     open_listeners,
     serve_listeners,
     show_address,
 )
+from petit.logs import REPORT_INTERVAL, Throttled
 
 TIMEOUT = 60  # virtual seconds (autojump clock)
 
