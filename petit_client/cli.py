@@ -539,20 +539,21 @@ def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) ->
 
 
 def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
-    """Wait until the new daemon's tunnel is up or each configured server failed once; say
-    how it went."""
-    timeout = config.connect_timeout + config.handshake_timeout
+    """Wait until the new daemon's tunnel is up, or for one attempt per configured server;
+    say how it went. With one server its first error ends the wait; with several, an error
+    only says one server failed (the client tries the next), so the wait goes on."""
+    servers_count = len(config.tunnel_servers)
+    timeout = (config.connect_timeout + config.handshake_timeout) * servers_count
     host = local_address(config.listen_addr)
 
-    async def first_attempt() -> dict[str, object]:
+    async def first_attempts() -> dict[str, object]:
         reply: dict[str, object] = {}
         with trio.move_on_after(timeout):
             while True:
                 reply = await send_control(host, started.listen, "STATUS")
-                links = _objects(reply.get("servers"))
                 if reply.get("status") == "connected" or (
-                    links and all(link.get("lastError") for link in links)
-                ):  # up, or every configured server failed once
+                    servers_count == 1 and reply.get("lastError")
+                ):
                     break
                 await trio.sleep(0.1)
         return reply
@@ -560,7 +561,7 @@ def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:
     servers = " or ".join(map(str, config.tunnel_servers))
     with progress(f"Waiting for the tunnel to {servers}"):
         try:
-            reply = trio.run(first_attempt)
+            reply = trio.run(first_attempts)
         except ControlError as exc:
             reply = {"lastError": str(exc)}
     if reply.get("status") == "connected":
