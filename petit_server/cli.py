@@ -41,8 +41,10 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
-from petit_server.importer import import_registry, migrate_registry
-from petit_server.registry import FileRegistry, Registry, apply_command, open_registry
+from petit_server.registry.backend import open_registry
+from petit_server.registry.base import Registry, apply_command
+from petit_server.registry.file_backend import FileRegistry
+from petit_server.registry.importer import import_registry, migrate_registry
 from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")

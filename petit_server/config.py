@@ -77,7 +77,7 @@ class ServerConfig:
     registry_backend: str = "file"
     registry_url: str = field(default=DEFAULT_REGISTRY_URL, repr=False)  # has a password?
     registry_prefix: str = DEFAULT_REGISTRY_PREFIX
-    # Admin API (petit_server/admin.py): off while admin_token is unset.
+    # Admin API (petit_server/ops/admin.py): off while admin_token is unset.
     admin_addr: str = "127.0.0.1"
     admin_port: int = 8100
     admin_token: str | None = field(default=None, repr=False)

@@ -27,15 +27,16 @@ from petit.logs import set_level
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.statefile import remove_stale_temporaries
 from petit.websocket import serve_websocket
-from petit_server.admin import AdminApi, AdminSources
-from petit_server.cluster import Cluster
 from petit_server.config import ServerConfig
-from petit_server.gateway import Gateway, SourceRate
-from petit_server.https import ReloadingContext, certificate_source, serve_https
-from petit_server.hub import Attachment, Hub, Upstreams
-from petit_server.ingress import ConnectionLimits, Routing, serve_ingress
-from petit_server.registry import Registration, Registry, apply_command, open_registry
-from petit_server.tcpports import TcpPorts
+from petit_server.edge.cluster import Cluster
+from petit_server.edge.gateway import Gateway, SourceRate
+from petit_server.edge.https import ReloadingContext, certificate_source, serve_https
+from petit_server.edge.hub import Attachment, Hub, Upstreams
+from petit_server.edge.ingress import ConnectionLimits, Routing, serve_ingress
+from petit_server.edge.tcpports import TcpPorts
+from petit_server.ops.admin import AdminApi, AdminSources
+from petit_server.registry.backend import open_registry
+from petit_server.registry.base import Registration, Registry, apply_command
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -158,6 +159,9 @@ def fill_wheelhouse(entries: list[Entry], extras: list[str], into: Path, python:
         download = ["download", "-q", "--no-deps", "--require-hashes", "-d", str(into)]
         subprocess.run([*pip, *download, "-r", str(listing)], check=True)
         listing.unlink()
+    # setuptools copies the packages into build/lib and never deletes a module that moved or
+    # went away since the last build: it would ship in the wheel, stale.
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     subprocess.run(
         [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(into), str(ROOT)],
         check=True,

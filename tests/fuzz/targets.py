@@ -27,10 +27,11 @@ from petit.frames import Frame, FrameType, encode_frame
 from petit.logs import LogSettings
 from petit.messages import decode as decode_message
 from petit_server.config import ServerConfig
-from petit_server.gateway import Gateway, SourceRate
-from petit_server.hub import Attachment, Hub
-from petit_server.ingress import IngressConnection, Routing, registration_id_for_host
-from petit_server.registry import FileRegistry
+from petit_server.edge.gateway import Gateway, SourceRate
+from petit_server.edge.hub import Attachment, Hub
+from petit_server.edge.ingress import IngressConnection, Routing
+from petit_server.registry.base import registration_id_for_host
+from petit_server.registry.file_backend import FileRegistry
 from tests.io.helpers import session_pair
 from tests.io.test_ingress import HttpBackend
 from tests.proto.helpers import ConnectionPair, sent_frames

@@ -20,7 +20,7 @@ import trio
 from petit.auth import generate_key
 from petit.control import ETX
 from petit.transport import REGISTER_PATH, UNREGISTER_PATH
-from petit_server.registry import ENROLLMENT_REFUSED
+from petit_server.registry.base import ENROLLMENT_REFUSED
 from tests.integration.harness import (
     UNAVAILABLE,
     ClientFactory,

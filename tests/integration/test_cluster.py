@@ -22,8 +22,8 @@ import trio
 
 from petit.connection import Role, TunnelConnection
 from petit.session import SessionClosedError, StreamCarrier, StreamRefusedError, TunnelSession
-from petit_server.cluster import Directory
 from petit_server.config import ClusterConfig
+from petit_server.edge.cluster import Directory
 from tests.integration.harness import (
     REDIS_SERVER,
     ClientFactory,

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from petit.errors import ConfigError
 from petit.logs import LogSettings
 from petit_server.config import ServerConfig
-from petit_server.https import certificate_source
-from petit_server.ingress import https_location
+from petit_server.edge.https import certificate_source
+from petit_server.edge.ingress import https_location
 from tests.integration.harness import (
     ClientFactory,
     CliResult,

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from petit.auth import generate_key, key_fingerprint, public_key_raw
 from petit.transport import REGISTER_PATH
-from petit_server.registry import FileRegistry
+from petit_server.registry.file_backend import FileRegistry
 from tests.integration.harness import (
     PetitClient,
     PetitServer,

@@ -15,15 +15,15 @@ import trio
 
 from petit.errors import AuthError, ConfigError
 from petit.logs import AUDIT_LOGGER, JsonFormatter
-from petit_server.redis_registry import SOCKET_TIMEOUT, RedisRegistry
-from petit_server.registry import (
-    FileRegistry,
+from petit_server.registry.base import (
     MergePlan,
     Registration,
     Registry,
     RegistryError,
     RegistryUnavailableError,
 )
+from petit_server.registry.file_backend import FileRegistry
+from petit_server.registry.redis_backend import SOCKET_TIMEOUT, RedisRegistry
 from petit_server.usage import RegistrationUsage, UsageStore
 from tests.integration.harness import RedisServer, free_port, wait_until
 

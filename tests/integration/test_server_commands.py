@@ -17,7 +17,7 @@ import tomli_w
 import trio
 
 from petit.transport import UNREGISTER_PATH
-from petit_server.registry import ENROLLMENT_REFUSED
+from petit_server.registry.base import ENROLLMENT_REFUSED
 from tests.integration.harness import (
     CLI_TIMEOUT,
     PETIT_SERVER,

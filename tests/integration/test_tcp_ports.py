@@ -9,9 +9,9 @@ import socket
 import pytest
 import trio
 
-from petit_server.hub import Attachment, Hub
-from petit_server.registry import Registration
-from petit_server.tcpports import TcpPorts
+from petit_server.edge.hub import Attachment, Hub
+from petit_server.edge.tcpports import TcpPorts
+from petit_server.registry.base import Registration
 from tests.integration.harness import (
     ClientFactory,
     PetitServer,

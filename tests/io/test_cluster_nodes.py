@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from petit.session import SessionClosedError
-from petit_server.cluster import Cluster
 from petit_server.config import ClusterConfig
-from petit_server.hub import Hub
+from petit_server.edge.cluster import Cluster
+from petit_server.edge.hub import Hub
 from tests.integration.harness import free_port
 
 

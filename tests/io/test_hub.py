@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from petit_server.hub import Attachment, Hub, StreamLimitError
+from petit_server.edge.hub import Attachment, Hub, StreamLimitError
 
 from .helpers import REGISTRATION_ID, session_pair
 

@@ -20,15 +20,15 @@ import trio.testing
 
 from petit.errors import ErrorCode
 from petit.session import StreamHandler, TunnelStream
-from petit_server.hub import Attachment, Hub
-from petit_server.ingress import (
+from petit_server.edge.hub import Attachment, Hub
+from petit_server.edge.ingress import (
     UNAVAILABLE_BODY,
     ConnectionLimits,
     IngressConnection,
     Routing,
-    registration_id_for_host,
     serve_ingress,
 )
+from petit_server.registry.base import registration_id_for_host
 from petit_server.usage import UsageStore
 from tests.integration.harness import wait_until
 from tests.proto.helpers import proxy_v2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from petit_server.registry import Registration
-from petit_server.tcpports import TcpPorts
+from petit_server.edge.tcpports import TcpPorts
+from petit_server.registry.base import Registration
 from tests.integration.harness import free_port, wait_until
 
 TIMEOUT = 10  # seconds bounding the test

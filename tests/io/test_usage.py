@@ -7,8 +7,8 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from petit_server.hub import Hub
-from petit_server.metrics import OTHER, TOP_REGISTRATIONS, Metrics
+from petit_server.edge.hub import Hub
+from petit_server.ops.metrics import OTHER, TOP_REGISTRATIONS, Metrics
 from petit_server.usage import LATENCY_BUCKETS, NOTHING, RegistrationUsage, UsageStore
 
 

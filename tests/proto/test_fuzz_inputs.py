@@ -22,7 +22,7 @@ from petit.auth import decode_hello, generate_key, public_key_raw, register_tran
 from petit.control import ETX
 from petit.errors import PetitError
 from petit.messages import decode as decode_message
-from petit_server.gateway import Gateway
+from petit_server.edge.gateway import Gateway
 from tests.fuzz.targets import (
     control_exchange,
     ingress_answer,

@@ -44,6 +44,84 @@ def test_protocol_core_does_no_io(module: str) -> None:
     ],
 )
 def test_packages_keep_their_distance(package: str, forbidden: str) -> None:
-    for path in (ROOT / package).glob("*.py"):
+    for path in (ROOT / package).rglob("*.py"):
         offenders = {n for n in _imports(path) if n.split(".")[0] == forbidden}
         assert not offenders, f"{path.relative_to(ROOT)} imports {offenders}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Each module of the three packages -> the project modules it imports, at any depth
+    (a function-level import counts: it is still an arrow between modules)."""
+    paths = [
+        p
+        for package in ("petit", "petit_client", "petit_server")
+        for p in (ROOT / package).rglob("*.py")
+    ]
+    modules = {_module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            # "from petit_server.edge import hub" names a module; "from x.y import Name" a name
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _project_imports()
+    state: dict[str, int] = {}  # 1 while on the current path, 2 once done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target) :] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+# The server's layers, lowest first; a module may import its own layer and those below.
+SERVER_LAYERS = [
+    ("petit_server.config", "petit_server.usage"),
+    ("petit_server.registry",),
+    ("petit_server.edge",),
+    ("petit_server.ops",),
+    ("petit_server.cli", "petit_server.service", "petit_server.__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    for rank, prefixes in enumerate(SERVER_LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer of SERVER_LAYERS: add it")
+
+
+def test_server_imports_run_one_way() -> None:
+    graph = _project_imports()
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        if module.startswith("petit_server.") and module != "petit_server"
+        for target in sorted(targets)
+        if target.startswith("petit_server.") and _layer(target) > _layer(module)
+    ]
+    assert not upward, "imports that run up the server's layers: " + "; ".join(upward)

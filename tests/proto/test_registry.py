@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import petit_server.registry
+import petit_server.registry.base
+import petit_server.registry.file_backend
 from petit.errors import ConfigError
 from petit.statefile import write_atomic
-from petit_server.registry import LAST_PORT, FileRegistry, RegistryError
+from petit_server.registry.base import LAST_PORT, RegistryError
+from petit_server.registry.file_backend import FileRegistry
 
 FIRST_PORT = 20000
 
@@ -122,7 +124,7 @@ async def test_failed_register_changes_nothing(path: Path, monkeypatch: pytest.M
     before_file = path.read_bytes()
     before = registry.all()
 
-    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry.file_backend, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.register(key(2), {})
     assert registry.all() == before
@@ -143,7 +145,7 @@ async def test_failed_unregister_changes_nothing(
     registered = await registry.register(key(1), {})
     before_file = path.read_bytes()
 
-    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry.file_backend, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.unregister("1001")
     assert registry.get("1001") == registered
@@ -168,7 +170,7 @@ async def test_failed_unregister_changes_nothing(
     ],
 )
 def test_redis_urls_are_shown_without_their_passwords(url: str, shown: str) -> None:
-    assert petit_server.registry.redacted_url(url) == shown
+    assert petit_server.registry.base.redacted_url(url) == shown
 
 
 def test_two_registrations_with_one_port_are_refused_naming_both(path: Path) -> None:
@@ -231,9 +233,9 @@ async def test_a_change_renders_only_what_it_touched_and_writes_in_a_worker_thre
     for n in range(1, 51):
         await registry.register(key(n), {})
     rendered: list[str] = []
-    original = petit_server.registry.Registration.to_json
+    original = petit_server.registry.base.Registration.to_json
 
-    def counting_to_json(self: petit_server.registry.Registration) -> dict[str, object]:
+    def counting_to_json(self: petit_server.registry.base.Registration) -> dict[str, object]:
         rendered.append(self.registration_id)
         return original(self)
 
@@ -243,8 +245,8 @@ async def test_a_change_renders_only_what_it_touched_and_writes_in_a_worker_thre
         writers.append(threading.current_thread().name)
         write_atomic(target, data, mode=mode)
 
-    monkeypatch.setattr(petit_server.registry.Registration, "to_json", counting_to_json)
-    monkeypatch.setattr(petit_server.registry, "write_atomic", recording_write)
+    monkeypatch.setattr(petit_server.registry.base.Registration, "to_json", counting_to_json)
+    monkeypatch.setattr(petit_server.registry.file_backend, "write_atomic", recording_write)
     await registry.register(key(51), {})
     await registry.add_alias("a.example.com", "1007")
     assert rendered == ["1051", "1007"]

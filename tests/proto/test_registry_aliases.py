@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import petit_server.registry
+import petit_server.registry.file_backend
 from petit.errors import ConfigError
-from petit_server.registry import FileRegistry, RegistryError, apply_command
+from petit_server.registry.base import RegistryError, apply_command
+from petit_server.registry.file_backend import FileRegistry
 
 FIRST_PORT = 20000
 
@@ -142,7 +143,7 @@ async def test_failed_save_leaves_no_alias_behind(
     def failing_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry.file_backend, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.add_alias("a.example.com", "1001")
     assert registry.route("a.example.com") is None

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-import petit_server.registry
+import petit_server.registry.file_backend
 from petit.errors import AuthError, ConfigError
-from petit_server.gateway import SourceRate
-from petit_server.registry import (
+from petit_server.edge.gateway import SourceRate
+from petit_server.registry.base import (
     ENROLLMENT_REFUSED,
-    FileRegistry,
     MergePlan,
     Registration,
     RegistryError,
     apply_command,
 )
+from petit_server.registry.file_backend import FileRegistry
 
 FIRST_PORT = 20000
 
@@ -119,7 +119,7 @@ async def test_consuming_is_undone_when_the_registration_cannot_be_saved(
     def failing_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(petit_server.registry, "write_atomic", failing_write)
+    monkeypatch.setattr(petit_server.registry.file_backend, "write_atomic", failing_write)
     with pytest.raises(OSError, match="No space left"):
         await registry.register(key(1), {}, token=secret)
     monkeypatch.undo()

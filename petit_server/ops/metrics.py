@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from petit import __version__
-from petit_server.hub import Hub
+from petit_server.edge.hub import Hub
 from petit_server.usage import LATENCY_BUCKETS, STATUS_CLASSES, RegistrationUsage, UsageStore
 
 TOP_REGISTRATIONS: Final = 20

@@ -31,8 +31,8 @@ import trio
 
 from petit.listen import open_listeners, serve_listeners, show_address
 from petit.session import StreamRefusedError, splice
-from petit_server.hub import Upstreams
-from petit_server.registry import Registration
+from petit_server.edge.hub import Upstreams
+from petit_server.registry.base import Registration
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")

@@ -62,8 +62,8 @@ from petit.session import (
 )
 from petit.tls import server_handshake
 from petit_server.config import ClusterConfig
-from petit_server.hub import Hub
-from petit_server.registry import redacted_url
+from petit_server.edge.hub import Hub
+from petit_server.registry.base import redacted_url
 
 log = logging.getLogger("petit.cluster")
 

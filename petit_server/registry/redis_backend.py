@@ -57,7 +57,7 @@ from redis.retry import Retry
 
 from petit.errors import AuthError, ConfigError
 from petit_server.config import DEFAULT_REGISTRY_PREFIX
-from petit_server.registry import (
+from petit_server.registry.base import (
     CLAIM_PREFIX,
     CLAIM_REFUSED,
     ENROLLMENT_REFUSED,

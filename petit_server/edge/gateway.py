@@ -36,8 +36,8 @@ from petit.session import KeepaliveTimeoutError, TunnelSession
 from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH
 from petit.websocket import UpgradeRequest, WebSocket
 from petit_server.config import ServerConfig
-from petit_server.hub import Attachment, Hub
-from petit_server.registry import Registry, RegistryUnavailableError, token_to_present
+from petit_server.edge.hub import Attachment, Hub
+from petit_server.registry.base import Registry, RegistryUnavailableError, token_to_present
 
 log = logging.getLogger("petit.gateway")
 

@@ -50,17 +50,17 @@ from petit_server.config import (
     ServerConfig,
     load_server_config,
 )
-from petit_server.registry import (
-    FileRegistry,
+from petit_server.registry.backend import open_registry
+from petit_server.registry.base import (
     Registration,
     Registry,
     RegistryError,
     Snapshot,
     check_alias,
-    open_registry,
     plan_merge,
     redacted_url,
 )
+from petit_server.registry.file_backend import FileRegistry
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 ORIGINAL_PREFIX = "g2c/"
@@ -115,7 +115,7 @@ def read_redis_source(url: str, prefix: str | None) -> Source:
         if client.exists(f"{original}allids"):
             return _original_redis(client, original, url)
         petit_prefix = prefix if prefix is not None else DEFAULT_REGISTRY_PREFIX
-        from petit_server.redis_registry import RedisRegistry  # redis is importable here
+        from petit_server.registry.redis_backend import RedisRegistry
 
         registry = RedisRegistry(url, prefix=petit_prefix, first_port=0)
         try:

@@ -34,7 +34,7 @@ from petit.errors import ConfigError
 from petit.listen import serve_tcp
 from petit.tls import server_handshake
 from petit_server.config import ServerConfig
-from petit_server.ingress import Routing, handle_public_connection
+from petit_server.edge.ingress import Routing, handle_public_connection
 
 log = logging.getLogger("petit.https")
 

@@ -33,9 +33,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from petit import __version__
 from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
-from petit_server.hub import Hub
-from petit_server.metrics import Metrics
-from petit_server.registry import Registry, RegistryError, RegistryUnavailableError
+from petit_server.edge.hub import Hub
+from petit_server.ops.metrics import Metrics
+from petit_server.registry.base import Registry, RegistryError, RegistryUnavailableError
 from petit_server.usage import RegistrationUsage, UsageStore
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
@@ -77,7 +77,7 @@ class AdminApi:
         self._token = token.encode()
         self._sources = sources
         self._metrics = Metrics(sources.usage, sources.hub, self._registered_ids)
-        self._dashboard = files("petit_server").joinpath("dashboard.html").read_bytes()
+        self._dashboard = files("petit_server.ops").joinpath("dashboard.html").read_bytes()
 
     async def answer(self, request: Request) -> Reply:
         """The reply to one request; HttpError becomes its JSON error."""

@@ -70,19 +70,6 @@ _FORWARDING_HEADERS: Final = frozenset(
 _HOST_HEADER = re.compile(r"(?P<name>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{0,5})?", re.IGNORECASE)
 
 
-def registration_id_for_host(host: str) -> str | None:
-    """The original petit's routing rule: the digits before the first ``-`` or ``.``."""
-    name = host.strip().lower()
-    if name.startswith("["):
-        return None
-    name = name.split(":", 1)[0]
-    for separator in ("-", "."):
-        head, found, _ = name.partition(separator)
-        if found and head.isdigit() and not head.startswith("0"):
-            return head
-    return None
-
-
 @dataclass(slots=True)
 class ConnectionLimits:
     """Open public connections, in total and per source address: past either bound a new
