@@ -10,9 +10,12 @@
   under different prefixes have separate directories as they have separate registries.
   A node that dies stops rewriting, its key expires, and the others forget it within
   ``nodeTimeout`` plus one heartbeat. Each heartbeat also reads every record into a local
-  cache, so routing a request never waits on Redis. When Redis comes back empty
-  (restarted), the next heartbeats of every node write the directory again; meanwhile the
-  last known records keep being used.
+  cache, so routing a request never waits on Redis. While Redis is unreachable the last
+  known records keep being used. When it comes back without this node's own record
+  (restarted empty, or the outage outlasted ``nodeTimeout`` so every record expired), the
+  other nodes have not republished yet either: for ``nodeTimeout`` a known node whose
+  record is missing is kept as last seen (a live node republishes within one heartbeat),
+  so no registration held elsewhere blinks out while the directory refills.
 - Redis is reached with redis-py's synchronous client in a worker thread
   (``trio.to_thread.run_sync``), with socket timeouts: trio has no Redis client, redis-py's
   asyncio client needs an asyncio loop, and only one small call per heartbeat goes to Redis,
@@ -47,8 +50,8 @@ from typing import Any
 
 import trio
 
-from petit.auth import parse_json_object
-from petit.connection import Role, TunnelConnection, split_target
+from petit.auth import decode_window, parse_json_object
+from petit.connection import SERVER_WINDOW, Role, TunnelConnection, split_target
 from petit.errors import AuthError, ConfigError, ErrorCode, PetitError
 from petit.listen import open_listeners, serve_listeners
 from petit.pki import certificate_fingerprint
@@ -135,6 +138,8 @@ class Directory:
         self._reachable: bool | None = None  # None: not tried yet
         self._writing = trio.Lock()  # one write of our record at a time
         self._left = False  # withdrawn on shutdown: never published again
+        self._published = False  # our record reached Redis at least once
+        self._keep_missing_until = -math.inf  # trio time; see "comes back" in the header
 
     def holders(self, registration_id: str) -> list[NodeRecord]:
         """Other nodes holding a session for the registration (from the cache)."""
@@ -206,24 +211,35 @@ class Directory:
         if self._reachable is False:
             log.info("cluster directory: redis is back; this node's record is published again")
         self._reachable = True
-        self._update(raw)
+        found_self, others = raw
+        if self._published and not found_self:
+            log.info(
+                "cluster directory: redis had lost the node records (restarted, or they "
+                "expired); keeping the nodes last seen for %gs while they publish again",
+                self._config.node_timeout,
+            )
+            self._keep_missing_until = trio.current_time() + self._config.node_timeout
+        self._published = True
+        self._update(others)
 
-    def _beat_sync(self, record: str) -> list[tuple[str, Any]]:
-        """(worker thread) Write our record, then read every node's: two round trips."""
+    def _beat_sync(self, record: str) -> tuple[bool, list[tuple[str, Any]]]:
+        """(worker thread) Write our record, then read every node's: two round trips.
+        Also says whether our previous record was still there."""
         now = int(time.time() * 1000)
         me = self._config.node_id
         ttl = int(self._config.node_timeout * 1000)
         pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(self._node_head + me)
         pipe.set(self._node_head + me, record, px=ttl)
         pipe.zadd(self._node_index, {me: now})
         pipe.zremrangebyscore(self._node_index, "-inf", now - INDEX_GRACE)
         pipe.zrange(self._node_index, 0, -1)
-        members = pipe.execute()[-1]
+        found_self, *_, members = pipe.execute()
         ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         others = [node_id for node_id in ids if node_id != me]
         keys = [self._node_head + node_id for node_id in others]
         values = self._redis.mget(keys) if others else []
-        return list(zip(others, values, strict=True))
+        return bool(found_self), list(zip(others, values, strict=True))
 
     def _leave_sync(self) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -246,6 +262,9 @@ class Directory:
                 )
             except (ValueError, KeyError, TypeError):
                 log.warning("cluster directory: ignoring a malformed record for node %s", node_id)
+        if trio.current_time() < self._keep_missing_until:
+            for node_id in self._peers.keys() - peers.keys():
+                peers[node_id] = self._peers[node_id]  # not republished yet
         for gone in self._peers.keys() - peers.keys():
             log.info("cluster: node %s left", gone)
         for new in peers.keys() - self._peers.keys():
@@ -435,7 +454,9 @@ class Cluster:
             raise _PeerUnavailableError(f"cannot reach {node.host}:{node.port}: {exc}") from None
         tls = trio.SSLStream(tcp, _link_client_context(), server_hostname=node.host)
         session = TunnelSession(
-            TunnelConnection(Role.SERVER), StreamCarrier(tls), ping_interval=self._ping_interval
+            TunnelConnection(Role.SERVER, offered_window=SERVER_WINDOW),
+            StreamCarrier(tls),
+            ping_interval=self._ping_interval,
         )
         nonce = secrets.token_bytes(NONCE_BYTES)
         try:
@@ -443,7 +464,7 @@ class Cluster:
                 await tls.do_handshake()
                 peer_der = tls.getpeercert(binary_form=True)
                 fingerprint = certificate_fingerprint(peer_der or b"")
-                check = partial(self._check_hello, node, nonce, fingerprint)
+                check = partial(self._check_hello, session.connection, node, nonce, fingerprint)
                 await session.handshake_as_server(nonce, check)
         except AuthError as exc:
             await trio.aclose_forcefully(tls)
@@ -456,9 +477,15 @@ class Cluster:
         return session
 
     async def _check_hello(
-        self, node: NodeRecord, nonce: bytes, fingerprint: bytes, payload: bytes
+        self,
+        connection: TunnelConnection,
+        node: NodeRecord,
+        nonce: bytes,
+        fingerprint: bytes,
+        payload: bytes,
     ) -> bytes:
-        """The listener's proof; the WELCOME carries ours."""
+        """The listener's proof; the WELCOME carries ours, and our window: the callers of the
+        forwarded streams are here, so an unread one costs this node only SERVER_WINDOW."""
         hello = parse_json_object(payload, what="cluster hello")
         peer_nonce = _hex_field(hello, "nonce")
         peer_id = str(hello.get("node", ""))
@@ -481,7 +508,13 @@ class Cluster:
             me,
             peer_id.encode(),
         )
-        return json.dumps({"node": self.config.node_id, "proof": ours.hex()}).encode()
+        connection.settle_windows(decode_window(hello, what="cluster hello"))
+        welcome = {
+            "node": self.config.node_id,
+            "proof": ours.hex(),
+            "window": connection.offered_window,
+        }
+        return json.dumps(welcome).encode()
 
     async def _run_link(
         self,
@@ -541,7 +574,12 @@ class Cluster:
         def make_hello(challenge: bytes) -> bytes:
             challenges.append(challenge)
             mine = proof(self._secret, b"petit-cluster hello", challenge, nonce, fingerprint, me)
-            document = {"node": self.config.node_id, "nonce": nonce.hex(), "proof": mine.hex()}
+            document = {
+                "node": self.config.node_id,
+                "nonce": nonce.hex(),
+                "proof": mine.hex(),
+                "window": session.connection.offered_window,
+            }
             return json.dumps(document).encode()
 
         try:
@@ -564,6 +602,7 @@ class Cluster:
             if not hmac.compare_digest(_hex_field(welcome, "proof"), expected):
                 log.warning("cluster: refused a link from %s: the secret does not match", peer)
                 return
+            session.connection.settle_windows(decode_window(welcome, what="cluster welcome"))
             log.info("cluster: link from node %s (%s) up", peer_id, peer)
             await session.serve()
         except (PetitError, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
