@@ -79,7 +79,15 @@ class Throttled:
         self._max_keys = max_keys
         self._seen: dict[object, tuple[float, int]] = {}  # key -> (last logged, held back)
 
-    def log(self, level: int, key: object, now: float, message: str, *args: object) -> bool:
+    def log(
+        self,
+        level: int,
+        key: object,
+        now: float,
+        message: str,
+        *args: object,
+        exc_info: bool = False,
+    ) -> bool:
         """Log ``message % args`` unless ``key`` was logged less than an interval ago;
         whether it was logged."""
         last, held = self._seen.pop(key, (-math.inf, 0))
@@ -88,9 +96,20 @@ class Throttled:
             return False
         if held:
             message += f" (and {held} more like it in the last {now - last:.0f} s)"
-        self._logger.log(level, message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)
         self._remember(key, (now, 0))
         return True
+
+    def bug(self, now: float, message: str, *args: object) -> bool:
+        """Log the exception being handled, with its traceback, once per interval for each
+        place such an exception is raised: a peer that can trigger a bug at will must not be
+        able to rotate the log away with tracebacks."""
+        exc = sys.exception()
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        site = (type(exc), tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb else type(exc)
+        return self.log(logging.ERROR, site, now, message, *args, exc_info=True)
 
     def _remember(self, key: object, state: tuple[float, int]) -> None:
         if len(self._seen) >= self._max_keys:

@@ -54,6 +54,7 @@ from petit.auth import decode_window, parse_json_object
 from petit.connection import SERVER_WINDOW, Role, TunnelConnection, split_target
 from petit.errors import AuthError, ConfigError, ErrorCode, PetitError
 from petit.listen import open_listeners, serve_listeners
+from petit.logs import Throttled
 from petit.pki import certificate_fingerprint
 from petit.session import (
     SessionClosedError,
@@ -69,6 +70,7 @@ from petit_server.edge.hub import Hub
 from petit_server.registry.base import redacted_url
 
 log = logging.getLogger("petit.cluster")
+_bugs = Throttled(log)  # a bug a peer can trigger at will logs once per interval
 
 INDEX_GRACE = 3600_000  # ms after which a silent node's id leaves the index (its key is gone)
 REDIS_TIMEOUT = 1.0  # seconds for one Redis connect or reply
@@ -527,8 +529,8 @@ class Cluster:
             await session.serve(task_status=task_status)
         except (PetitError, trio.BrokenResourceError, OSError) as exc:
             log.info("cluster: link to node %s down: %s", node.node_id, exc)
-        except Exception:  # per-link boundary: log the bug, keep the other links and the node
-            log.exception("cluster: bug on the link to node %s", node.node_id)
+        except Exception:  # noqa: BLE001 - per-link boundary: log the bug, keep the rest
+            _bugs.bug(trio.current_time(), "cluster: bug on the link to node %s", node.node_id)
         finally:
             if self._links.get(node.node_id, (None, None))[1] is session:
                 del self._links[node.node_id]
@@ -607,8 +609,8 @@ class Cluster:
             await session.serve()
         except (PetitError, trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             log.info("cluster: link from %s ended: %s", peer_id or peer, exc)
-        except Exception:  # per-connection boundary: log the bug, keep serving other nodes
-            log.exception("cluster: bug on the link from %s", peer_id or peer)
+        except Exception:  # noqa: BLE001 - per-connection boundary: log the bug, keep the rest
+            _bugs.bug(trio.current_time(), "cluster: bug on the link from %s", peer_id or peer)
         finally:
             await trio.aclose_forcefully(tls)
 

@@ -40,6 +40,7 @@ from petit.session import SessionClosedError, StreamRefusedError, Traffic, splic
 from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
+_bugs = Throttled(log)  # a bug a peer can trigger at will logs once per interval
 
 MAX_HEADER_BYTES: Final = 32 * 1024
 READ_CHUNK: Final = 256 * 1024  # bytes
@@ -715,8 +716,8 @@ async def handle_public_connection(
         log.debug("public connection dropped: %r", exc)
     except ProxyProtocolError as exc:
         log.info("public connection from a trusted proxy dropped: %s", exc)
-    except Exception:  # per-connection boundary: log the bug, keep serving others
-        log.exception("bug while serving a public connection")
+    except Exception:  # noqa: BLE001 - per-connection boundary: log the bug, keep serving others
+        _bugs.bug(trio.current_time(), "bug while serving a public connection")
     finally:
         if admitted is not None:
             routing.limits.release(admitted)

@@ -30,12 +30,14 @@ from functools import partial
 import trio
 
 from petit.listen import open_listeners, serve_listeners, show_address
+from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
 from petit_server.edge.hub import Upstreams
 from petit_server.registry.base import Registration
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
+_bugs = Throttled(log)  # a bug a peer can trigger at will logs once per interval
 
 UNKNOWN_RETRY = 0.25  # seconds between looks for a served registration the registry lacks
 
@@ -164,8 +166,10 @@ class TcpPorts:
         """Splice one accepted connection to a fresh tunnel stream (trio closes the socket)."""
         try:
             await self._splice_to_tunnel(registration_id, connection)
-        except Exception:  # per-connection boundary: log the bug, keep serving others
-            log.exception("bug while carrying a TCP connection for %s", registration_id)
+        except Exception:  # noqa: BLE001 - per-connection boundary: log the bug, keep the rest
+            _bugs.bug(
+                trio.current_time(), "bug while carrying a TCP connection for %s", registration_id
+            )
 
     async def _splice_to_tunnel(self, registration_id: str, connection: trio.SocketStream) -> None:
         try:

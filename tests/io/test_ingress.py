@@ -541,6 +541,36 @@ async def test_connections_past_the_limits_are_refused_and_others_still_served()
             nursery.cancel_scope.cancel()
 
 
+async def test_a_bug_a_caller_can_trigger_at_will_logs_one_traceback_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug reached by every request (here: opening the upstream raises) costs each caller
+    its connection, and the log one traceback per interval, not one per caller."""
+
+    async def buggy_upstream(*_: object) -> trio.abc.HalfCloseableStream:
+        raise RuntimeError("a bug in opening the upstream")
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            routing = dataclasses.replace(site.routing, open_upstream=buggy_upstream)
+            port = await nursery.start(
+                partial(serve_ingress, routing, host="127.0.0.1", port=0, handler_nursery=nursery)
+            )
+            for _ in range(20):
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n")
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some():
+                            pass  # until the ingress drops the connection
+            await wait_until(lambda: routing.limits.open == 0, TIMEOUT, what="all 20 released")
+            nursery.cancel_scope.cancel()
+    bugs = [r for r in caplog.records if r.getMessage().startswith("bug while serving")]
+    assert len(bugs) == 1
+    assert bugs[0].exc_info is not None
+    assert "a bug in opening the upstream" in str(bugs[0].exc_info[1])
+
+
 # The PROXY protocol, over real loopback sockets: 127.0.0.1 stands for the load balancer.
 
 LOOPBACK = ipaddress.ip_network("127.0.0.1/32")
