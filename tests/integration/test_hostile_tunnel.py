@@ -33,6 +33,7 @@ from tests.integration.harness import (
     ServerFactory,
     http_request,
     register_request,
+    rss_kib,
     signed_request,
     tail,
     wait_until,
@@ -203,6 +204,42 @@ async def test_a_peer_repeating_a_refused_hello_costs_one_log_line_per_interval(
             assert code is ErrorCode.AUTH
     refusals = server.log.read_text().count("tunnel from 127.0.0.1 refused")
     assert 1 <= refusals <= 2, tail(server.log)  # 2 only if the loop crossed an interval
+    await victim.assert_unharmed()
+
+
+PING = encode_frame(Frame(FrameType.PING, 0, bytes(8)))
+PING_MESSAGE = PING * (256 * 1024 // len(PING))  # what issue 14's attacker sent, 256 KiB each
+PING_FLOOD = 400  # messages at most: 100 MiB of PINGs (1.4 GB of server RSS in 87 s, once)
+RSS_GROWTH_LIMIT = 50 * 1024  # KiB
+
+
+async def test_a_ping_flood_that_never_reads_is_no_longer_read(
+    server: PetitServer, victim: Victim, attacker: Attacker
+) -> None:
+    """The attacker's own session floods PINGs and never reads the PONGs: once its replies
+    back up, the server stops reading it (the flood stalls in the attacker's own socket) and
+    the keepalive, hearing nothing more, ends the session. Server memory stays flat and
+    everyone else is served at once throughout."""
+    before = rss_kib(server.pid)
+    sent = 0
+    async with attacker.session() as tunnel:
+        with contextlib.suppress(trio.BrokenResourceError):  # the session ended
+            for _ in range(PING_FLOOD):
+                with trio.move_on_after(1) as stalled:
+                    await tunnel.send(PING_MESSAGE)
+                if stalled.cancelled_caught:
+                    break
+                sent += 1
+        growth = rss_kib(server.pid) - before
+        with trio.fail_after(1):
+            response = await http_request(server.http_port, victim.client.host)
+        assert (response.status, response.body) == (200, PythonBackend.GET_BODY)
+    print(f"PING flood: {sent} x 256 KiB before the server stopped reading; RSS +{growth} KiB")
+    assert sent < PING_FLOOD, "the server read the whole flood"
+    assert growth <= RSS_GROWTH_LIMIT, f"server RSS grew {growth} KiB"
+    await wait_until(
+        lambda: _sessions_are(server, attacker.registration_id, 0), 5, what="the flooder's end"
+    )
     await victim.assert_unharmed()
 
 
