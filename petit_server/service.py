@@ -75,6 +75,9 @@ class ServerService:
             open_timeout=config.open_timeout,
             usage=self.usage,
         )
+        self.public_limits = ConnectionLimits(
+            total=config.max_connections, per_address=config.max_connections_per_address
+        )
         self._stop = trio.Event()
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
@@ -111,6 +114,7 @@ class ServerService:
                 "success": True,
                 "status": "running",
                 "tasks": _task_count(),
+                "publicConnections": self.public_limits.open,
                 "connections": connections,
                 **cluster,
             }
@@ -174,9 +178,7 @@ class ServerService:
             response_timeout=config.response_timeout,
             idle_timeout=config.idle_timeout,
             usage=self.usage,
-            limits=ConnectionLimits(
-                total=config.max_connections, per_address=config.max_connections_per_address
-            ),
+            limits=self.public_limits,
             trusted_proxies=tuple(parse_networks(config.trusted_proxies, "trustedProxies")),
             proxy_protocol=config.proxy_protocol,
         )

@@ -1,5 +1,7 @@
-"""A server out of file descriptors: one log line per interval, no tracebacks, and it serves
-again as soon as descriptors are free (a real daemon under ``prlimit``)."""
+"""Floods of idle connections against a real daemon: one source address holds no more than
+its share and everyone else is served at once; and a server out of file descriptors logs one
+line per interval, no tracebacks, and serves again as soon as descriptors are free (a real
+daemon under ``prlimit``)."""
 
 from __future__ import annotations
 
@@ -12,22 +14,62 @@ import trio
 from tests.integration.harness import (
     ServerFactory,
     http_request,
+    rss_kib,
     tail,
     wait_exit,
     wait_pid_file,
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is missing"),
-]
+pytestmark = pytest.mark.integration
+needs_prlimit = pytest.mark.skipif(
+    shutil.which("prlimit") is None, reason="prlimit (util-linux) is missing"
+)
 
 DESCRIPTORS = 64  # the daemon's open-file limit, soft and hard: a flood of 100 runs it out
 FLOOD = 100  # idle connections
 TIMEOUT = 30.0  # seconds for the whole exchange
+IDLE_FLOOD = 600  # idle connections from one address: past [server] maxConnectionsPerAddress
+PER_ADDRESS = 256  # the default of that setting
+RSS_GROWTH_LIMIT = 50 * 1024  # KiB
 
 
+async def test_an_idle_connection_flood_from_one_address_costs_others_nothing(
+    server_factory: ServerFactory,
+) -> None:
+    """600 connections from 127.0.0.1 that never send a byte: the server holds 256 of them,
+    refuses the rest at once, grows little, and a caller from 127.0.0.2 is answered within a
+    second while the flood is held."""
+    server = await server_factory()
+    before = rss_kib(server.pid)
+    flood: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(IDLE_FLOOD):
+                flood.append(await trio.open_tcp_stream("127.0.0.1", server.http_port))
+
+            async def held() -> bool:
+                status = await server.control("STATUS")
+                return status["publicConnections"] == PER_ADDRESS
+
+            await wait_until(held, TIMEOUT, what=f"{PER_ADDRESS} connections held")
+        growth = rss_kib(server.pid) - before
+        with trio.fail_after(1):
+            stream = await trio.open_tcp_stream(
+                "127.0.0.1", server.http_port, local_address="127.0.0.2"
+            )
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: nobody.localhost\r\n\r\n")
+                answer = await stream.receive_some()
+        assert answer.startswith(b"HTTP/1.1 404 "), answer
+    finally:
+        for connection in flood:
+            await connection.aclose()
+    print(f"idle flood: {IDLE_FLOOD} connections, {PER_ADDRESS} held, server RSS +{growth} KiB")
+    assert growth <= RSS_GROWTH_LIMIT, f"server RSS grew {growth} KiB"
+
+
+@needs_prlimit
 async def test_an_ingress_out_of_descriptors_logs_a_line_per_interval_and_recovers(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
