@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,7 @@ import trio
 from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, PetitError
 from petit.logs import audit
+from petit_server.registry.policy import Policy, PolicyError, parse_assignments, policy_from_json
 from petit_server.usage import RegistrationUsage, UsageStore
 
 FIRST_ID = 1001
@@ -47,6 +49,7 @@ COMMAND_USAGE = {
     "ADDALIAS": "ADDALIAS <id> <alias>",
     "DELALIAS": "DELALIAS [<id>] <alias>",
     "TOKEN": "TOKEN CREATE [note...] | TOKEN CLAIM <id> [note...] | TOKEN LIST | TOKEN REVOKE <id>",
+    "POLICY": "POLICY <id> [key=value...] (an empty value resets the key)",
 }
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ID_HEAD = re.compile(r"[0-9]+(?:[.-]|$)")
@@ -75,6 +78,7 @@ class Registration:
     created: float
     vitae: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)  # its own limits (policy.py)
 
     @property
     def fingerprint(self) -> str:
@@ -83,13 +87,16 @@ class Registration:
 
     def to_json(self) -> dict[str, object]:
         """The registry file's form."""
-        return {
+        document: dict[str, object] = {
             "public_key": self.public_key.hex(),
             "port": self.port,
             "created": self.created,
             "vitae": self.vitae,
             "aliases": self.aliases,
         }
+        if self.policy:  # only when set: registries written before policies stay as they were
+            document["policy"] = self.policy.to_json()
+        return document
 
 
 @dataclass(slots=True)
@@ -183,6 +190,9 @@ class Registry(Protocol):
     async def remove_alias(
         self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR
     ) -> None: ...
+    async def set_policy(
+        self, registration_id: str, changes: Mapping[str, object], *, actor: str = SERVER_ACTOR
+    ) -> Policy: ...
     async def create_token(
         self, note: str, *, for_id: str | None = None, actor: str = SERVER_ACTOR
     ) -> tuple[EnrollmentToken, str]: ...
@@ -293,6 +303,18 @@ def audit_alias(event: str, alias: str, registration_id: str, *, actor: str) -> 
         actor=actor,
         alias=alias,
         id=registration_id,
+    )
+
+
+def audit_policy(registration_id: str, policy: Policy, *, actor: str) -> None:
+    """The audit record of a changed registration policy (the whole policy after it)."""
+    shown = policy.to_json()
+    audit(
+        "policy.changed",
+        f"policy of {registration_id} is now {json.dumps(shown) if shown else 'the defaults'}",
+        actor=actor,
+        id=registration_id,
+        policy=shown,
     )
 
 
@@ -464,8 +486,9 @@ async def apply_command(
 ) -> dict[str, object] | None:
     """The control commands that change the registry, as the live server and offline edits
     both run them: ``ADDALIAS <id> <alias>``, ``DELALIAS [<id>] <alias>``, ``TOKEN CREATE
-    [note…]``, ``TOKEN CLAIM <id> [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``. None if
-    ``verb`` is none of them. ``actor`` (``control``, ``admin:<ip>``, ``offline:<user>``)
+    [note…]``, ``TOKEN CLAIM <id> [note…]``, ``TOKEN LIST``, ``TOKEN REVOKE <id>``,
+    ``POLICY <id> [key=value…]`` (shown when no change is given). None if ``verb`` is none
+    of them. ``actor`` (``control``, ``admin:<ip>``, ``offline:<user>``)
     goes into the audit records.
     """
     subcommand = args[0].upper() if verb == "TOKEN" and args else ""
@@ -489,11 +512,25 @@ async def apply_command(
                 return {"success": True, "tokens": [_token_summary(t) for t in registry.tokens()]}
             case "TOKEN", [_, token_id] if subcommand == "REVOKE":
                 await registry.revoke_token(token_id, actor=actor)
-            case (("ADDALIAS" | "DELALIAS" | "TOKEN"), _):
+            case "POLICY", [registration_id]:
+                registration = registry.get(registration_id)
+                if registration is None:
+                    raise RegistryError(f"No such registeredId {registration_id}.")
+                return {
+                    "success": True,
+                    "id": registration_id,
+                    "policy": registration.policy.to_json(),
+                }
+            case "POLICY", [registration_id, *assignments]:
+                policy = await registry.set_policy(
+                    registration_id, parse_assignments(assignments), actor=actor
+                )
+                return {"success": True, "id": registration_id, "policy": policy.to_json()}
+            case (("ADDALIAS" | "DELALIAS" | "TOKEN" | "POLICY"), _):
                 return {"success": False, "error": f"usage: {COMMAND_USAGE[verb]}"}
             case _:
                 return None
-    except (RegistryError, RegistryUnavailableError) as exc:
+    except (RegistryError, RegistryUnavailableError, PolicyError) as exc:
         return {"success": False, "error": str(exc)}
     except OSError as exc:
         return {"success": False, "error": f"cannot save {registry.where}: {exc.strerror or exc}"}
@@ -541,6 +578,7 @@ def registration_from_json(rid: str, entry: object) -> Registration:
         raise ValueError("public_key must be 32 bytes (or empty: awaiting its claim)")
     vitae = entry.get("vitae", {})
     aliases = entry.get("aliases", [])
+    policy = policy_from_json(entry.get("policy", {}))
     if not isinstance(vitae, dict) or not isinstance(aliases, list):
         raise TypeError("vitae must be an object and aliases a list")
     port = int(entry["port"])
@@ -553,6 +591,7 @@ def registration_from_json(rid: str, entry: object) -> Registration:
         created=float(entry.get("created", 0.0)),
         vitae={str(k): str(v) for k, v in vitae.items()},
         aliases=[str(a) for a in aliases],
+        policy=policy,
     )
 
 

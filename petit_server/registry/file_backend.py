@@ -41,6 +41,7 @@ from petit_server.registry.base import (
     Snapshot,
     audit_alias,
     audit_imported,
+    audit_policy,
     audit_registered,
     audit_token_created,
     audit_token_revoked,
@@ -52,6 +53,7 @@ from petit_server.registry.base import (
     token_digest,
     token_from_json,
 )
+from petit_server.registry.policy import Policy
 from petit_server.usage import RegistrationUsage, UsageStore
 
 
@@ -280,6 +282,20 @@ class FileRegistry(RegistryView):
             async with self._change([registration_id]):
                 registration.aliases.append(alias)
         audit_alias("alias.added", alias, registration_id, actor=actor)
+
+    async def set_policy(
+        self, registration_id: str, changes: Mapping[str, object], *, actor: str = SERVER_ACTOR
+    ) -> Policy:
+        """Change a registration's own policy (PolicyError for a bad key or value)."""
+        async with self._changing:
+            registration = self._registrations.get(registration_id)
+            if registration is None:
+                raise RegistryError(f"No such registeredId {registration_id}.")
+            policy = registration.policy.changed(changes)
+            async with self._change([registration_id]):
+                registration.policy = policy
+        audit_policy(registration_id, policy, actor=actor)
+        return policy
 
     async def remove_alias(
         self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR

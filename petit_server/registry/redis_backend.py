@@ -46,7 +46,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -73,6 +73,7 @@ from petit_server.registry.base import (
     Snapshot,
     audit_alias,
     audit_imported,
+    audit_policy,
     audit_registered,
     audit_token_created,
     audit_token_revoked,
@@ -84,6 +85,7 @@ from petit_server.registry.base import (
     token_digest,
     token_from_json,
 )
+from petit_server.registry.policy import Policy
 from petit_server.usage import RegistrationUsage, UsageStore
 
 log = logging.getLogger("petit.registry")
@@ -188,6 +190,22 @@ redis.call('DEL', key, p .. 'aliases:' .. id, p .. 'usage:' .. id)
 redis.call('SREM', p .. 'ids', id)
 changed('registration', id)
 return {'ok', unpack(aliases)}
+"""
+)
+
+# ARGV: prefix, ID, policy JSON ("" for none); the policy lives in the registration's JSON
+_SET_POLICY = (
+    _LUA_HEAD
+    + _LATE_GUARD
+    + """
+local key = p .. 'registration:' .. ARGV[2]
+local raw = redis.call('GET', key)
+if not raw then return 'no such id' end
+local entry = cjson.decode(raw)
+if ARGV[3] == '' then entry.policy = nil else entry.policy = cjson.decode(ARGV[3]) end
+redis.call('SET', key, cjson.encode(entry))
+changed('registration', ARGV[2])
+return 'ok'
 """
 )
 
@@ -358,6 +376,7 @@ class RedisRegistry(RegistryView):
             "register": _REGISTER,
             "unregister": _UNREGISTER,
             "add_alias": _ADD_ALIAS,
+            "set_policy": _SET_POLICY,
             "remove_alias": _REMOVE_ALIAS,
             "create_token": _CREATE_TOKEN,
             "revoke_token": _REVOKE_TOKEN,
@@ -794,6 +813,27 @@ class RedisRegistry(RegistryView):
         if reply == "exists":
             raise RegistryError(f"Alias {alias} already exists.")
         audit_alias("alias.added", alias, registration_id, actor=actor)
+
+    async def set_policy(
+        self, registration_id: str, changes: Mapping[str, object], *, actor: str = SERVER_ACTOR
+    ) -> Policy:
+        """Change a registration's own policy (PolicyError for a bad key or value). The
+        changes apply to the policy this node knows; two nodes changing one registration's
+        policy in the same instant: the last write wins, whole."""
+        registration = self.get(registration_id)
+        if registration is None:
+            raise RegistryError(f"No such registeredId {registration_id}.")
+        policy = registration.policy.changed(changes)
+        shown = policy.to_json()
+        reply = await self._change(
+            "set_policy",
+            [registration_id, json.dumps(shown) if shown else ""],
+            lambda _: ([registration_id], []),
+        )
+        if reply == "no such id":
+            raise RegistryError(f"No such registeredId {registration_id}.")
+        audit_policy(registration_id, policy, actor=actor)
+        return policy
 
     async def remove_alias(
         self, alias: str, registration_id: str | None = None, *, actor: str = SERVER_ACTOR

@@ -74,6 +74,14 @@ async def test_two_nodes_see_each_others_registrations_aliases_and_tokens(
         with pytest.raises(RegistryError, match=r"^Alias shop\.example\.com already exists\.$"):
             await a.add_alias("shop.example.com", "1001")
 
+        changes = {"deny": "192.0.2.0/24,2001:db8::/32", "maxStreams": "5"}
+        policy = await b.set_policy("1001", changes)
+        assert b.get("1001").policy == policy  # type: ignore[union-attr]
+        await wait_until(
+            lambda: getattr(a.get("1001"), "policy", None) == policy, SEEN, what="A: policy"
+        )
+        assert not policy.admits("192.0.2.7") and policy.admits("198.51.100.7")
+
         token, secret = await a.create_token("ci")
         await wait_until(lambda: [t.token_id for t in b.tokens()] == ["1"], SEEN, what="token")
         used = await b.register(key(2), {}, token=secret)
@@ -336,6 +344,10 @@ async def audited_changes(registry: Registry) -> list[dict[str, object]]:
         await registry.add_alias("shop.example.com", "1001", actor="admin:127.0.0.1")
         await registry.add_alias("blog.example.com", "1001", actor="control")
         await registry.remove_alias("shop.example.com", actor="offline:ops")
+        await registry.set_policy(
+            "1001", {"allow": "10.0.0.0/8", "responseTimeout": "120"}, actor="admin:127.0.0.1"
+        )
+        await registry.set_policy("1001", {"allow": ""}, actor="control")
         unused, _ = await registry.create_token("spare", actor="control")
         await registry.revoke_token(unused.token_id, actor="control")
         await registry.unregister("1001", actor="tunnel:192.0.2.1")
@@ -358,11 +370,17 @@ async def test_both_backends_write_the_same_audit_records(
         ("alias.added", "admin:127.0.0.1"),
         ("alias.added", "control"),
         ("alias.removed", "offline:ops"),
+        ("policy.changed", "admin:127.0.0.1"),
+        ("policy.changed", "control"),
         ("token.created", "control"),
         ("token.revoked", "control"),
         ("registration.deleted", "tunnel:192.0.2.1"),
     ]
     assert on_file[-1]["aliases"] == ["blog.example.com"]
+    assert [r["policy"] for r in on_file if r["event"] == "policy.changed"] == [
+        {"responseTimeout": 120.0, "allow": ["10.0.0.0/8"]},
+        {"responseTimeout": 120.0},
+    ]
     assert on_redis == on_file
 
 
