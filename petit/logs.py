@@ -96,7 +96,7 @@ class Throttled:
             return False
         if held:
             message += f" (and {held} more like it in the last {now - last:.0f} s)"
-        self._logger.log(level, message, *args, exc_info=exc_info)
+        self._logger.log(level, message, *args, exc_info=exc_info or None)
         self._remember(key, (now, 0))
         return True
 
