@@ -37,6 +37,7 @@ from petit_server.edge.tcpports import TcpPorts
 from petit_server.ops.admin import AdminApi, AdminSources
 from petit_server.registry.backend import open_registry
 from petit_server.registry.base import Registration, Registry, apply_command
+from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
@@ -54,6 +55,7 @@ class ServerService:
         self.hub = Hub(
             on_forget=self.usage.forget,
             max_streams_per_registration=config.max_streams_per_registration,
+            own_stream_limit=lambda rid: self.policy_of(rid).max_streams,
         )
         self.cluster = (
             None
@@ -79,6 +81,11 @@ class ServerService:
             total=config.max_connections, per_address=config.max_connections_per_address
         )
         self._stop = trio.Event()
+
+    def policy_of(self, registration_id: str) -> Policy:
+        """A registration's own policy (none for an unknown ID)."""
+        registration = self.registry.get(registration_id)
+        return Policy() if registration is None else registration.policy
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
         """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
@@ -179,6 +186,7 @@ class ServerService:
             idle_timeout=config.idle_timeout,
             usage=self.usage,
             limits=self.public_limits,
+            policy_of=self.policy_of,
             trusted_proxies=tuple(parse_networks(config.trusted_proxies, "trustedProxies")),
             proxy_protocol=config.proxy_protocol,
         )

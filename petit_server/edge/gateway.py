@@ -37,6 +37,7 @@ from petit.transport import REGISTER_PATH, TUNNEL_PATH, UNREGISTER_PATH
 from petit.websocket import UpgradeRequest, WebSocket
 from petit_server.config import ServerConfig
 from petit_server.edge.hub import Attachment, Hub
+from petit_server.edge.rates import TokenBuckets
 from petit_server.registry.base import Registry, RegistryUnavailableError, token_to_present
 
 log = logging.getLogger("petit.gateway")
@@ -48,23 +49,21 @@ class RegistrationRateError(PetitError):
 
 @dataclass(slots=True)
 class SourceRate:
-    """At most ``per_minute`` registrations per source address: a token bucket each, full at
-    first and refilled steadily. Memory is bounded: past ``max_sources`` addresses the
-    oldest bucket is dropped (it was the least likely to matter)."""
+    """At most ``per_minute`` registrations per source address (a token bucket each, full
+    at first; at most ``max_sources`` addresses are remembered)."""
 
     per_minute: int
     max_sources: int = 65_536
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, when
+    _buckets: TokenBuckets = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._buckets = TokenBuckets(self.max_sources)
 
     def seconds_to_wait(self, address: str, now: float) -> float:
         """0 and one registration counted, or how long ``address`` must wait for its next."""
-        tokens, then = self._buckets.pop(address, (float(self.per_minute), now))
-        tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) * 60 / self.per_minute
-        if len(self._buckets) >= self.max_sources:
-            del self._buckets[next(iter(self._buckets))]
-        self._buckets[address] = (tokens - 1 if not wait else tokens, now)
-        return wait
+        return self._buckets.seconds_to_wait(
+            address, now, rate=self.per_minute / 60, burst=self.per_minute
+        )
 
 
 @dataclass(frozen=True, slots=True)

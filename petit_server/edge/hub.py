@@ -66,9 +66,11 @@ class Hub:
         on_forget: Callable[[str], None] | None = None,
         *,
         max_streams_per_registration: int = 1000,
+        own_stream_limit: Callable[[str], int | None] = lambda _: None,
     ) -> None:
         self._on_forget = on_forget  # told of every unregistered ID (the usage store forgets it)
         self._max_streams = max_streams_per_registration
+        self._own_stream_limit = own_stream_limit  # a registration's policy maxStreams, if any
         self._by_id: dict[str, list[Attachment]] = {}
         self._attachments: list[Attachment] = []
         self._turn = itertools.count()
@@ -135,10 +137,13 @@ class Hub:
             raise SessionClosedError(f"registration {registration_id} is offline")
         serving = self._by_id.get(registration_id, [])
         targets = (registration_id, probe_target(registration_id))
-        if sum(a.session.streams_to(t) for a in serving for t in targets) >= self._max_streams:
+        own = self._own_stream_limit(registration_id)
+        limit = self._max_streams if own is None else own
+        if sum(a.session.streams_to(t) for a in serving for t in targets) >= limit:
+            setting = "[server] maxStreamsPerRegistration" if own is None else "its maxStreams"
             raise StreamLimitError(
-                f"registration {registration_id} has {self._max_streams} streams open, "
-                "the most [server] maxStreamsPerRegistration allows"
+                f"registration {registration_id} has {limit} streams open, the most "
+                f"{setting} allows"
             )
         return await session.open_stream(target)
 

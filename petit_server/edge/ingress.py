@@ -14,6 +14,11 @@
   whole body (413, 401) does not deadlock the proxy.
 - Framing is h11's: smuggling shapes (Content-Length with Transfer-Encoding, duplicate
   lengths, bad chunks) are refused with 400 before anything reaches a tunnel.
+- Once routed, a request meets its registration's policy (``registry/policy.py``) before
+  any tunnel stream opens: a visitor outside its allow-list (or in its deny-list) gets 403,
+  one past its rate 429 with Retry-After, a declared body past its maximum 413 (a chunked
+  one is cut with 413 once it passes). Its timeouts replace the server's for that request
+  (open, response) and for the wait for the connection's next request (idle).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from petit.listen import serve_tcp
 from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
+from petit_server.edge.rates import TokenBuckets
+from petit_server.registry.policy import Policy
 from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")
@@ -133,6 +140,17 @@ class Routing:
     # Whether trusted peers (L4 load balancers) may name the caller with a PROXY header.
     proxy_protocol: bool = False
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Registration ID -> its own policy (what the registry holds for it).
+    policy_of: Callable[[str], Policy] = lambda _: Policy()
+    visitors: TokenBuckets = field(default_factory=TokenBuckets)  # requests per visitor
+
+    def timeouts(self, policy: Policy) -> tuple[float, float, float]:
+        """(open, response, idle) seconds for a request under ``policy``."""
+        return (
+            policy.open_timeout or self.open_timeout,
+            policy.response_timeout or self.response_timeout,
+            policy.idle_timeout or self.idle_timeout,
+        )
 
 
 class _Upstream:
@@ -198,6 +216,9 @@ class IngressConnection:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._upstream: _Upstream | None = None
         self._meter = RequestMeter(routing.usage)
+        # The routed request's timeouts; idle is the wait for the next request.
+        self._open_timeout, self._response_timeout, self._idle_timeout = routing.timeouts(Policy())
+        self._body_left: int | None = None  # bytes the request body may still hold
         self._peer_trusted = in_networks(peer_ip, routing.trusted_proxies)
 
     async def run(self) -> None:
@@ -248,7 +269,7 @@ class IngressConnection:
         head must arrive within headerTimeout, however slowly it trickles in (slowloris).
         """
         if not self._bytes_pending():
-            with trio.move_on_after(self._routing.idle_timeout) as idle:
+            with trio.move_on_after(self._idle_timeout) as idle:
                 await self._receive_into_http()
             if idle.cancelled_caught:
                 return None
@@ -303,6 +324,8 @@ class IngressConnection:
         self._meter.routed(registration_id)
         # Never the target: a query string may carry the caller's secrets.
         log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
+        if not await self._admitted(request, registration_id):
+            return
         bad_body: h11.RemoteProtocolError | None = None
         try:
             upstream = await self._upstream_for(
@@ -323,6 +346,34 @@ class IngressConnection:
             await self._drop_upstream()
             await self._send_simple(bad_body.error_status_hint, f"bad request: {bad_body}".encode())
 
+    async def _admitted(self, request: h11.Request, registration_id: str) -> bool:
+        """Apply the registration's policy to this request; False once refused (answered)."""
+        policy = self._routing.policy_of(registration_id)
+        self._open_timeout, self._response_timeout, self._idle_timeout = self._routing.timeouts(
+            policy
+        )
+        self._body_left = policy.max_request_body
+        visitor = self._visitor(request)
+        if not policy.admits(visitor):
+            await self._refuse(403, b"this address may not reach this service")
+            return False
+        if policy.rate_limit is not None:
+            wait = self._routing.visitors.seconds_to_wait(
+                (registration_id, visitor),
+                trio.current_time(),
+                rate=policy.rate_limit,
+                burst=policy.burst,
+            )
+            if wait:
+                retry = str(math.ceil(wait)).encode()
+                await self._refuse(429, b"too many requests", [(b"retry-after", retry)])
+                return False
+        declared = _first(request.headers, b"content-length")
+        if self._body_left is not None and declared is not None and int(declared) > self._body_left:
+            await self._refuse(413, b"request body over this service's maximum")
+            return False
+        return True
+
     async def _upstream_for(self, target: str) -> _Upstream:
         """A stream for ``target`` (a registration, or its tunnel check): the connection's
         last one when it went to the same target, else a new one."""
@@ -330,7 +381,7 @@ class IngressConnection:
             return self._upstream
         await self._drop_upstream()
         try:
-            with trio.fail_after(self._routing.open_timeout):
+            with trio.fail_after(self._open_timeout):
                 stream = await self._routing.open_upstream(target)
         except StreamRefusedError:
             raise _UpstreamFailedError(502) from None
@@ -429,6 +480,13 @@ class IngressConnection:
         while True:
             event = await self._next_public_event()
             if isinstance(event, h11.Data):
+                if self._body_left is not None:
+                    self._body_left -= len(event.data)
+                    if self._body_left < 0:
+                        raise h11.RemoteProtocolError(
+                            "request body over this registration's maxRequestBody",
+                            error_status_hint=413,
+                        )
                 await upstream.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await upstream.send(h11.EndOfMessage())
@@ -453,7 +511,7 @@ class IngressConnection:
         What the upstream bytes at hand hold goes to the caller in one send: a small
         response (head and body in one tunnel read) costs one syscall, not two.
         """
-        head_deadline = trio.current_time() + self._routing.response_timeout
+        head_deadline = trio.current_time() + self._response_timeout
         outgoing: list[bytes] = []  # h11's pieces, passed through without a copy
         while True:
             event = upstream.buffered_event()
@@ -522,10 +580,37 @@ class IngressConnection:
         else:
             await self._send_simple(308, b"", extra_headers=[(b"location", location)])
 
-    async def _refuse(self, status: int) -> None:
+    def _visitor(self, request: h11.Request) -> str:
+        """The caller's address as far as we can trust it: behind our trusted proxies, the
+        nearest X-Forwarded-For address that is not one of them; else the peer's."""
+        if not self._peer_trusted:
+            return self._peer_ip
+        chain = [
+            hop.strip()
+            for name, value in request.headers
+            if name == b"x-forwarded-for"
+            for hop in value.decode("latin-1").split(",")
+        ]
+        for hop in reversed(chain):
+            if not in_networks(hop, self._routing.trusted_proxies):
+                return hop
+        return chain[0] if chain else self._peer_ip
+
+    async def _refuse(
+        self,
+        status: int,
+        reason: bytes | None = None,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """Answer for the registration without its service: the original's JSON body, or
+        ``reason`` as text. The request body is dropped (within MAX_DISCARDED_BODY) so the
+        connection may carry the caller's next request."""
         self._meter.refused()
         await self._discard_request_body()
-        await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
+        if reason is None:
+            await self._send_simple(status, UNAVAILABLE_BODY, content_type=b"application/json")
+        else:
+            await self._send_simple(status, reason, extra_headers=extra_headers)
 
     async def _discard_request_body(self) -> None:
         discarded = 0

@@ -8,6 +8,8 @@
   cancels the ones whose registration went offline, so the port is free at once.
 - Each accepted connection opens one tunnel stream to the registration (bounded by
   ``open_timeout``) and is spliced to it; a refused or timed-out open closes the connection.
+  The registration's policy holds here too: a visitor its allow/deny lists refuse is closed
+  at once, and its own openTimeout and maxStreams apply.
 - Accepted connections run in the server's handler nursery, not under their listener: closing
   a listener does not cut them. They end with their tunnel stream, which is at once when the
   registration went offline because its session died; on shutdown they get the drain grace.
@@ -34,6 +36,7 @@ from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
 from petit_server.edge.hub import Upstreams
 from petit_server.registry.base import Registration
+from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
@@ -172,8 +175,16 @@ class TcpPorts:
             )
 
     async def _splice_to_tunnel(self, registration_id: str, connection: trio.SocketStream) -> None:
+        registration = self._registration_for(registration_id)
+        policy = Policy() if registration is None else registration.policy
+        visitor = str(connection.socket.getpeername()[0])
+        if not policy.admits(visitor):  # its allow/deny lists hold on its TCP port too
+            log.debug(
+                "TCP connection for %s from %s refused by its policy", registration_id, visitor
+            )
+            return
         try:
-            with trio.fail_after(self._open_timeout):
+            with trio.fail_after(policy.open_timeout or self._open_timeout):
                 stream = await self._upstreams.open_stream(registration_id)
         except (StreamRefusedError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             log.info("TCP connection for %s refused: %s", registration_id, str(exc) or "timeout")

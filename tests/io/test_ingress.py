@@ -29,6 +29,7 @@ from petit_server.edge.ingress import (
     serve_ingress,
 )
 from petit_server.registry.base import registration_id_for_host
+from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 from tests.integration.harness import wait_until
 from tests.proto.helpers import proxy_v2
@@ -569,6 +570,37 @@ async def test_a_bug_a_caller_can_trigger_at_will_logs_one_traceback_per_interva
     assert len(bugs) == 1
     assert bugs[0].exc_info is not None
     assert "a bug in opening the upstream" in str(bugs[0].exc_info[1])
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_for", "status"),
+    [
+        (False, b"198.51.100.7", 403),  # an untrusted peer's X-Forwarded-For is not believed
+        (True, b"198.51.100.7", 200),  # behind our proxy: the visitor it names
+        (True, b"198.51.100.7, 203.0.113.5", 403),  # the nearest hop it did not add wins
+        (True, b"198.51.100.7, 203.0.113.9", 200),  # a trusted hop is skipped
+        (True, None, 403),  # nothing forwarded: the proxy itself is the visitor
+    ],
+)
+async def test_visitor_lists_judge_the_caller_a_trusted_proxy_names(
+    trusted: bool, forwarded_for: bytes | None, status: int
+) -> None:
+    allow = Policy().changed({"allow": "198.51.100.0/24"})
+    proxy = ipaddress.ip_network(f"{PEER_IP}/32")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            routing = dataclasses.replace(
+                site.routing,
+                policy_of=lambda _: allow,
+                trusted_proxies=(proxy,) if trusted else (),
+            )
+            caller = Caller(await connect(nursery, Site(routing, site.backends)))
+            headers = [] if forwarded_for is None else [(b"x-forwarded-for", forwarded_for)]
+            response, _ = await caller.request("1001.localhost", headers=headers)
+            assert response.status_code == status
+            assert len(site.all_seen) == (status == 200)
+            nursery.cancel_scope.cancel()
 
 
 # The PROXY protocol, over real loopback sockets: 127.0.0.1 stands for the load balancer.
