@@ -5,11 +5,12 @@
 set -eu
 config=${PETIT_STATE:-/var/lib/petit}/config.toml
 if [ ! -f "$config" ]; then
-  petit-server init -c "$config" --hostname "${PETIT_HOSTNAME:-localhost}"
   # The control port listens on the container's interfaces so the host's loopback-only
   # published port reaches it; the allow-list admits loopback and the compose network.
-  # So does the admin API (it needs adminToken, which init wrote into the config).
-  sed -i -e 's/^listenAddr = .*/listenAddr = "0.0.0.0"/' -e 's/^adminAddr = .*/adminAddr = "0.0.0.0"/' \
+  # So does the admin API (it needs adminToken, which init writes into the config).
+  petit-server init -c "$config" --hostname "${PETIT_HOSTNAME:-localhost}" \
+    --listen-addr 0.0.0.0 --admin-addr 0.0.0.0
+  sed -i \
     -e "s|^listenAllow = .*|listenAllow = [\"127.0.0.1\", \"::1\", \"${PETIT_CONTROL_ALLOW:-172.28.0.0/16}\"]|" \
     -e "s|^endpoint = .*|endpoint = \"${PETIT_ENDPOINT:-http://REGID.localhost:8090}\"|" "$config"
   # Registration needs a one-time token. The compose demo asks for one for its client, in a

@@ -28,7 +28,7 @@ import trio
 from petit.control import ControlError, send_control
 from petit.errors import AuthError, ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
-from petit.logs import LOG_FILE_MODE, LogSettings, configure_daemon_logging
+from petit.logs import EXIT_CODE_FIELD, LOG_FILE_MODE, LogSettings, configure_daemon_logging
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
 LOCK_RELEASE_WAIT = 1.0  # seconds from the pid file's removal to the lock file's
@@ -57,6 +57,43 @@ class CliError(click.ClickException):
     def show(self, file: object = None) -> None:
         """Print ``error: <message>`` on stderr (no usage banner, no traceback)."""
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+# click >= 8.2 answers a bare group (``petit-server token``) with this usage error: its help
+_HELP_INSTEAD = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class CommandGroup(click.Group):
+    """The root group of both CLIs: a usage error (an unknown option, a missing argument) is
+    one ``error:`` line with exit 2, like every other failure, not click's usage block."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: object,
+    ) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> object:
+        with _one_line_usage_errors():  # every subcommand parses its arguments in here
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """A click usage error as a CliError: its message on one line, the help hint after it."""
+    try:
+        yield
+    except _HELP_INSTEAD:
+        raise
+    except click.UsageError as exc:
+        message = " ".join(exc.format_message().split())  # "Choose from:" lists span lines
+        if exc.ctx is not None:
+            message = f"{message.rstrip('.')}; see {exc.ctx.command_path} --help"
+        raise CliError(message, ExitCode.USAGE) from None
 
 
 @contextlib.contextmanager
@@ -186,7 +223,11 @@ def start_in_background(argv: list[str], directory: Path, name: str, log_file: P
             process.terminate()
             raise CliError(f"{name} did not become ready; see {log_file}", ExitCode.FAILURE)
         reason = _last_line(log_file, before)
-        raise CliError(reason or f"{name} exited; see {log_file}", ExitCode.FAILURE)
+        code = process.returncode  # the daemon's own (a port in use: 5); killed: negative
+        raise CliError(
+            reason or f"{name} exited; see {log_file}",
+            ExitCode(code) if 0 < code <= max(ExitCode) else ExitCode.FAILURE,
+        )
 
     return trio.run(wait_ready)
 
@@ -305,7 +346,8 @@ def start_daemon(
             finally:
                 lock.release()
     except CliError as exc:
-        logger.error("%s", exc.format_message())  # the log file says why the daemon ended
+        # The log file says why the daemon ended; stderr skips it (the error: line says it).
+        logger.error("%s", exc.format_message(), extra={EXIT_CODE_FIELD: int(exc.exit_code)})
         raise
     return None
 
@@ -347,9 +389,23 @@ def verbose_option(function: Callable[..., None]) -> Callable[..., None]:
     return click.option("-v", "--verbose", is_flag=True, help="Print debug output.")(function)
 
 
-def service_commands(role: str, default_config: Path) -> click.Group:
-    """``service install`` / ``service uninstall``: a systemd unit for this daemon."""
+def service_commands(
+    role: str, default_config: Path, load_config: Callable[[Path], object]
+) -> click.Group:
+    """``service install`` / ``service uninstall``: a systemd unit for this daemon.
+
+    ``install`` first loads the config as ``start`` would, so a unit is never installed for a
+    config that is missing or invalid (exit 3, like ``start``).
+    """
     from petit import systemd  # only these commands need it
+
+    @contextlib.contextmanager
+    def refusals() -> Iterator[None]:
+        """What systemd's helpers refuse (no such unit, no useradd) is a failure (exit 1)."""
+        try:
+            yield
+        except systemd.ServiceInstallError as exc:
+            raise CliError(str(exc), ExitCode.FAILURE) from None
 
     @click.group(name="service")
     def group() -> None:
@@ -380,7 +436,8 @@ def service_commands(role: str, default_config: Path) -> click.Group:
         config_path: Path, verbose: bool, user: str, unit_dir: Path, no_create_user: bool
     ) -> None:
         executable = Path(sys.executable).parent / f"petit-{role}"
-        with exit_codes():
+        with exit_codes(), refusals():
+            load_config(config_path)
             path = systemd.install(
                 role=role,
                 executable=executable if executable.exists() else Path(sys.argv[0]).resolve(),
@@ -403,7 +460,7 @@ def service_commands(role: str, default_config: Path) -> click.Group:
         help="Where the unit file is.",
     )
     def uninstall(config_path: Path, verbose: bool, unit_dir: Path) -> None:
-        with exit_codes():
+        with exit_codes(), refusals():
             path = systemd.uninstall(role=role, unit_dir=unit_dir)
         click.echo(f"Removed {path}. Stop a running service with: systemctl stop petit-{role}")
 

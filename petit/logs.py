@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from petit.config import LOG_LEVELS, Table
 
@@ -37,6 +38,9 @@ AUDIT_FILE = "./logs/audit.log"  # the server's
 CLIENT_AUDIT_FILE = "./logs/client-audit.log"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 AUDIT_LOGGER = "petit.audit"
+# The extra field of the record that says why a daemon ended; its CLI prints that as its
+# ``error:`` line, so the stderr handler leaves it to the log file.
+EXIT_CODE_FIELD = "exitCode"
 DAEMON_LOGGER = "petit"  # the level ``LOG <level>`` changes
 
 audit_log = logging.getLogger(AUDIT_LOGGER)
@@ -198,11 +202,13 @@ def configure_daemon_logging(settings: LogSettings, *, verbose: bool, to_stderr:
 
 
 def stderr_handler(log_format: str) -> logging.Handler:
-    """Human text, or the same JSON lines as the file (for a collector reading stderr)."""
+    """Human text, or the same JSON lines as the file (for a collector reading stderr); all
+    but the record of why the daemon ended, which its CLI prints as one ``error:`` line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
+    handler.addFilter(lambda record: not hasattr(record, EXIT_CODE_FIELD))
     return handler
 
 
@@ -235,13 +241,15 @@ def audit(event: str, message: str, /, **fields: object) -> None:
     audit_log.info(message, extra={"event": event, **fields})
 
 
-def cli_actor() -> str:
-    """Who ran a command that changed state without a daemon: ``offline:<user>``."""
+def cli_actor(how: Literal["offline", "cli"] = "offline") -> str:
+    """Who ran a command that changed state itself: ``offline:<user>`` when it stood in for
+    a stopped daemon (the server's registry edits), ``cli:<user>`` when that is the command's
+    only way, daemon or not (petit-client register, unregister, evict)."""
     try:
         user = getpass.getuser()
     except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
         user = f"uid {os.getuid()}"
-    return f"offline:{user}"
+    return f"{how}:{user}"
 
 
 def set_level(level: str) -> dict[str, object]:

@@ -25,6 +25,7 @@ from petit.auth import (
 )
 from petit.cli import (
     CliError,
+    CommandGroup,
     ExitCode,
     config_option as shared_config_option,
     control_command,
@@ -79,7 +80,7 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RequestFor = Callable[[bytes, bytes], dict[str, object]]  # (nonce, server cert fingerprint)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Expose a private service to a petit server through an outbound TLS tunnel."""
 
@@ -103,13 +104,16 @@ def _tenants(config: ClientConfig) -> list[Tenant]:
         return all_tenants(config)
 
 
-def _ask_client(config: ClientConfig, command: str) -> dict[str, object]:
-    """Send a control command to the running client; CliError unless it succeeded."""
+def _ask_client(
+    config: ClientConfig, command: str, refused: ExitCode = ExitCode.FAILURE
+) -> dict[str, object]:
+    """Send a control command to the running client; CliError with ``refused`` unless it
+    succeeded."""
     with exit_codes():
         info = running_daemon(config.directory, "client")
         reply = control_command(local_address(config.listen_addr), info.listen, command)
     if not reply.get("success"):
-        raise CliError(str(reply.get("error", reply)), ExitCode.FAILURE)
+        raise CliError(str(reply.get("error", reply)), refused)
     return reply
 
 
@@ -156,7 +160,7 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
     """Write the client config (the CA given with --ca is copied beside it)."""
     path = config_path.expanduser().resolve()
     if path.exists():
-        raise CliError(f'Configuration file "{path}" exists.', ExitCode.FAILURE)
+        raise CliError(f'Configuration file "{path}" exists.', ExitCode.CONFIG)
     address = _parse_server(server)
     with exit_codes():
         pem = None if ca is None else ca.read_bytes()
@@ -372,7 +376,7 @@ def _tenant_to_register(config: ClientConfig, requested: str | None) -> str:
             raise CliError(
                 f"Client is already registered as {tenant.registration.registration_id} "
                 f"(tenant {name}); use -t NAME for another registration.",
-                ExitCode.FAILURE,
+                ExitCode.CONFIG,
             )
     return name
 
@@ -415,9 +419,10 @@ def _servers(config: ClientConfig) -> str:
 
 
 def _audit(config: ClientConfig, event: str, message: str, **fields: object) -> None:
-    """An audit record of a change this command made, in the client's audit file."""
+    """An audit record of a change this command made, in the client's audit file (the
+    command makes it itself, whether the daemon runs or not: ``cli:<user>``)."""
     with exit_codes(), audit_to_file(config.log):
-        audit(event, message, actor=cli_actor(), **fields)
+        audit(event, message, actor=cli_actor("cli"), **fields)
 
 
 def _find_tenant(config: ClientConfig, registration_id: str | None, name: str | None) -> Tenant:
@@ -462,11 +467,11 @@ def unregister(
     if every:
         chosen = [t for t in _tenants(config) if t.registration is not None]
         if not chosen:
-            raise CliError("Client is not registered.", ExitCode.FAILURE)
+            raise CliError("Client is not registered.", ExitCode.CONFIG)
     else:
         chosen = [_find_tenant(config, registration_id, name)]
         if chosen[0].registration is None:
-            raise CliError(f"Tenant {chosen[0].directory} is not registered.", ExitCode.FAILURE)
+            raise CliError(f"Tenant {chosen[0].directory} is not registered.", ExitCode.CONFIG)
     for tenant in chosen:
         _unregister(config, tenant)
     paths = ", ".join(str(t.directory) for t in chosen)
@@ -595,8 +600,8 @@ def stop(config_path: Path, verbose: bool) -> None:
 @verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the STATUS reply as JSON.")
 def status(config_path: Path, verbose: bool, as_json: bool) -> None:
-    """Show the running client's state, server, traffic, reconnects and last error, then
-    each registration (+ connected, - not)."""
+    """Show the running client's state, each server's session, traffic, reconnects and last
+    error, then each registration (+ connected, - not)."""
     config = _load(config_path)
     with exit_codes():
         info = running_daemon(config.directory, "client")
@@ -604,12 +609,10 @@ def status(config_path: Path, verbose: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return
-    since = reply.get("connectedSince")
-    connected = f", connected since {_when(since)}" if since else ""
     click.echo(
-        f'Client has status "{reply.get("status")}" on pid {info.pid}: server '
-        f"{reply.get('server')}{connected}, up {reply.get('uptime')} s."
+        f'Client has status "{reply.get("status")}" on pid {info.pid}, up {reply.get("uptime")} s.'
     )
+    _echo_servers(config, reply)
     click.echo(
         f"{reply.get('activeStreams')} stream(s) in flight, {reply.get('bytesIn')} bytes in, "
         f"{reply.get('bytesOut')} bytes out, {reply.get('reconnects')} reconnect(s)."
@@ -630,6 +633,23 @@ def status(config_path: Path, verbose: bool, as_json: bool) -> None:
             click.echo(f"As JSON: curl http://127.0.0.1:{ports['status']}/status")
 
 
+def _echo_servers(config: ClientConfig, reply: dict[str, object]) -> None:
+    """One line per server: each configured one (then any other the daemon, started with an
+    older config, has a session to), with its session's state, since when, its last error."""
+    sessions = {str(session.get("server")): session for session in _objects(reply.get("servers"))}
+    for server in dict.fromkeys([*map(str, config.tunnel_servers), *sessions]):
+        session = sessions.get(server)
+        if session is None:  # serverSessions < servers: a spare for a session that fails
+            click.echo(f"Server {server}: standby (serverSessions = {config.session_count})")
+            continue
+        state = str(session.get("status"))
+        if state == "connected":
+            state += f" since {_when(session.get('connectedSince'))}"
+        if session.get("lastError"):
+            state += f", last error: {session.get('lastError')}"
+        click.echo(f"Server {server}: {state}")
+
+
 def _objects(value: object) -> list[dict[str, object]]:
     """The JSON objects in a reply's list (anything else is skipped)."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
@@ -646,7 +666,8 @@ def _when(timestamp: object) -> str:
 @verbose_option
 def sping(config_path: Path, verbose: bool) -> None:
     """Ask the running client to ping the server through the tunnel; print the round trip."""
-    reply = _ask_client(_load(config_path), "PING")
+    # A PING the client cannot answer means the server is out of its reach (tunnel down).
+    reply = _ask_client(_load(config_path), "PING", refused=ExitCode.UNAVAILABLE)
     round_trip = reply.get("roundTrip")
     if not isinstance(round_trip, int | float):
         raise CliError(f"the client answered PING without a round trip: {reply}")
@@ -663,4 +684,4 @@ def log(config_path: Path, verbose: bool, level: str) -> None:
     click.echo(f'Logging level set to "{reply.get("level", level)}".')
 
 
-main.add_command(service_commands("client", DEFAULT_CONFIG_PATH))
+main.add_command(service_commands("client", DEFAULT_CONFIG_PATH, load_client_config))

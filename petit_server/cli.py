@@ -16,6 +16,7 @@ import trio
 from petit import __version__
 from petit.cli import (
     CliError,
+    CommandGroup,
     ExitCode,
     config_option as shared_config_option,
     control_command,
@@ -50,7 +51,15 @@ from petit_server.service import ServerService
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_word(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    """Arguments travel as words of a control command (a space would split them); an address
+    in the config is one word too."""
+    if value.split() != [value]:
+        raise click.BadParameter("must be one word, without spaces")
+    return value
+
+
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Run the petit server: the tunnel endpoint and public ingress for petit clients."""
 
@@ -64,11 +73,31 @@ def main() -> None:
     multiple=True,
     help="Name clients use to reach this server (repeatable); localhost is always included.",
 )
-def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
+@click.option(
+    "--listen-addr",
+    default="127.0.0.1",
+    show_default=True,
+    callback=_one_word,
+    help='Address of the control port (listenAddr): an address, or "*" for every one.',
+)
+@click.option(
+    "--admin-addr",
+    default="127.0.0.1",
+    show_default=True,
+    callback=_one_word,
+    help='Address of the admin API (adminAddr): an address, or "*" for every one.',
+)
+def init(
+    config_path: Path,
+    verbose: bool,
+    hostnames: tuple[str, ...],
+    listen_addr: str,
+    admin_addr: str,
+) -> None:
     """Write a commented config, a private CA and a server certificate."""
     path = config_path.expanduser().resolve()
     if path.exists():
-        raise CliError(f'Configuration file "{path}" already exists.', ExitCode.FAILURE)
+        raise CliError(f'Configuration file "{path}" already exists.', ExitCode.CONFIG)
     names = list(hostnames) or [socket.getfqdn()]
     with exit_codes():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +110,12 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         write_atomic(certificates / "ca.crt", ca.cert_pem, mode=0o644)
         write_atomic(certificates / "server.key", server.key_pem, mode=0o600)
         write_atomic(certificates / "server.crt", server.cert_pem, mode=0o644)
-        text = default_config_text(hostname=names[0], admin_token=secrets.token_urlsafe(32))
+        text = default_config_text(
+            hostname=names[0],
+            admin_token=secrets.token_urlsafe(32),
+            listen_addr=listen_addr,
+            admin_addr=admin_addr,
+        )
         write_atomic(path, text.encode(), mode=0o600)
         config = load_server_config(path)
         FileRegistry(config.registry_file, first_port=config.first_port).save()
@@ -95,6 +129,7 @@ def init(config_path: Path, verbose: bool, hostnames: tuple[str, ...]) -> None:
         f"Each client registers with a one-time token: petit-server token create -c {path}, "
         "then petit-client register --token TOKEN (requireToken = false lets anyone register)."
     )
+    click.echo(f"Control port on {show_address(config.listen_addr, config.listen_port)}.")
     click.echo(
         f"Admin API on {show_address(config.admin_addr, config.admin_port)} "
         f"(token: petit-server config --admin-token -c {path})."
@@ -287,13 +322,6 @@ def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]
     return table
 
 
-def _one_word(context: click.Context, parameter: click.Parameter, value: str) -> str:
-    """Arguments travel as words of a control command: a space would split them."""
-    if value.split() != [value]:
-        raise click.BadParameter("must be one word, without spaces")
-    return value
-
-
 @main.command()
 @config_option
 @verbose_option
@@ -477,6 +505,6 @@ def version(config_path: Path, verbose: bool) -> None:
     click.echo(f"petit server version {__version__}")
 
 
-main.add_command(service_commands("server", DEFAULT_CONFIG_PATH))
+main.add_command(service_commands("server", DEFAULT_CONFIG_PATH, load_server_config))
 main.add_command(import_registry)
 main.add_command(migrate_registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,9 +223,17 @@ def _unspecified(address: str) -> bool:
         return False
 
 
-def default_config_text(*, hostname: str, admin_token: str | None = None) -> str:
-    """The commented config ``petit-server init`` writes (with a fresh admin token)."""
+def default_config_text(
+    *,
+    hostname: str,
+    admin_token: str | None = None,
+    listen_addr: str = "127.0.0.1",
+    admin_addr: str = "127.0.0.1",
+) -> str:
+    """The commented config ``petit-server init`` writes (with a fresh admin token, and the
+    addresses of the control port and the admin API it was given)."""
     token_line = "# adminToken = " if admin_token is None else "adminToken = "
+    # The addresses are written with json.dumps: a JSON string is a valid TOML string.
     return f"""\
 # petit server configuration. Relative paths are relative to this file's directory.
 [server]
@@ -237,7 +246,7 @@ backPort = 3014
 proxyPort = 8090
 # Control port: STOP, STATUS, PING, LOG, ADDALIAS, DELALIAS, TOKEN, each ended by \\x03. Loopback
 # only by default, and only peers in listenAllow are answered.
-listenAddr = "127.0.0.1"
+listenAddr = {json.dumps(listen_addr)}
 listenPort = 3016
 listenAllow = ["127.0.0.1", "::1"]
 # Load balancers in front of the ingress (CIDRs): their X-Forwarded-For is kept and extended.
@@ -298,7 +307,7 @@ logFile = "./logs/server.log"
 auditFile = "./logs/audit.log"
 # Admin API: JSON, /metrics and /dashboard, for requests bearing "Authorization: Bearer
 # <adminToken>". Loopback only by default; off while adminToken is unset.
-adminAddr = "127.0.0.1"
+adminAddr = {json.dumps(admin_addr)}
 adminPort = 8100
 {token_line}"{admin_token or "a long random secret"}"
 

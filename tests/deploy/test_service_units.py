@@ -80,9 +80,9 @@ def test_install_without_config_says_to_run_init(tmp_path: Path) -> None:
         str(tmp_path),
         "--no-create-user",
     )
-    assert result.returncode != 0
-    assert "run petit-client init" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 3, result.stderr  # the config is missing, as for start
+    assert f'run "petit-client init -c {tmp_path / "none.toml"}" first' in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.integration

@@ -18,6 +18,7 @@ import trio
 from tests.integration.harness import (
     CLI_TIMEOUT,
     PETIT_CLIENT,
+    READY_TIMEOUT,
     ClientFactory,
     PetitClient,
     PetitServer,
@@ -27,6 +28,7 @@ from tests.integration.harness import (
     edit_config,
     free_port,
     http_request,
+    wait_until,
 )
 
 
@@ -70,14 +72,15 @@ async def test_status_endpoint_and_command_show_the_clients_side(
 
     human = (await client.cli("status")).stdout.splitlines()
     assert re.fullmatch(
-        rf'Client has status "connected" on pid {client.pid}: server 127\.0\.0\.1:'
-        rf"{server.tunnel_port}, connected since .+, up [\d.]+ s\.",
-        human[0],
+        rf'Client has status "connected" on pid {client.pid}, up [\d.]+ s\.', human[0]
     ), human
     assert re.fullmatch(
-        r"0 stream\(s\) in flight, \d+ bytes in, \d+ bytes out, 0 reconnect\(s\)\.", human[1]
+        rf"Server 127\.0\.0\.1:{server.tunnel_port}: connected since \d{{4}}-.+", human[1]
+    ), human
+    assert re.fullmatch(
+        r"0 stream\(s\) in flight, \d+ bytes in, \d+ bytes out, 0 reconnect\(s\)\.", human[2]
     )
-    assert human[2].startswith(f" + {rid} default connected -> 127.0.0.1:"), human
+    assert human[3].startswith(f" + {rid} default connected -> 127.0.0.1:"), human
     assert human[-1] == f"As JSON: curl http://127.0.0.1:{port}/status"
 
     # Loopback only, GET only, one path; a rebound DNS name is not served.
@@ -170,3 +173,36 @@ async def test_start_names_the_server_it_reached_among_several(
     await client.start()
     started = client.outputs["start"].stdout
     assert f"Tunnel up to {live} for {client.registration_id}.\n" in started, started
+    lines = (await client.cli("status")).stdout.splitlines()
+    servers = [line for line in lines if line.startswith("Server ")]
+    assert servers[0] == f"Server {nowhere}: standby (serverSessions = 1)", servers
+    assert servers[1].startswith(f"Server {live}: connected since "), servers
+
+
+async def test_status_lists_every_server_with_its_own_session(
+    server: PetitServer, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    """Two servers, a session to each (serverSessions 0): the live one is connected, the
+    dead one says why not; the text names both, not only the one reached."""
+    client = await client_factory(server, python_backend.port, start=False)
+    nowhere = f"127.0.0.1:{free_port()}"
+    live = f"127.0.0.1:{server.tunnel_port}"
+    edit_config(client.config, "client", servers=[live, nowhere])
+    await client.start()
+
+    async def both_tried() -> bool:
+        sessions = (await client.control_status())["servers"]
+        assert isinstance(sessions, list), sessions
+        up = [s["server"] for s in sessions if s["status"] == "connected"]
+        failed = [s["server"] for s in sessions if s["lastError"]]
+        return (up, failed) == ([live], [nowhere])
+
+    await wait_until(both_tried, READY_TIMEOUT, what="a session up and one failed")
+    lines = (await client.cli("status")).stdout.splitlines()
+    assert lines[0].startswith(f'Client has status "connected" on pid {client.pid}, up '), lines
+    assert re.fullmatch(rf"Server {live}: connected since \d{{4}}-\d\d-\d\d [\d:]+", lines[1])
+    assert re.fullmatch(
+        rf"Server {nowhere}: (connecting|disconnected), last error: cannot reach the server "
+        rf"at {nowhere}: .+",
+        lines[2],
+    ), lines

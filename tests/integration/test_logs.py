@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from petit.logs import cli_actor
 from tests.integration.harness import (
     ClientFactory,
     PetitClient,
@@ -159,11 +160,16 @@ async def test_audit_trail_online_and_offline(
     leased = await client.cli("lease", "-l", "127.0.0.1", "-p", "9")
     tenant = Path(re.findall(r'New lease at "(.*)"', leased.stdout)[0]).name
     await client.cli("evict", "-t", tenant)
+    # The client's commands always act by themselves, its daemon running (as here) or not.
+    assert client.running() is not None
     assert audit_events(client.audit_log) == [
-        ("registration.created", "offline"),
-        ("registration.deleted", "offline"),
-        ("tenant.evicted", "offline"),
+        ("registration.created", "cli"),
+        ("registration.deleted", "cli"),
+        ("tenant.evicted", "cli"),
     ]
+    actors = {r["actor"] for r in log_records(client.audit_log)}
+    assert actors == {cli_actor("cli")}, actors  # cli:<the user running the tests>
+    assert records[-1]["actor"] == cli_actor("offline"), records  # the server's, stopped
 
 
 def every_log_text(directory: Path) -> str:
@@ -215,7 +221,7 @@ async def test_a_failed_background_start_says_why_in_one_line_and_in_the_log(
         for key in ("backPort", "proxyPort"):  # the second reason, not the first one again
             edit_config(server.config, "server", **{"backPort": 0, "proxyPort": 0, key: taken})
             failed = await server.cli("start", check=False)
-            assert failed.returncode == 1, failed
+            assert failed.returncode == 5, failed  # the daemon's own exit code
             assert failed.stderr.startswith("error: cannot listen for the "), failed
             assert failed.stderr.endswith(f"change {key}\n"), failed
             (record,) = [r for r in log_records(server.log) if f"change {key}" in r["message"]]

@@ -331,6 +331,29 @@ async def test_init_names_each_certificate_host_once(server_factory: ServerFacto
     assert line.endswith('server.crt" for localhost.'), line
 
 
+async def test_init_sets_where_the_control_port_and_admin_api_listen(tmp_path: Path) -> None:
+    """What init prints is what it wrote: the container's entrypoint relies on both."""
+    config = tmp_path / "server" / "config.toml"
+    addresses = ["--hostname", "localhost", "--listen-addr", "*", "--admin-addr", "0.0.0.0"]
+    init = await run_cli([PETIT_SERVER, "init", "-c", config, *addresses])
+    table = tomllib.loads(config.read_text())["server"]
+    assert (table["listenAddr"], table["adminAddr"]) == ("*", "0.0.0.0")
+    assert "\nControl port on *:3016.\nAdmin API on 0.0.0.0:8100 (token: " in init.stdout
+
+    default = tmp_path / "default" / "config.toml"
+    init = await run_cli([PETIT_SERVER, "init", "-c", default, "--hostname", "localhost"])
+    table = tomllib.loads(default.read_text())["server"]
+    assert (table["listenAddr"], table["adminAddr"]) == ("127.0.0.1", "127.0.0.1")
+    assert "\nControl port on 127.0.0.1:3016.\nAdmin API on 127.0.0.1:8100 " in init.stdout
+
+    nowhere = tmp_path / "refused" / "config.toml"
+    refused = await run_cli([PETIT_SERVER, "init", "-c", nowhere, "--admin-addr", ""], check=False)
+    assert refused.returncode == 2, refused
+    assert refused.stderr.startswith("error: Invalid value for '--admin-addr': "), refused
+    assert (refused.stdout, refused.stderr.count("\n")) == ("", 1), refused
+    assert not nowhere.parent.exists()
+
+
 async def test_config_shows_the_registry_path_as_it_is(tmp_path: Path) -> None:
     """No recasing: a path with capitals (``/srv/Petit``) must be shown as it is."""
     config = tmp_path / "Petit State" / "config.toml"
