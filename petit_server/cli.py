@@ -51,6 +51,13 @@ from petit_server.service import ServerService
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 
 
+def _words(
+    context: click.Context, parameter: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Each argument one word (see ``_one_word``)."""
+    return tuple(_one_word(context, parameter, value) for value in values)
+
+
 def _one_word(context: click.Context, parameter: click.Parameter, value: str) -> str:
     """Arguments travel as words of a control command (a space would split them); an address
     in the config is one word too."""
@@ -210,6 +217,9 @@ def _echo_details(connection: dict[str, object]) -> None:
         click.echo("      " + ", ".join(f"{k}={v}" for k, v in sorted(vitae.items())))
     for alias in _strings(connection.get("aliases")):
         click.echo(f"      = {alias}")
+    policy = connection.get("policy")
+    if isinstance(policy, dict) and policy:
+        click.echo("      policy " + ", ".join(f"{k}={v}" for k, v in policy.items()))
 
 
 @main.command()
@@ -331,6 +341,33 @@ def addalias(config_path: Path, verbose: bool, alias: str, registration_id: str)
     """Route the hostname ALIAS to registration ID, like <ID>.<domain>."""
     _registry_command(config_path, f"ADDALIAS {registration_id} {alias}", "Alias not added")
     click.echo("Alias added.")
+
+
+@main.command()
+@config_option
+@verbose_option
+@click.argument("registration_id", metavar="ID", callback=_one_word)
+@click.argument("assignments", metavar="[KEY=VALUE]...", nargs=-1, callback=_words)
+def policy(
+    config_path: Path, verbose: bool, registration_id: str, assignments: tuple[str, ...]
+) -> None:
+    """Show or change registration ID's own policy (KEY= resets a key to the server's).
+
+    Keys: responseTimeout, openTimeout, idleTimeout (seconds), maxRequestBody (bytes),
+    allow, deny (visitor address ranges, comma-separated CIDRs), rateLimit (requests per
+    second per visitor), rateBurst, maxStreams.
+    """
+    command = " ".join(["POLICY", registration_id, *assignments])
+    reply = _registry_command(config_path, command, "Policy not changed")
+    shown = reply.get("policy")
+    if not isinstance(shown, dict) or not shown:
+        click.echo(f"Registration {registration_id} follows the server's settings.")
+        return
+    click.echo(f"Policy of registration {registration_id}:")
+    for key, value in shown.items():
+        if isinstance(value, list):
+            value = ",".join(value)
+        click.echo(f"  {key} = {value:g}" if isinstance(value, float) else f"  {key} = {value}")
 
 
 @main.command()

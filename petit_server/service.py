@@ -132,6 +132,7 @@ class ServerService:
         detail = {
             **self._summary(registration, serving),
             "vitae": registration.vitae,
+            "policy": registration.policy.to_json(),
             "sessions": [
                 {
                     "remote": a.remote,

@@ -9,9 +9,10 @@
   which it reads from the URL fragment (never sent to a server) or asks for.
 - The original's read endpoints keep their shapes (``/status``, ``/registry``, ``/ping``,
   ``/usage/<id>``, ``/stats/<id>``, ``/counts/*``), now with real data; ``/sessions``,
-  ``/aliases`` and ``/errors`` are new. Changes (adding and removing aliases) go through the
-  same registry commands as the control port and are written to the audit log
-  (``petit.audit``), as are refused tokens. No CORS headers: other origins cannot read.
+  ``/aliases``, ``/errors`` and ``/policy/<id>`` are new. Changes (adding and removing
+  aliases, ``PUT /policy/<id>``) go through the same registry calls as the control port and
+  are written to the audit log (``petit.audit``), as are refused tokens. No CORS headers:
+  other origins cannot read.
 - Usage answers come from the registry's shared totals when it keeps them (Redis: every
   node's requests, ``"source": "shared"``), else from this process's memory (a file: no
   ``source``, as always; Redis unreadable for now: ``"source": "node"`` and why).
@@ -35,7 +36,13 @@ from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.edge.hub import Hub
 from petit_server.ops.metrics import Metrics
-from petit_server.registry.base import Registry, RegistryError, RegistryUnavailableError
+from petit_server.registry.base import (
+    Registration,
+    Registry,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from petit_server.registry.policy import PolicyError
 from petit_server.usage import RegistrationUsage, UsageStore
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
@@ -99,6 +106,8 @@ class AdminApi:
             return json_reply(await self._add_alias(body, peer))
         if parts[0] == "aliases" and len(parts) == 2 and method == "DELETE":
             return json_reply(await self._remove_alias(parts[1], peer))
+        if parts[0] == "policy" and len(parts) == 2 and method == "PUT":
+            return json_reply(await self._set_policy(parts[1], body, peer))
         allow(method, "GET")
         return json_reply(await self._read(parts, query))
 
@@ -129,6 +138,9 @@ class AdminApi:
                 return self._sources.status(None)
             case ["registry", rid]:
                 return _found(self._sources.status(rid))
+            case ["policy", rid]:
+                registration = self._known(rid)
+                return {"success": True, "id": rid, "policy": registration.policy.to_json()}
             case ["usage"]:
                 every, source = await self._usage_of(self._registered_ids())
                 as_json = {rid: usage.to_json() for rid, usage in every.items()}
@@ -177,9 +189,11 @@ class AdminApi:
     def _registered_ids(self) -> list[str]:
         return [r.registration_id for r in self._sources.registry.all()]
 
-    def _known(self, rid: str) -> None:
-        if self._sources.registry.get(rid) is None:
+    def _known(self, rid: str) -> Registration:
+        registration = self._sources.registry.get(rid)
+        if registration is None:
             raise HttpError(404, f"No such registeredId {rid}.")
+        return registration
 
     def _uptime(self) -> float:
         return round(time.time() - self._sources.started, 3)
@@ -247,6 +261,17 @@ class AdminApi:
             raise HttpError(400, 'expected {"alias": "<hostname>", "registeredId": "<ID>"}')
         self._known(rid)
         return await self._change(["ADDALIAS", rid, alias], peer)
+
+    async def _set_policy(self, rid: str, body: bytes, peer: str) -> dict[str, object]:
+        """``PUT /policy/<id>`` with ``{"key": value, ...}``; null resets a key."""
+        self._known(rid)
+        try:
+            policy = await self._sources.registry.set_policy(
+                rid, _json_body(body), actor=f"admin:{peer}"
+            )
+        except (PolicyError, RegistryError, RegistryUnavailableError) as exc:
+            raise HttpError(400, str(exc)) from None
+        return {"success": True, "id": rid, "policy": policy.to_json()}
 
     async def _remove_alias(self, alias: str, peer: str) -> dict[str, object]:
         if alias.lower() not in self._alias_owners():

@@ -4,6 +4,7 @@ traffic actually sent through the tunnel."""
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Iterator
 
@@ -226,6 +227,45 @@ async def test_aliases_added_and_removed_through_the_api_route_and_are_audited(
         if r["event"].startswith("alias.")
     ]
     assert changes == [("alias.added", "admin:127.0.0.1"), ("alias.removed", "admin:127.0.0.1")]
+
+
+async def test_a_policy_set_by_the_api_and_the_cli_is_shown_kept_and_audited(
+    online: tuple[PetitServer, PetitClient],
+) -> None:
+    server, client = online
+    rid = client.registration_id
+    assert (await server.admin_json(f"/policy/{rid}"))["policy"] == {}
+    body = json.dumps({"allow": ["10.0.0.0/8"], "responseTimeout": 120}).encode()
+    changed = await server.admin(f"/policy/{rid}", method="PUT", body=body)
+    assert changed.status == 200, changed
+    refused = await http_request(server.http_port, client.host, target="/")
+    assert refused.status == 403
+    bad = await server.admin(f"/policy/{rid}", method="PUT", body=b'{"rateLimit": "fast"}')
+    assert bad.status == 400
+    assert json.loads(bad.body)["error"] == "rateLimit is a number, not 'fast'"
+    assert (await server.admin("/policy/9999", method="PUT", body=b"{}")).status == 404
+
+    shown = await server.cli("policy", rid)
+    assert shown.stdout == (
+        f"Policy of registration {rid}:\n  responseTimeout = 120\n  allow = 10.0.0.0/8\n"
+    )
+    reset = await server.cli("policy", rid, "allow=", "responseTimeout=")
+    assert reset.stdout == f"Registration {rid} follows the server's settings.\n"
+    assert (await http_request(server.http_port, client.host, target="/")).status == 200
+    typo = await server.cli("policy", rid, "alow=10.0.0.0/8", check=False)
+    assert (typo.returncode, typo.stderr.splitlines()[0]) == (
+        1,
+        "error: Policy not changed: unknown policy key 'alow'; the keys: responseTimeout, "
+        "openTimeout, idleTimeout, maxRequestBody, allow, deny, rateLimit, rateBurst, "
+        "maxStreams",
+    )
+    changes = [
+        (r["event"], r["actor"])
+        for r in log_records(server.audit_log)
+        if r["event"] == "policy.changed"
+    ]
+    by_cli = f"control:uid={os.getuid()}"  # the CLI reached the running server's control port
+    assert changes == [("policy.changed", "admin:127.0.0.1"), ("policy.changed", by_cli)]
 
 
 async def test_unknown_ids_paths_and_methods_get_json_errors(
