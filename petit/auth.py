@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from petit.errors import AuthError, ErrorCode, RemoteProtocolError
+from petit.flow import LARGEST_WINDOW
 
 NONCE_SIZE = 32  # bytes
 MAX_CLAIMS = 256  # registrations one session may claim
@@ -120,17 +121,20 @@ class Hello:
 
     claims: Mapping[str, bytes]
     vitae: Mapping[str, str] = field(default_factory=dict)
+    window: int | None = None  # the client's receive window per stream; None: an old client
 
 
 def encode_hello(hello: Hello) -> bytes:
     """Serialise a hello for the HELLO frame."""
-    document = {
+    document: dict[str, object] = {
         "claims": [
             {"id": rid, "signature": base64.b64encode(sig).decode()}
             for rid, sig in hello.claims.items()
         ],
         "vitae": dict(hello.vitae),
     }
+    if hello.window is not None:
+        document["window"] = hello.window
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -148,7 +152,22 @@ def decode_hello(payload: bytes) -> Hello:
         if not isinstance(rid, str) or not is_valid_id(rid) or not isinstance(signature, str):
             raise RemoteProtocolError("hello: each claim needs a numeric 'id' and a 'signature'")
         claims[rid] = b64decode(signature, what="hello signature")
-    return Hello(claims=claims, vitae=decode_vitae(document.get("vitae", {})))
+    return Hello(
+        claims=claims,
+        vitae=decode_vitae(document.get("vitae", {})),
+        window=decode_window(document, what="hello"),
+    )
+
+
+def decode_window(document: Mapping[str, object], *, what: str) -> int | None:
+    """The receive window per stream a hello or welcome announces; None if it announces none,
+    as petit did before windows were negotiated (TunnelConnection.settle_windows)."""
+    window = document.get("window")
+    if window is None:
+        return None
+    if type(window) is not int or not 0 < window <= LARGEST_WINDOW:
+        raise RemoteProtocolError(f"{what}: 'window' must be a byte count, 1 to {LARGEST_WINDOW}")
+    return window
 
 
 def decode_vitae(value: object) -> dict[str, str]:

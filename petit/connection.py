@@ -53,19 +53,28 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 #   are fatal (STREAM_CLOSED). After our GOAWAY, OPENs that raced it are refused with RESET.
 # - Any RemoteProtocolError is fatal: the connection goes CLOSED, a GOAWAY carrying exc.code is
 #   queued, and later input is ignored.
-# - Flow control is per stream and per direction: each side starts with initial_window bytes of
-#   credit to send and to receive on every stream, so BOTH PEERS MUST BE BUILT WITH THE SAME
-#   initial_window. Credit comes back by WINDOW_UPDATE once the application acknowledges the
-#   bytes it consumed (petit.flow batches them).
+# - Flow control is per stream and per direction. Windows are asymmetric and negotiated: each
+#   side announces in its handshake document (HELLO, WELCOME) the receive window it offers per
+#   stream, and the driver hands the peer's announcement to settle_windows() before any stream
+#   is accepted. A peer that announces nothing is an old one that assumes DEFAULT_WINDOW both
+#   ways, so it gets exactly that, whatever we offered. Credit comes back by WINDOW_UPDATE once
+#   the application acknowledges the bytes it consumed (petit.flow batches them).
 # - Windows grow with the link (as HTTP/2 and QUIC stacks auto-tune): while DATA arrives we
 #   send our own PING (a BDP probe, opaque _BDP_PROBE + a counter) and count, per stream, the
 #   DATA bytes the application consumed until its PONG: one round trip. A stream whose reader
 #   took 2/3 of its receive window in that round trip was limited by the window, not by the
-#   link or its reader: its window grows fourfold (up to MAX_WINDOW), the extra granted at
-#   once by a WINDOW_UPDATE. A slow or absent reader takes little, so its window never
-#   grows. All growth on one connection stays within WINDOW_GROWTH_BUDGET, so memory stays
-#   bounded whatever the peer does. No clock: a round trip is measured in bytes. A new probe
-#   waits for _PROBE_SPACING bytes.
+#   link or its reader: its window grows fourfold, to DEFAULT_WINDOW at least and MAX_WINDOW
+#   at most, the extra granted at once by a WINDOW_UPDATE. The window a round trip is judged
+#   by is the one before the previous growth, whose extra only reaches the peer during that
+#   round trip: so a stream keeping up grows every round trip (not every other one), and
+#   overshoots its need by one step at most. A slow or absent reader takes little, so its
+#   window never grows. No clock: a round trip is measured in bytes. A new probe waits for
+#   _PROBE_SPACING bytes of DATA.
+# - Memory bound: what the peer can make us buffer is what we granted, so received-but-unread
+#   bytes on one connection stay within live streams x initial receive window +
+#   WINDOW_GROWTH_BUDGET (the growth of all its streams together), whatever the peer does.
+#   Hence a server offers a small window: it pays for a stream nobody reads only that, and
+#   streams whose reader keeps up grow to the link's speed.
 # - Frames the peer's input makes us queue (PONG, a refusal) count in reply_backlog until
 #   drained; the driver stops reading while it is past a bound, so a flood costs the flooder.
 
@@ -73,11 +82,20 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 # tunnel check ``GET /-g2c-intercept``: the client answers it itself, never touching the
 # private service (see ``probe_target``).
 PROBE: Final = "/-g2c-intercept"
-DEFAULT_WINDOW: Final = 1024 * 1024  # bytes of credit per stream and direction, at first
+# Bytes of credit per stream, each way, that a peer announcing no window assumes (the
+# protocol before windows were negotiated), and what a connection offers unless told otherwise.
+DEFAULT_WINDOW: Final = 1024 * 1024
+# Bytes a server offers per stream: all that a public caller who never reads costs it, while
+# the streams of callers who keep up grow (see the memory bound above).
+SERVER_WINDOW: Final = 64 * 1024
 MAX_WINDOW: Final = 16 * 1024 * 1024  # bytes: the most a stream's receive window grows to
-WINDOW_GROWTH_BUDGET: Final = 64 * 1024 * 1024  # bytes of growth, all streams of a connection
+# Bytes of growth, all streams of a connection together: one stream can reach MAX_WINDOW. Also
+# what a peer gets by having its callers read fast, then stop (kernel buffers filling look like
+# a fast reader), so it is most of the memory bound: 64 MiB let 200 unread streams cost 70 MB.
+WINDOW_GROWTH_BUDGET: Final = MAX_WINDOW
 _BDP_PROBE: Final = b"bdp"  # opaque prefix of our own PINGs that measure one round trip
-_PROBE_SPACING: Final = DEFAULT_WINDOW // 4  # DATA bytes received between two BDP probes
+_PROBE_SPACING: Final = 16 * 1024  # DATA bytes received before a BDP probe: a trickle is not
+# worth measuring; small enough that a probe goes out early in a stream's first window
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
 _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits the payload
 _U32: Final = struct.Struct("!I")
@@ -270,6 +288,9 @@ class _Stream:
     send_window: SendWindow
     receive_window: ReceiveWindow
     probe_sample: int = 0  # DATA bytes consumed since the BDP probe in flight was sent
+    # The receive window the round trip in progress runs on: growth granted at the last PONG
+    # reaches the peer, and its DATA us, only as the next PONG does.
+    measured_window: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,15 +313,19 @@ class TunnelConnection:
     """
 
     def __init__(
-        self, role: Role, *, initial_window: int = DEFAULT_WINDOW, max_payload: int = MAX_PAYLOAD
+        self, role: Role, *, offered_window: int = DEFAULT_WINDOW, max_payload: int = MAX_PAYLOAD
     ) -> None:
-        """Both peers must use the same ``initial_window`` (bytes of credit per stream)."""
-        assert 0 < initial_window <= LARGEST_WINDOW
+        """``offered_window``: the receive window per stream we announce to the peer; until
+        ``settle_windows()`` both windows are DEFAULT_WINDOW, as every peer assumes."""
+        assert 0 < offered_window <= LARGEST_WINDOW
         assert max_payload > _U32.size
         self._role = role
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._state = _HANDSHAKE_STATES[role][0]
-        self._initial_window = initial_window
+        self.offered_window = offered_window
+        self._receive_window = DEFAULT_WINDOW  # initial credit per stream we grant the peer
+        self._send_window = DEFAULT_WINDOW  # initial credit per stream the peer grants us
+        self._windows_in_use = False  # a stream was accepted: settle_windows() is too late
         self._max_payload = max_payload
         self._decoder = FrameDecoder(max_payload)
         # Queued frames as (header, payload, reply size), joined once by data_to_send(). A
@@ -397,6 +422,28 @@ class TunnelConnection:
         """(server) Accept the verified HelloReceived: the connection is OPEN."""
         self._send_handshake(_ConnectionInput.SEND_WELCOME, Frame(FrameType.WELCOME, 0, payload))
 
+    def settle_windows(self, peer_window: int | None) -> None:
+        """Adopt the initial windows the handshake agreed: ``peer_window`` is what the peer
+        announced as its receive window per stream, None if it announced none (an old peer).
+
+        The client learns the server's window from a WELCOME that OPENs may follow in the same
+        bytes: the streams opened meanwhile carried nothing yet, so they take the new windows.
+
+        Raises:
+            LocalProtocolError: a stream was accepted already, with the windows in use.
+        """
+        if self._windows_in_use:
+            raise LocalProtocolError("the windows are settled before any stream is accepted")
+        assert peer_window is None or 0 < peer_window <= LARGEST_WINDOW
+        if peer_window is None:
+            self._receive_window = self._send_window = DEFAULT_WINDOW
+        else:
+            self._receive_window, self._send_window = self.offered_window, peer_window
+        for stream in self._streams.values():  # all OPENING: no DATA, no growth yet
+            stream.send_window = SendWindow(self._send_window)
+            stream.receive_window = ReceiveWindow(self._receive_window)
+            stream.measured_window = self._receive_window
+
     # Stream commands.
 
     def open_stream(self, target: str) -> int:
@@ -420,6 +467,7 @@ class TunnelConnection:
         """(client) The local target was reached: data may flow on ``stream_id``."""
         self._check_sender(FrameType.ACCEPT, self._role, LocalProtocolError)
         self._advance(self._live_stream(stream_id), StreamInput.SEND_ACCEPT)
+        self._windows_in_use = True
         self._queue_frame(Frame(FrameType.ACCEPT, stream_id))
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
@@ -585,7 +633,7 @@ class TunnelConnection:
     def _forget(self, stream: _Stream) -> None:
         """Drop a stream; what its receive window grew returns to the budget."""
         del self._streams[stream.stream_id]
-        self._window_growth -= stream.receive_window.size - self._initial_window
+        self._window_growth -= stream.receive_window.size - self._receive_window
 
     # Checks shared by both directions.
 
@@ -634,8 +682,9 @@ class TunnelConnection:
         return _Stream(
             stream_id,
             StreamState.OPENING,
-            SendWindow(self._initial_window),
-            ReceiveWindow(self._initial_window),
+            SendWindow(self._send_window),
+            ReceiveWindow(self._receive_window),
+            measured_window=self._receive_window,
         )
 
     # Outbound frames.
@@ -704,6 +753,7 @@ class TunnelConnection:
 
     def _on_accept(self, stream: _Stream, frame: Frame) -> TunnelEvent:
         self._advance(stream, StreamInput.RECV_ACCEPT)
+        self._windows_in_use = True
         return StreamAccepted(stream.stream_id)
 
     def _on_data(self, stream: _Stream, frame: Frame) -> TunnelEvent:
@@ -744,11 +794,12 @@ class TunnelConnection:
         for stream in self._streams.values():
             sample, stream.probe_sample = stream.probe_sample, 0
             window = stream.receive_window
-            if 3 * sample < 2 * window.size:
+            measured, stream.measured_window = stream.measured_window, window.size
+            if 3 * sample < 2 * measured:
                 continue  # the link or the reader, not the window, limited this round trip
             budget = WINDOW_GROWTH_BUDGET - self._window_growth
-            extra = min(4 * window.size, MAX_WINDOW) - window.size
-            if (extra := min(extra, budget)) > 0:
+            target = min(max(4 * window.size, DEFAULT_WINDOW), MAX_WINDOW)
+            if (extra := min(target - window.size, budget)) > 0:
                 window.grow(extra)
                 self._window_growth += extra
                 self._queue_frame(

@@ -7,7 +7,14 @@
   server opens. When the reader ends, the nursery is cancelled and every stream is broken.
 - The reader never awaits a consumer. It feeds bytes into per-stream buffers without
   blocking; memory stays bounded because a stream's buffer never exceeds the receive window
-  we granted, and credit is only handed back when the application *consumed* bytes.
+  we granted, and credit is only handed back when the application *consumed* bytes. So the
+  bytes a peer can make a session buffer are at most live streams x our initial receive
+  window + WINDOW_GROWTH_BUDGET (see petit.connection), besides the chunk each application
+  took and holds (a relay blocked on its caller). Pausing the reader instead would let one
+  stream nobody reads stall every other stream of the tunnel.
+- The windows are negotiated by the owner: it announces ``connection.offered_window`` in its
+  hello or welcome and passes the peer's announcement to ``connection.settle_windows`` before
+  ``serve``.
 - Only the writer task awaits ``carrier.send``. Everyone else queues frames on the
   connection (synchronously) and wakes the writer, which sends whatever accumulated in one
   carrier message. The reader therefore never blocks on a send (two peers blocked sending to

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 import trio
 
 from petit import __version__
-from petit.auth import Hello, encode_hello, hello_transcript, parse_json_object, sign
+from petit.auth import (
+    Hello,
+    decode_window,
+    encode_hello,
+    hello_transcript,
+    parse_json_object,
+    sign,
+)
 from petit.connection import Role, TunnelConnection, split_target
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
@@ -423,12 +430,14 @@ class ClientService:
         def make_hello(nonce: bytes) -> bytes:
             transcript = hello_transcript(nonce, fingerprint, list(self._tenants))
             claims = {rid: sign(t.key(), transcript) for rid, t in self._tenants.items()}
-            return encode_hello(Hello(claims=claims, vitae=self._vitae()))
+            window = session.connection.offered_window
+            return encode_hello(Hello(claims=claims, vitae=self._vitae(), window=window))
 
         with trio.fail_after(self.config.handshake_timeout):
             welcome = parse_json_object(
                 await session.handshake_as_client(make_hello), what="welcome"
             )
+        session.connection.settle_windows(decode_window(welcome, what="welcome"))
         rejected = welcome.get("rejected") or []
         link.record_error("")
         if rejected:

@@ -29,7 +29,7 @@ from petit.auth import (
     unregister_transcript,
     verify,
 )
-from petit.connection import Role, TunnelConnection
+from petit.connection import SERVER_WINDOW, Role, TunnelConnection
 from petit.errors import AuthError, PetitError, RemoteProtocolError
 from petit.logs import Throttled
 from petit.session import KeepaliveTimeoutError, TunnelSession
@@ -92,7 +92,7 @@ class Gateway:
 
     async def _serve_tunnel(self, websocket: WebSocket, remote: str) -> None:
         session = TunnelSession(
-            TunnelConnection(Role.SERVER),
+            TunnelConnection(Role.SERVER, offered_window=SERVER_WINDOW),
             websocket,
             ping_interval=self.config.ping_interval,
         )
@@ -111,11 +111,13 @@ class Gateway:
             proven.extend(ids)
             vitae.update(hello.vitae, ip=remote)
             rejected = sorted(set(hello.claims) - set(ids))
+            session.connection.settle_windows(hello.window)
             welcome = {
                 "accepted": ids,
                 "rejected": rejected,
                 "endpoints": {rid: self.config.endpoint_for(rid) for rid in ids},
                 "vitae": self.config.vitae,
+                "window": session.connection.offered_window,
             }
             return json.dumps(welcome).encode()
 

@@ -237,6 +237,14 @@ class Reaper:
                 kill_group(pid)
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident set size (VmRSS), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 async def wait_exit(child: subprocess.Popen[bytes], timeout: float = EXIT_TIMEOUT) -> int:
     """Wait for a child we spawned to exit; return its exit status."""
     await wait_until(lambda: child.poll() is not None, timeout, what=f"pid {child.pid} to exit")

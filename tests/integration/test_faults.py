@@ -32,6 +32,7 @@ from tests.integration.harness import (
     http_connection,
     http_request,
     payload,
+    rss_kib,
     wait_exit,
     wait_pid_file,
     wait_until,
@@ -130,14 +131,6 @@ def fault_backend() -> Iterator[FaultBackend]:
     backend = FaultBackend()
     yield backend
     backend.close()
-
-
-def rss_kib(pid: int) -> int:
-    """A process's resident set size (VmRSS), KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 async def server_streams(server: PetitServer, registration_id: str) -> int:

@@ -18,9 +18,11 @@ from petit.auth import (
     Hello,
     accepted_ids,
     decode_hello,
+    decode_window,
     encode_hello,
     generate_key,
     hello_transcript,
+    parse_json_object,
     public_key_raw,
     sign,
 )
@@ -35,20 +37,6 @@ QUIET_PING_INTERVAL = 3600.0  # seconds: no keepalive traffic during a (real-tim
 
 _KEY = generate_key()
 _PUBLIC_KEYS = {REGISTRATION_ID: public_key_raw(_KEY)}
-
-
-def make_hello(nonce: bytes) -> bytes:
-    """The client's side of the handshake: claim REGISTRATION_ID with its key."""
-    transcript = hello_transcript(nonce, FINGERPRINT, [REGISTRATION_ID])
-    return encode_hello(Hello(claims={REGISTRATION_ID: sign(_KEY, transcript)}))
-
-
-async def check_hello(payload: bytes) -> bytes:
-    """The server's side of the handshake: verify the claims as the gateway does."""
-    ids = accepted_ids(decode_hello(payload), NONCE, FINGERPRINT, _PUBLIC_KEYS.get)
-    if not ids:
-        raise AuthError("no claimed registration could be verified")
-    return json.dumps({"accepted": ids}).encode()
 
 
 class StallableCarrier(StreamCarrier):
@@ -103,11 +91,39 @@ class Served:
         self.finished.set()
 
 
-async def handshake(client: TunnelSession, server: TunnelSession) -> None:
-    """Run both halves of the handshake concurrently."""
+async def handshake(
+    client: TunnelSession,
+    server: TunnelSession,
+    *,
+    old_client: bool = False,
+    old_server: bool = False,
+) -> None:
+    """Run both halves of the handshake concurrently, settling the windows as the services
+    do. An old peer announces no window and never settles: it assumes DEFAULT_WINDOW."""
+
+    def make_hello(nonce: bytes) -> bytes:
+        transcript = hello_transcript(nonce, FINGERPRINT, [REGISTRATION_ID])
+        window = None if old_client else client.connection.offered_window
+        return encode_hello(Hello(claims={REGISTRATION_ID: sign(_KEY, transcript)}, window=window))
+
+    async def check_hello(payload: bytes) -> bytes:
+        hello = decode_hello(payload)
+        ids = accepted_ids(hello, NONCE, FINGERPRINT, _PUBLIC_KEYS.get)
+        if not ids:
+            raise AuthError("no claimed registration could be verified")
+        if old_server:
+            return json.dumps({"accepted": ids}).encode()
+        server.connection.settle_windows(hello.window)
+        return json.dumps({"accepted": ids, "window": server.connection.offered_window}).encode()
+
+    async def client_half() -> None:
+        welcome = parse_json_object(await client.handshake_as_client(make_hello), what="welcome")
+        if not old_client:
+            client.connection.settle_windows(decode_window(welcome, what="welcome"))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.handshake_as_server, NONCE, check_hello)
-        nursery.start_soon(client.handshake_as_client, make_hello)
+        nursery.start_soon(client_half)
 
 
 @dataclass
@@ -133,27 +149,31 @@ async def session_pair(
     nursery: trio.Nursery,
     *,
     handler: StreamHandler | None = None,
-    initial_window: int = DEFAULT_WINDOW,
+    client_window: int = DEFAULT_WINDOW,
+    server_window: int = DEFAULT_WINDOW,
+    old_client: bool = False,
+    old_server: bool = False,
     ping_interval: float = QUIET_PING_INTERVAL,
 ) -> SessionPair:
     """Handshake a pair and start both ``serve()`` in ``nursery``.
 
-    Without ``handler`` the client accepts every stream (see ``Acceptor``).
+    Without ``handler`` the client accepts every stream (see ``Acceptor``). Each side offers
+    its ``*_window``; an old one (see ``handshake``) announces nothing.
     """
     acceptor = Acceptor() if handler is None else None
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client = TunnelSession(
-        TunnelConnection(Role.CLIENT, initial_window=initial_window),
+        TunnelConnection(Role.CLIENT, offered_window=client_window),
         StreamCarrier(client_stream),
         ping_interval=ping_interval,
         stream_handler=handler or acceptor,
     )
     server = TunnelSession(
-        TunnelConnection(Role.SERVER, initial_window=initial_window),
+        TunnelConnection(Role.SERVER, offered_window=server_window),
         StreamCarrier(server_stream),
         ping_interval=ping_interval,
     )
-    await handshake(client, server)
+    await handshake(client, server, old_client=old_client, old_server=old_server)
     pair = SessionPair(Served(client), Served(server), acceptor, client_stream)
     await nursery.start(pair.server.run)
     await nursery.start(pair.client.run)

@@ -64,7 +64,7 @@ async def test_tunnel_stream_passes_trio_conformance_suite() -> None:
                 return await pair.open_stream_pair()
 
             async def clogged_stream_maker() -> tuple[TunnelStream, TunnelStream]:
-                pair = await session_pair(nursery, initial_window=1)
+                pair = await session_pair(nursery, client_window=1, server_window=1)
                 server_stream, client_stream = await pair.open_stream_pair()
                 # Spend the single byte of credit each way: sends now wait for the peer to read.
                 await server_stream.send_all(b"x")
@@ -237,6 +237,58 @@ async def test_reading_releases_a_stalled_sender() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert buffered(client_stream) == DEFAULT_WINDOW
             assert await read_all(client_stream) == data
+            nursery.cancel_scope.cancel()
+
+
+SMALL_WINDOW = 64 * 1024  # what a server offers: an unread stream costs it no more
+
+
+async def test_unread_streams_cost_the_server_only_the_small_window_it_announced() -> None:
+    """The attack: the client pushes on many streams nobody reads on the server. Each holds
+    the server's small window, not the client's, and a stream that is read still flows."""
+    data = payload(4 * DEFAULT_WINDOW, seed=8)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(nursery, server_window=SMALL_WINDOW)
+            unread = [await pair.open_stream_pair() for _ in range(8)]
+            for _, client_stream in unread:
+                nursery.start_soon(client_stream.send_all, bytes(4 * DEFAULT_WINDOW))
+            busy_server, busy_client = await pair.open_stream_pair()
+            nursery.start_soon(send_then_eof, busy_client, data)
+            assert await read_all(busy_server) == data
+            await trio.testing.wait_all_tasks_blocked()
+            assert [buffered(server_stream) for server_stream, _ in unread] == [SMALL_WINDOW] * len(
+                unread
+            )
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("old_client", "old_server"), [(True, False), (False, True)], ids=["old client", "old server"]
+)
+async def test_an_old_peer_that_announces_no_window_still_works(
+    old_client: bool, old_server: bool
+) -> None:
+    """It assumes DEFAULT_WINDOW both ways, so the new side grants exactly that, whatever it
+    offered: full windows go both ways and nobody overruns."""
+    request, response = payload(3 * DEFAULT_WINDOW, seed=9), payload(3 * DEFAULT_WINDOW, seed=10)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(
+                nursery,
+                client_window=SMALL_WINDOW,
+                server_window=SMALL_WINDOW,
+                old_client=old_client,
+                old_server=old_server,
+            )
+            server_stream, client_stream = await pair.open_stream_pair()
+            nursery.start_soon(send_then_eof, server_stream, request)
+            nursery.start_soon(send_then_eof, client_stream, response)
+            await trio.testing.wait_all_tasks_blocked()
+            assert buffered(client_stream) == buffered(server_stream) == DEFAULT_WINDOW
+            assert await read_all(client_stream) == request
+            assert await read_all(server_stream) == response
+            assert pair.server.error is pair.client.error is None
             nursery.cancel_scope.cancel()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.events import (
@@ -21,20 +22,27 @@ WELCOME = b'{"session": "s1"}'
 
 
 class ConnectionPair:
-    """A client and a server; ``deliver(to=...)`` moves the other side's queued bytes across."""
+    """A client and a server; ``deliver(to=...)`` moves the other side's queued bytes across.
+
+    Each side offers its ``*_window`` in the handshake and settles the windows with what the
+    other announced, as the services do; ``None`` makes that side an old peer, which announces
+    nothing and never settles (both its windows stay DEFAULT_WINDOW).
+    """
 
     def __init__(
         self,
         *,
-        initial_window: int = DEFAULT_WINDOW,
+        client_window: int | None = DEFAULT_WINDOW,
+        server_window: int | None = DEFAULT_WINDOW,
         max_payload: int = MAX_PAYLOAD,
         handshake: bool = True,
     ) -> None:
+        self.client_window, self.server_window = client_window, server_window
         self.client = TunnelConnection(
-            Role.CLIENT, initial_window=initial_window, max_payload=max_payload
+            Role.CLIENT, offered_window=client_window or DEFAULT_WINDOW, max_payload=max_payload
         )
         self.server = TunnelConnection(
-            Role.SERVER, initial_window=initial_window, max_payload=max_payload
+            Role.SERVER, offered_window=server_window or DEFAULT_WINDOW, max_payload=max_payload
         )
         if handshake:
             self.handshake()
@@ -51,10 +59,16 @@ class ConnectionPair:
     def handshake(self) -> None:
         self.server.send_challenge(NONCE)
         assert self.deliver(to=Role.CLIENT) == [ChallengeReceived(NONCE)]
-        self.client.send_hello(HELLO)
-        assert self.deliver(to=Role.SERVER) == [HelloReceived(HELLO)]
-        self.server.send_welcome(WELCOME)
-        assert self.deliver(to=Role.CLIENT) == [Welcomed(WELCOME)]
+        hello = _announcing(HELLO, self.client_window)
+        self.client.send_hello(hello)
+        assert self.deliver(to=Role.SERVER) == [HelloReceived(hello)]
+        if self.server_window is not None:
+            self.server.settle_windows(self.client_window)
+        welcome = _announcing(WELCOME, self.server_window)
+        self.server.send_welcome(welcome)
+        assert self.deliver(to=Role.CLIENT) == [Welcomed(welcome)]
+        if self.client_window is not None:
+            self.client.settle_windows(self.server_window)
 
     def open_stream(self, target: str = "reg-1") -> int:
         """Open a stream from the server and accept it on the client; return its id."""
@@ -63,6 +77,13 @@ class ConnectionPair:
         self.client.accept_stream(stream_id)
         assert self.deliver(to=Role.SERVER) == [StreamAccepted(stream_id)]
         return stream_id
+
+
+def _announcing(document: bytes, window: int | None) -> bytes:
+    """A handshake document with the ``window`` field, or without it from an old peer."""
+    if window is None:
+        return document
+    return json.dumps({**json.loads(document), "window": window}).encode()
 
 
 def inject(connection: TunnelConnection, *frames: Frame) -> list[TunnelEvent]:

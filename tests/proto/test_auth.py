@@ -17,6 +17,7 @@ from petit.auth import (
     Hello,
     accepted_ids,
     decode_hello,
+    decode_window,
     encode_hello,
     generate_key,
     hello_transcript,
@@ -27,6 +28,7 @@ from petit.auth import (
     verify,
 )
 from petit.errors import RemoteProtocolError
+from petit.flow import LARGEST_WINDOW
 
 NONCE = bytes(range(32))
 OTHER_NONCE = bytes(range(1, 33))
@@ -61,6 +63,22 @@ def test_hello_round_trip() -> None:
         vitae={"hostname": "box", "version": "0.1.0"},
     )
     assert decode_hello(encode_hello(hello)) == hello
+
+
+def test_a_hello_announces_the_client_window_and_an_old_one_announces_none() -> None:
+    hello = Hello(claims={"1001": b"sig"}, window=64 * 1024)
+    assert json.loads(encode_hello(hello))["window"] == 64 * 1024
+    assert decode_hello(encode_hello(hello)) == hello
+    old = _hello_json([{"id": "1001", "signature": SIGNATURE}])
+    assert decode_hello(old).window is None
+
+
+@pytest.mark.parametrize("window", [0, -1, LARGEST_WINDOW + 1, True, 1.5, "65536", [1]])
+def test_a_window_that_is_not_a_byte_count_is_a_remote_protocol_error(window: object) -> None:
+    with pytest.raises(RemoteProtocolError, match="'window'"):
+        decode_window({"window": window}, what="welcome")
+    with pytest.raises(RemoteProtocolError, match="'window'"):
+        decode_hello(_hello_json([{"id": "1001", "signature": SIGNATURE}], window=window))
 
 
 def test_each_valid_claim_is_accepted() -> None:

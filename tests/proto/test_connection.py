@@ -39,7 +39,7 @@ from petit.events import (
 from petit.flow import LARGEST_WINDOW
 from petit.frames import Frame, FrameType, decode_all, encode_frame
 
-from .helpers import HELLO, NONCE, ConnectionPair, inject, sent_frames
+from .helpers import HELLO, NONCE, WELCOME, ConnectionPair, inject, sent_frames
 
 
 def u32(value: int) -> bytes:
@@ -399,7 +399,7 @@ def test_frames_on_the_wrong_kind_of_stream_are_refused(stream_id: int) -> None:
 
 
 def test_send_data_is_split_into_frames_and_capped_by_the_window() -> None:
-    pair = ConnectionPair(initial_window=1000, max_payload=300)
+    pair = ConnectionPair(client_window=1000, server_window=1000, max_payload=300)
     stream_id = pair.open_stream()
     assert pair.server.send_data(stream_id, bytes(range(250)) * 5) == 1000
     frames = sent_frames(pair.server)
@@ -436,7 +436,7 @@ def test_data_sent_from_a_reusable_buffer_is_copied_when_queued() -> None:
 
 
 def test_window_update_resumes_sending() -> None:
-    pair = ConnectionPair(initial_window=100)
+    pair = ConnectionPair(client_window=100, server_window=100)
     stream_id = pair.open_stream()
     assert pair.server.send_data(stream_id, bytes(150)) == 100
     assert pair.deliver(to=Role.CLIENT) == [DataReceived(stream_id, bytes(100))]
@@ -448,7 +448,7 @@ def test_window_update_resumes_sending() -> None:
 
 
 def test_window_updates_are_batched() -> None:
-    pair = ConnectionPair(initial_window=100)
+    pair = ConnectionPair(client_window=100, server_window=100)
     stream_id = pair.open_stream()
     pair.server.send_data(stream_id, bytes(60))
     pair.deliver(to=Role.CLIENT)
@@ -460,7 +460,7 @@ def test_window_updates_are_batched() -> None:
 
 
 def test_data_beyond_the_window_is_fatal() -> None:
-    pair = ConnectionPair(initial_window=100)
+    pair = ConnectionPair(client_window=100, server_window=100)
     stream_id = pair.open_stream()
     inject(pair.client, Frame(FrameType.DATA, stream_id, bytes(100)))
     with pytest.raises(FlowControlError):
@@ -487,6 +487,76 @@ def test_acknowledging_a_gone_stream_is_a_noop() -> None:
     assert [frame.type for frame in sent_frames(pair.client)] == [FrameType.PING]  # BDP probe
     pair.client.acknowledge_received_data(stream_id, DEFAULT_WINDOW // 2)
     assert pair.client.data_to_send() == b""
+
+
+# Windows negotiated in the handshake.
+
+SMALL = 64 * 1024
+
+
+def test_each_side_grants_the_receive_window_it_announced() -> None:
+    pair = ConnectionPair(client_window=DEFAULT_WINDOW, server_window=SMALL)
+    stream_id = pair.open_stream()
+    assert pair.server.send_window(stream_id) == DEFAULT_WINDOW
+    assert pair.client.send_window(stream_id) == SMALL
+    assert pair.client.send_data(stream_id, bytes(SMALL + 1)) == SMALL
+    assert pair.deliver(to=Role.SERVER) == [DataReceived(stream_id, bytes(SMALL))]
+
+
+def test_data_beyond_the_small_window_we_announced_is_fatal() -> None:
+    pair = ConnectionPair(client_window=DEFAULT_WINDOW, server_window=SMALL)
+    stream_id = pair.open_stream()
+    inject(pair.server, Frame(FrameType.DATA, stream_id, bytes(SMALL)))
+    with pytest.raises(FlowControlError):
+        inject(pair.server, Frame(FrameType.DATA, stream_id, b"x"))
+    assert_failed_with(pair.server, ErrorCode.FLOW_CONTROL)
+
+
+@pytest.mark.parametrize(
+    ("client_window", "server_window"), [(None, SMALL), (SMALL, None), (None, None)]
+)
+def test_an_old_peer_gets_the_default_window_both_ways_whatever_we_offer(
+    client_window: int | None, server_window: int | None
+) -> None:
+    pair = ConnectionPair(client_window=client_window, server_window=server_window)
+    stream_id = pair.open_stream()
+    assert pair.server.send_window(stream_id) == pair.client.send_window(stream_id)
+    assert pair.client.send_window(stream_id) == DEFAULT_WINDOW
+    pair.client.send_data(stream_id, bytes(DEFAULT_WINDOW))  # the old protocol's full window
+    pair.server.send_data(stream_id, bytes(DEFAULT_WINDOW))
+    assert sum(len(e.data) for e in pair.deliver(to=Role.SERVER) if isinstance(e, DataReceived))
+    assert sum(len(e.data) for e in pair.deliver(to=Role.CLIENT) if isinstance(e, DataReceived))
+    assert pair.server.state is pair.client.state is ConnectionState.OPEN
+
+
+def test_streams_opened_right_behind_the_welcome_take_the_settled_windows() -> None:
+    pair = ConnectionPair(client_window=SMALL, server_window=100, handshake=False)
+    pair.server.send_challenge(NONCE)
+    pair.deliver(to=Role.CLIENT)
+    pair.client.send_hello(HELLO)  # announcing SMALL
+    pair.deliver(to=Role.SERVER)
+    pair.server.settle_windows(SMALL)
+    pair.server.send_welcome(WELCOME)  # announcing 100
+    stream_id = pair.server.open_stream("reg-1")  # in the same bytes as the WELCOME
+    events = pair.deliver(to=Role.CLIENT)
+    assert [type(event).__name__ for event in events] == ["Welcomed", "StreamOpened"]
+    pair.client.settle_windows(100)  # the stream exists already, with the default windows
+    pair.client.accept_stream(stream_id)
+    pair.deliver(to=Role.SERVER)
+    assert pair.client.send_window(stream_id) == 100
+    assert pair.server.send_window(stream_id) == SMALL
+    inject(pair.client, Frame(FrameType.DATA, stream_id, bytes(SMALL)))
+    with pytest.raises(FlowControlError):
+        inject(pair.client, Frame(FrameType.DATA, stream_id, b"x"))
+
+
+def test_windows_cannot_change_once_a_stream_was_accepted() -> None:
+    pair = ConnectionPair()
+    pair.open_stream()
+    with pytest.raises(LocalProtocolError, match="settled"):
+        pair.client.settle_windows(SMALL)
+    with pytest.raises(LocalProtocolError, match="settled"):
+        pair.server.settle_windows(SMALL)
 
 
 # Connection-level frames.
@@ -643,47 +713,52 @@ def _window_limited_round_trip(pair: ConnectionPair, stream_id: int) -> None:
     pair.deliver(to=Role.SERVER)
 
 
-def test_a_window_limited_stream_grows_its_window_up_to_the_maximum() -> None:
-    pair = ConnectionPair()
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, SMALL])
+def test_a_window_limited_stream_grows_its_window_up_to_the_maximum(window: int) -> None:
+    pair = ConnectionPair(client_window=window)
     stream_id = pair.open_stream()
     windows = []
     for _ in range(8):
         _window_limited_round_trip(pair, stream_id)
         windows.append(pair.server.send_window(stream_id))
-    assert windows[0] > DEFAULT_WINDOW
+    assert windows[0] == max(4 * window, DEFAULT_WINDOW)  # a small window catches up at once
     assert windows == sorted(windows)
     assert windows[-1] == MAX_WINDOW
 
 
-def test_a_slow_reader_never_grows_its_window() -> None:
-    pair = ConnectionPair()
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, SMALL])
+def test_a_slow_reader_never_grows_its_window(window: int) -> None:
+    pair = ConnectionPair(client_window=window)
     stream_id = pair.open_stream()
-    pair.server.send_data(stream_id, bytes(DEFAULT_WINDOW))
+    pair.server.send_data(stream_id, bytes(window))
     pair.deliver(to=Role.CLIENT)  # the whole window arrives, and a probe goes out
     pair.deliver(to=Role.SERVER)
     pair.deliver(to=Role.CLIENT)  # its PONG: the window came in one round trip...
-    for _ in range(64):  # ...but the reader takes 16 KiB a round trip from now on
-        pair.client.acknowledge_received_data(stream_id, 16 * 1024)
+    for _ in range(64):  # ...but the reader takes a sixteenth of it a round trip from now on
+        pair.client.acknowledge_received_data(stream_id, window // 16)
         pair.deliver(to=Role.SERVER)
         pair.server.send_data(stream_id, bytes(pair.server.send_window(stream_id)))
         pair.deliver(to=Role.CLIENT)
-    assert pair.server.send_window(stream_id) <= DEFAULT_WINDOW
+    assert pair.server.send_window(stream_id) <= window
 
 
-def test_window_growth_on_a_connection_stays_within_its_budget() -> None:
-    pair = ConnectionPair()
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, SMALL])
+def test_what_a_peer_can_make_us_buffer_is_streams_times_window_plus_the_budget(
+    window: int,
+) -> None:
+    pair = ConnectionPair(client_window=window)
     streams = [pair.open_stream() for _ in range(2 * WINDOW_GROWTH_BUDGET // MAX_WINDOW)]
     for _ in range(8):
         for stream_id in streams:
             _window_limited_round_trip(pair, stream_id)
     credit = sum(pair.server.send_window(stream_id) for stream_id in streams)
-    assert credit == len(streams) * DEFAULT_WINDOW + WINDOW_GROWTH_BUDGET
+    assert credit == len(streams) * window + WINDOW_GROWTH_BUDGET
     pair.server.reset_stream(streams[0])  # a closed stream gives its growth back
     pair.deliver(to=Role.CLIENT)
     extra = pair.open_stream()
     for _ in range(8):
         _window_limited_round_trip(pair, extra)
-    assert pair.server.send_window(extra) > DEFAULT_WINDOW
+    assert pair.server.send_window(extra) > window
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,9 @@ class TunnelPairMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pair = ConnectionPair(initial_window=WINDOW, max_payload=MAX_PAYLOAD)
+        self.pair = ConnectionPair(
+            client_window=WINDOW, server_window=WINDOW, max_payload=MAX_PAYLOAD
+        )
         self.sent: dict[tuple[int, Role], bytearray] = {}
         self.received: dict[tuple[int, Role], bytearray] = {}
         self.granted: dict[tuple[int, Role], int] = {}  # credit the sender got back
