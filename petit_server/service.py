@@ -55,7 +55,7 @@ class ServerService:
         self.hub = Hub(
             on_forget=self.usage.forget,
             max_streams_per_registration=config.max_streams_per_registration,
-            own_stream_limit=lambda rid: self.policy_of(rid).max_streams,
+            policy_of=lambda rid: self.policy_of(rid),  # late-bound: serve() reloads it
         )
         self.cluster = (
             None

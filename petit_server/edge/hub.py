@@ -19,7 +19,9 @@ import trio
 
 from petit.connection import probe_target, split_target
 from petit.logs import audit
-from petit.session import SessionClosedError, TunnelSession, TunnelStream
+from petit.session import SessionClosedError, TunnelSession
+from petit_server.edge.bandwidth import Bandwidth
+from petit_server.registry.policy import Policy
 
 
 class StreamLimitError(SessionClosedError):
@@ -66,11 +68,12 @@ class Hub:
         on_forget: Callable[[str], None] | None = None,
         *,
         max_streams_per_registration: int = 1000,
-        own_stream_limit: Callable[[str], int | None] = lambda _: None,
+        policy_of: Callable[[str], Policy] = lambda _: Policy(),
     ) -> None:
         self._on_forget = on_forget  # told of every unregistered ID (the usage store forgets it)
         self._max_streams = max_streams_per_registration
-        self._own_stream_limit = own_stream_limit  # a registration's policy maxStreams, if any
+        self._policy_of = policy_of  # a registration's own maxStreams and bandwidth
+        self._bandwidth = Bandwidth()
         self._by_id: dict[str, list[Attachment]] = {}
         self._attachments: list[Attachment] = []
         self._turn = itertools.count()
@@ -97,6 +100,7 @@ class Hub:
 
     def forget(self, registration_id: str) -> None:
         """Stop routing an unregistered ID at once; a session left serving nothing goes away."""
+        self._bandwidth.forget(registration_id)
         for attachment in self._by_id.pop(registration_id, []):
             attachment.registration_ids.remove(registration_id)
             if not attachment.registration_ids:
@@ -128,7 +132,7 @@ class Hub:
             return None
         return candidates[next(self._turn) % len(candidates)]
 
-    async def open_stream(self, target: str) -> TunnelStream:
+    async def open_stream(self, target: str) -> trio.abc.HalfCloseableStream:
         """A new stream through one of the registration's sessions (see ``Upstreams``);
         ``target`` is the registration's ID, or its tunnel check (``probe_target``)."""
         registration_id, _ = split_target(target)
@@ -137,7 +141,8 @@ class Hub:
             raise SessionClosedError(f"registration {registration_id} is offline")
         serving = self._by_id.get(registration_id, [])
         targets = (registration_id, probe_target(registration_id))
-        own = self._own_stream_limit(registration_id)
+        policy = self._policy_of(registration_id)
+        own = policy.max_streams
         limit = self._max_streams if own is None else own
         if sum(a.session.streams_to(t) for a in serving for t in targets) >= limit:
             setting = "[server] maxStreamsPerRegistration" if own is None else "its maxStreams"
@@ -145,7 +150,8 @@ class Hub:
                 f"registration {registration_id} has {limit} streams open, the most "
                 f"{setting} allows"
             )
-        return await session.open_stream(target)
+        stream = await session.open_stream(target)
+        return self._bandwidth.cap(stream, registration_id, policy.bandwidth)
 
     def is_online(self, registration_id: str) -> bool:
         """True if a session serves this registration."""

@@ -16,6 +16,7 @@ The keys, as the CLI, the API and the registry spell them:
   (429 with Retry-After past it).
 - ``maxStreams``: connections open at once to the private service, as the server's
   ``maxStreamsPerRegistration``.
+- ``bandwidth``: bytes per second each way, over all its connections (``edge/bandwidth.py``).
 
 Pure data and checks: no I/O, so the registry, the edge and the CLI share one reading.
 """
@@ -34,6 +35,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_NETWORKS: Final = 256  # per list: a policy is checked on every request
 MAX_SECONDS: Final = 86_400.0
 MAX_RATE: Final = 1_000_000.0
+MIN_BANDWIDTH: Final = 1024  # bytes per second
 
 
 class PolicyError(ValueError):
@@ -102,6 +104,7 @@ _KEYS: Final = {
     "rateLimit": ("rate_limit", _rate),
     "rateBurst": ("rate_burst", lambda k, v: _count(k, v, 1)),
     "maxStreams": ("max_streams", lambda k, v: _count(k, v, 1)),
+    "bandwidth": ("bandwidth", lambda k, v: _count(k, v, MIN_BANDWIDTH)),
 }
 KEYS: Final = tuple(_KEYS)
 
@@ -119,6 +122,7 @@ class Policy:
     rate_limit: float | None = None
     rate_burst: int | None = None
     max_streams: int | None = None
+    bandwidth: int | None = None  # bytes per second, each way
 
     def __bool__(self) -> bool:
         return self != Policy()

@@ -257,7 +257,7 @@ async def test_a_policy_set_by_the_api_and_the_cli_is_shown_kept_and_audited(
         1,
         "error: Policy not changed: unknown policy key 'alow'; the keys: responseTimeout, "
         "openTimeout, idleTimeout, maxRequestBody, allow, deny, rateLimit, rateBurst, "
-        "maxStreams",
+        "maxStreams, bandwidth",
     )
     changes = [
         (r["event"], r["actor"])

@@ -1,8 +1,11 @@
 """Per-registration policies on a real server, client and backend, with curl as the visitor:
 a long poll past the server's responseTimeout, allow and deny lists (HTTP and the TCP port),
-a rate limit's 429 with Retry-After, a body limit, and a stream limit."""
+a rate limit's 429 with Retry-After, a body limit, and a bandwidth cap each way."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,8 +29,9 @@ LONG_POLL = 2.0  # seconds the backend takes to answer /wait
 TIMEOUT = 30.0  # seconds for each test
 
 
-class WaitingBackend:
-    """A private service: ``/wait`` answers after LONG_POLL seconds, anything else at once."""
+class SmallBackend:
+    """A private service: ``/wait`` answers after LONG_POLL seconds; a POST's body is read
+    and dropped (an upload); anything else is answered at once. Each answer is short."""
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -36,15 +40,20 @@ class WaitingBackend:
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head and (data := await stream.receive_some()):
-                head += data
+            received = b""
+            while b"\r\n\r\n" not in received and (data := await stream.receive_some()):
+                received += data
+            head, _, body = received.partition(b"\r\n\r\n")
             if head.startswith(b"GET /wait "):
                 await trio.sleep(LONG_POLL)  # the service's own slowness, not synchronisation
-            body = b"done\n"
+            length = re.search(rb"(?im)^content-length: *([0-9]+)", head)
+            left = (int(length[1]) if length else 0) - len(body)
+            while left > 0 and (data := await stream.receive_some()):
+                left -= len(data)
+            answer = b"done\n"
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                % (len(body), body)
+                % (len(answer), answer)
             )
 
 
@@ -63,7 +72,7 @@ async def status_and_headers(server: PetitServer, client: PetitClient, *args: st
 async def test_a_long_poll_outlives_the_servers_timeout_where_its_policy_allows(
     server_factory: ServerFactory, client_factory: ClientFactory
 ) -> None:
-    backend = WaitingBackend()
+    backend = SmallBackend()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(backend.serve)
         server = await server_factory(responseTimeout=SERVER_RESPONSE_TIMEOUT)
@@ -156,3 +165,49 @@ async def test_a_body_past_its_maximum_gets_413_before_the_service_sees_it(
         "--include", "-H", "Transfer-Encoding: chunked", "--data-binary", "x" * 5000, *url
     )
     assert chunked.stdout.startswith("HTTP/1.1 413 "), chunked.stdout
+
+
+CAP = 1_000_000  # bytes per second, the registration's bandwidth each way
+CAPPED_SIZE = 3_000_000  # bytes: three seconds at the cap
+
+
+async def test_a_bandwidth_cap_holds_each_way_within_ten_percent(
+    server: PetitServer,
+    client_factory: ClientFactory,
+    python_backend: PythonBackend,
+    tmp_path: Path,
+) -> None:
+    """curl's own average over 3 MB each way: a download from the python backend, an upload
+    to a service that reads it and answers in five bytes."""
+    uploads = SmallBackend()
+    async with trio.open_nursery() as nursery:
+        uploads_port = await nursery.start(uploads.serve)
+        downloader = await client_factory(server, python_backend.port)
+        uploader = await client_factory(server, uploads_port)
+        for client in (downloader, uploader):
+            await set_policy(server, client, f"bandwidth={CAP}")
+        download = await curl(
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{speed_download}",
+            *curl_url(server.http_port, downloader.host, f"/bytes/{CAPPED_SIZE}"),
+        )
+        upload_file = tmp_path / "upload"
+        upload_file.write_bytes(bytes(CAPPED_SIZE))
+        upload = await curl(
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{speed_upload}",
+            "--header",
+            "Expect:",  # no 100-continue wait: this service answers only once it has all
+            "--data-binary",
+            f"@{upload_file}",
+            *curl_url(server.http_port, uploader.host, "/upload"),
+        )
+        nursery.cancel_scope.cancel()
+    rates = {"download": float(download.stdout), "upload": float(upload.stdout)}
+    print(f"bandwidth cap {CAP} B/s: {rates}")
+    for way, rate in rates.items():
+        assert 0.9 * CAP <= rate <= 1.1 * CAP, f"{way} at {rate:.0f} B/s under a {CAP} cap"

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from petit_server.edge.hub import Attachment, Hub, StreamLimitError
+from petit_server.registry.policy import Policy
 
 from .helpers import REGISTRATION_ID, session_pair
 
@@ -25,7 +26,8 @@ async def test_a_registration_opens_at_most_its_stream_limit_over_all_sessions(
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             hub = Hub(
-                max_streams_per_registration=server_limit, own_stream_limit=lambda _: own_limit
+                max_streams_per_registration=server_limit,
+                policy_of=lambda _: Policy().changed({"maxStreams": own_limit}),
             )
             for _ in range(2):  # two sessions serve the registration (HA)
                 pair = await session_pair(nursery)
