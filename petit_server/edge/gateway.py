@@ -108,6 +108,11 @@ class Gateway:
             )
             if not ids:
                 raise AuthError("no claimed registration could be verified with its key")
+            if hello.window is None:  # it would send 1 MiB per stream: past our memory bound
+                raise RemoteProtocolError(
+                    "the hello announces no receive window: this petit-client predates the "
+                    "server's window negotiation; upgrade it"
+                )
             proven.extend(ids)
             vitae.update(hello.vitae, ip=remote)
             rejected = sorted(set(hello.claims) - set(ids))

@@ -20,6 +20,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from petit.auth import Hello, encode_hello, generate_key, hello_transcript, sign
+from petit.connection import DEFAULT_WINDOW
 from petit.errors import ErrorCode
 from petit.frames import Frame, FrameDecoder, FrameType, encode_frame, encode_header
 from petit.pki import client_ssl_context
@@ -77,8 +78,10 @@ class RawTunnel:
                 return ErrorCode(code), frame.payload[U32.size :].decode()
         raise AssertionError("the server closed the tunnel without a GOAWAY")
 
-    async def hello(self, claims: dict[str, bytes]) -> None:
-        await self.send(Frame(FrameType.HELLO, 0, encode_hello(Hello(claims=claims))))
+    async def hello(self, claims: dict[str, bytes], window: int | None = DEFAULT_WINDOW) -> None:
+        """A hello as petit-client sends it (``window=None``: as an older one did)."""
+        hello = Hello(claims=claims, window=window)
+        await self.send(Frame(FrameType.HELLO, 0, encode_hello(hello)))
 
 
 @asynccontextmanager
@@ -204,6 +207,25 @@ async def test_a_peer_repeating_a_refused_hello_costs_one_log_line_per_interval(
             assert code is ErrorCode.AUTH
     refusals = server.log.read_text().count("tunnel from 127.0.0.1 refused")
     assert 1 <= refusals <= 2, tail(server.log)  # 2 only if the loop crossed an interval
+    await victim.assert_unharmed()
+
+
+async def test_a_client_announcing_no_window_is_refused_after_its_proof(
+    server: PetitServer, victim: Victim, attacker: Attacker
+) -> None:
+    """A hello without a receive window (an older client, or one that wants the 1 MiB per
+    stream that lifts the server's memory bound) is refused, saying why, once its proof holds."""
+    async with raw_tunnel(server) as tunnel:
+        rid = attacker.registration_id
+        transcript = hello_transcript(tunnel.nonce, tunnel.fingerprint, [rid])
+        await tunnel.hello({rid: sign(attacker.key, transcript)}, window=None)
+        code, reason = await tunnel.goaway()
+    assert code is ErrorCode.PROTOCOL
+    assert reason == (
+        "the hello announces no receive window: this petit-client predates the server's "
+        "window negotiation; upgrade it"
+    )
+    assert await server.sessions_of(rid) == 0
     await victim.assert_unharmed()
 
 

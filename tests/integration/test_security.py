@@ -16,7 +16,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from petit.auth import Hello, encode_hello, generate_key, hello_transcript, parse_json_object, sign
-from petit.connection import Role, TunnelConnection
+from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.errors import RemoteProtocolError
 from petit.pki import client_ssl_context
 from petit.session import StreamHandler, TunnelSession, TunnelStream
@@ -45,7 +45,8 @@ def signed_hello(
     def make(nonce: bytes, server_fingerprint: bytes) -> bytes:
         transcript = hello_transcript(nonce, fingerprint or server_fingerprint, list(claims))
         signatures = {rid: sign(key, transcript) for rid, key in zip(claims, keys, strict=True)}
-        return encode_hello(Hello(claims=signatures, vitae={"hostname": "attacker"}))
+        hello = Hello(claims=signatures, vitae={"hostname": "attacker"}, window=DEFAULT_WINDOW)
+        return encode_hello(hello)
 
     return make
 
