@@ -627,6 +627,10 @@ def status(config_path: Path, verbose: bool, as_json: bool) -> None:
             f"{registration.get('activeStreams')} stream(s), {registration.get('bytesIn')} bytes "
             f"in, {registration.get('bytesOut')} bytes out"
         )
+        check = registration.get("loopback")
+        if isinstance(check, dict):
+            outcome = "ok" if check.get("ok") else f"failed: {check.get('error')}"
+            click.echo(f"     loopback check at {_when(check.get('at'))}: {outcome}")
     if info.extra.get("ports"):
         ports = info.extra["ports"]
         if isinstance(ports, dict) and "status" in ports:

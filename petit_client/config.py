@@ -58,6 +58,7 @@ class ClientConfig:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 5.0
+    loopback_interval: float = 300.0  # seconds between self-checks of the public URLs; 0: off
     log: LogSettings  # logLevel, logFile, auditFile, logMaxBytes, logBackups, logFormat
     proxy: str | None = field(default=None, repr=False)  # may hold credentials
     local: LocalTarget = field(default_factory=LocalTarget)
@@ -110,6 +111,7 @@ def load_client_config(path: Path) -> ClientConfig:
         handshake_timeout=client.number("handshakeTimeout", 10.0, low=0.1, high=600),
         connect_timeout=client.number("connectTimeout", 10.0, low=0.1, high=600),
         reconnect_max_delay=client.number("reconnectMaxDelay", 5.0, low=0.1, high=3600),
+        loopback_interval=client.number("loopbackInterval", 300.0, low=0, high=86_400),
         log=read_log_settings(client, "client"),
         proxy=_checked_proxy(client.optional_string("proxy")),
         local=read_local_target(client.table("local"), LocalTarget()),
@@ -148,6 +150,7 @@ def config_document(config: ClientConfig) -> dict[str, object]:
         "handshakeTimeout": config.handshake_timeout,
         "connectTimeout": config.connect_timeout,
         "reconnectMaxDelay": config.reconnect_max_delay,
+        "loopbackInterval": config.loopback_interval,
         **log_keys(config.log),
         **({"proxy": mask_password(config.proxy)} if config.proxy else {}),
         "vitae": dict(config.vitae),
@@ -193,6 +196,9 @@ statusPort = 3017
 pingInterval = 15
 # Longest wait between reconnection attempts, in seconds.
 reconnectMaxDelay = 5
+# Seconds between checks of each registration's public URL through the server
+# (GET <endpoint>/-g2c-intercept, answered by this client): shown by status; 0 turns it off.
+loopbackInterval = 300
 # debug, info, warning or error (petit-client log LEVEL changes it while running)
 logLevel = "info"
 # JSON lines, rotated at logMaxBytes keeping logBackups old files; registrations,

@@ -59,6 +59,7 @@ from petit.transport import (
 )
 from petit.websocket import WebSocket
 from petit_client.config import ClientConfig, LocalTarget
+from petit_client.selfcheck import CheckResult, check, public_ssl_context
 from petit_client.tenants import Tenant, registered_tenants
 
 log = logging.getLogger("petit.client")
@@ -171,6 +172,7 @@ class ClientService:
         self._listening = False  # no registration to claim until RELOAD
         self._started = time.time()
         self._reconnects = 0  # dials after the first: after a failure, a drop or a RELOAD
+        self._checks: dict[str, CheckResult] = {}  # registration ID -> its last self-check
         self._stop = trio.Event()
 
     @property
@@ -227,6 +229,7 @@ class ClientService:
                 "activeStreams": self._usage_of(rid).active_streams,
                 "bytesIn": self._usage_of(rid).traffic.a_to_b,
                 "bytesOut": self._usage_of(rid).traffic.b_to_a,
+                "loopback": None if (last := self._checks.get(rid)) is None else last.to_json(),
             }
             for rid, tenant in self._tenants.items()
             if (registration := tenant.registration) is not None
@@ -338,9 +341,29 @@ class ClientService:
             )
             for link in self._links:
                 nursery.start_soon(self._keep_connected, link)
+            if self.config.loopback_interval:
+                nursery.start_soon(self._check_public_urls)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
         log.info("stopped")
+
+    async def _check_public_urls(self) -> None:
+        """Every loopbackInterval, each carried registration's public URL, end to end
+        (``selfcheck``): the result goes to status and, when it changes, to the log."""
+        context = public_ssl_context(self.config.ca)
+        while True:
+            await trio.sleep(self.config.loopback_interval)  # the interval itself
+            for rid in sorted(self._accepted):
+                registration = self._tenants[rid].registration if rid in self._tenants else None
+                if registration is None or not registration.endpoint:
+                    continue
+                result = await check(registration.endpoint, context)
+                before = self._checks.get(rid)
+                self._checks[rid] = result
+                if result.error:
+                    log.warning("loopback check of %s failed: %s", result.url, result.error)
+                elif before is None or before.error:
+                    log.info("loopback check of %s: ok", result.url)
 
     async def _serve_status(self, nursery: trio.Nursery) -> int:
         """The status endpoint: GET /status on 127.0.0.1 answers what STATUS does."""

@@ -24,6 +24,7 @@ from tests.integration.harness import (
     PetitServer,
     PythonBackend,
     Reaper,
+    ServerFactory,
     curl,
     edit_config,
     free_port,
@@ -206,3 +207,50 @@ async def test_status_lists_every_server_with_its_own_session(
         rf"at {nowhere}: .+",
         lines[2],
     ), lines
+
+
+async def loopback_check(client: PetitClient) -> dict[str, object] | None:
+    document = json.loads((await client.cli("status", "--json")).stdout)
+    check = document["registration"][0]["loopback"]
+    assert check is None or isinstance(check, dict), document
+    return check
+
+
+async def test_the_client_checks_its_public_url_through_the_server(
+    server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    """Every loopbackInterval the client asks GET <endpoint>/-g2c-intercept, the way a
+    visitor would, and answers it itself down its own tunnel: ok even with the private
+    service down. A public URL that leads nowhere shows as a failure, in status and the log."""
+    port = free_port()
+    endpoint = f"http://REGID.localhost:{port}"
+    server = await server_factory(proxyPort=port, vitae={"endpoint": endpoint})
+    client = await client_factory(server, python_backend.port, start=False)
+    edit_config(client.config, "client", loopbackInterval=0.2)
+    await client.start()
+    python_backend.close()  # the check never reaches the private service
+    await wait_until(lambda: _checked(client), 10, what="a loopback check")
+    check = await loopback_check(client)
+    assert check is not None
+    url = f"http://{client.registration_id}.localhost:{port}/-g2c-intercept"
+    assert (check["url"], check["ok"], check["error"]) == (url, True, "")
+    human = (await client.cli("status")).stdout
+    assert re.search(r"\n     loopback check at \d{4}-.+: ok\n", human), human
+
+    dead = free_port()
+    elsewhere = await server_factory(vitae={"endpoint": f"http://REGID.localhost:{dead}"})
+    lost = await client_factory(elsewhere, python_backend.port, start=False)
+    edit_config(lost.config, "client", loopbackInterval=0.2)
+    await lost.start()
+    await wait_until(lambda: _checked(lost), 10, what="a loopback check")
+    failed = await loopback_check(lost)
+    assert failed is not None
+    assert failed["ok"] is False
+    assert str(failed["error"]).startswith(f"all attempts to connect to 127.0.0.1:{dead} failed")
+    assert f"loopback check of http://{lost.registration_id}.localhost:{dead}" in (
+        lost.log.read_text()
+    )
+
+
+async def _checked(client: PetitClient) -> bool:
+    return await loopback_check(client) is not None
