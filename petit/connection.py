@@ -78,9 +78,7 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 # - Frames the peer's input makes us queue (PONG, a refusal) count in reply_backlog until
 #   drained; the driver stops reading while it is past a bound, so a flood costs the flooder.
 
-# An OPEN's target is a registration ID; with PROBE after it, the stream is the original's
-# tunnel check ``GET /-g2c-intercept``: the client answers it itself, never touching the
-# private service (see ``probe_target``).
+# The path of the original's tunnel check, ``GET /-g2c-intercept``.
 PROBE: Final = "/-g2c-intercept"
 # Bytes of credit per stream, each way, that a peer announcing no window assumes (the
 # protocol before windows were negotiated), and what a connection offers unless told otherwise.
@@ -101,15 +99,26 @@ _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits t
 _U32: Final = struct.Struct("!I")
 
 
-def probe_target(registration_id: str) -> str:
-    """The OPEN target of a tunnel check for ``registration_id``."""
-    return registration_id + PROBE
+class StreamKind(enum.Enum):
+    """What a stream carries, as its OPEN target says after the registration ID."""
+
+    HTTP = ""  # requests from the ingress
+    PROBE = PROBE  # the tunnel check: the client answers it itself, never its private service
+    TCP = "/tcp"  # a connection to the registration's raw TCP port: bytes as they come
 
 
-def split_target(target: str) -> tuple[str, bool]:
-    """(registration ID, whether the stream is a tunnel check) of an OPEN's target."""
-    registration_id, probe, rest = target.partition(PROBE)
-    return registration_id, bool(probe) and not rest
+def stream_target(registration_id: str, kind: StreamKind = StreamKind.HTTP) -> str:
+    """The OPEN target of a ``kind`` stream for ``registration_id``."""
+    return registration_id + kind.value
+
+
+def split_target(target: str) -> tuple[str, StreamKind]:
+    """(registration ID, what the stream carries) of an OPEN's target. Anything after the
+    ID that names no kind exactly is plain HTTP: never a check or a raw TCP stream."""
+    for kind in (StreamKind.PROBE, StreamKind.TCP):
+        if target.endswith(kind.value):
+            return target.removesuffix(kind.value), kind
+    return target.partition("/")[0], StreamKind.HTTP
 
 
 class Role(enum.Enum):

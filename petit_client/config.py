@@ -24,6 +24,10 @@ class LocalTarget:
     tls: bool = False
     tls_verify: bool = True  # only an explicit tlsVerify = false accepts any certificate
     ca: Path | None = None  # None: the system trust store
+    # What the client does with the raw TCP port's bytes towards a TLS service: pass them
+    # untouched (the caller speaks TLS with the service itself), or wrap them in its TLS as
+    # it does HTTP requests (the caller speaks plain).
+    tcp_tls: str = "passthrough"
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port} ({'tls' if self.tls else 'plain'})"
@@ -37,6 +41,7 @@ def read_local_target(table: Table, defaults: LocalTarget) -> LocalTarget:
         tls=table.boolean("tls", defaults.tls),
         tls_verify=table.boolean("tlsVerify", defaults.tls_verify),
         ca=table.optional_path("ca") or defaults.ca,
+        tcp_tls=table.choice("tcpTls", defaults.tcp_tls, ("passthrough", "terminate")),
     )
     table.finish()
     return target
@@ -159,6 +164,7 @@ def config_document(config: ClientConfig) -> dict[str, object]:
             "port": config.local.port,
             "tls": config.local.tls,
             "tlsVerify": config.local.tls_verify,
+            "tcpTls": config.local.tcp_tls,
             **({"ca": str(config.local.ca)} if config.local.ca else {}),
         },
     }
@@ -220,4 +226,8 @@ port = 8080
 tls = false
 tlsVerify = true
 # ca = "./local-ca.crt"
+# With tls = true, the raw TCP port's bytes pass untouched ("passthrough": callers speak TLS
+# with the service themselves) or the client wraps them in its TLS as it does HTTP requests
+# ("terminate": callers speak plain).
+tcpTls = "passthrough"
 """

@@ -15,6 +15,7 @@ at once, since a session claims its registrations only in its handshake.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from petit.auth import (
     parse_json_object,
     sign,
 )
-from petit.connection import Role, TunnelConnection, split_target
+from petit.connection import Role, StreamKind, TunnelConnection, split_target
 from petit.control import serve_control
 from petit.errors import ErrorCode, PetitError, RemoteProtocolError
 from petit.httpapi import loopback_json, serve_api
@@ -483,16 +484,18 @@ class ClientService:
         }
 
     async def _handle_stream(self, stream: TunnelStream, target: str) -> None:
-        registration_id, probe = split_target(target)
+        registration_id, kind = split_target(target)
         tenant = self._tenants.get(registration_id)
         if tenant is None:
             stream.refuse(ErrorCode.REFUSED)
             return
-        if probe:
+        if kind is StreamKind.PROBE:
             with trio.move_on_after(self.config.connect_timeout):
                 await _answer_tunnel_check(stream)
             return  # the session closes the stream: the caller reads the answer, then EOF
         local = tenant.local
+        if kind is StreamKind.TCP and local.tcp_tls == "passthrough":
+            local = dataclasses.replace(local, tls=False)  # the caller's own TLS, if any
         try:
             with trio.fail_after(self.config.connect_timeout):
                 backend = await self._dial(local)

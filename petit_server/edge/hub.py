@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from petit.connection import probe_target, split_target
+from petit.connection import StreamKind, split_target, stream_target
 from petit.logs import audit
 from petit.session import SessionClosedError, TunnelSession
 from petit_server.edge.bandwidth import Bandwidth
@@ -40,7 +40,7 @@ class Upstreams(Protocol):
 
     async def open_stream(self, target: str) -> trio.abc.HalfCloseableStream:
         """A new stream to a registration's private service (``target``: its ID), or to its
-        client's tunnel check (``probe_target``).
+        client's tunnel check or its raw TCP port (``stream_target``).
 
         Raises:
             SessionClosedError: nobody serves the registration (503).
@@ -134,13 +134,13 @@ class Hub:
 
     async def open_stream(self, target: str) -> trio.abc.HalfCloseableStream:
         """A new stream through one of the registration's sessions (see ``Upstreams``);
-        ``target`` is the registration's ID, or its tunnel check (``probe_target``)."""
+        ``target`` names the registration and what the stream carries (``stream_target``)."""
         registration_id, _ = split_target(target)
         session = self.session_for(registration_id)
         if session is None:
             raise SessionClosedError(f"registration {registration_id} is offline")
         serving = self._by_id.get(registration_id, [])
-        targets = (registration_id, probe_target(registration_id))
+        targets = [stream_target(registration_id, kind) for kind in StreamKind]
         policy = self._policy_of(registration_id)
         own = policy.max_streams
         limit = self._max_streams if own is None else own

@@ -34,7 +34,7 @@ from typing import Final
 import h11
 import trio
 
-from petit.connection import PROBE, probe_target
+from petit.connection import PROBE, StreamKind, stream_target
 from petit.control import in_networks
 from petit.errors import first_leaf
 from petit.httpapi import response_head
@@ -329,7 +329,9 @@ class IngressConnection:
         bad_body: h11.RemoteProtocolError | None = None
         try:
             upstream = await self._upstream_for(
-                probe_target(registration_id) if _is_probe(request) else registration_id
+                stream_target(
+                    registration_id, StreamKind.PROBE if _is_probe(request) else StreamKind.HTTP
+                )
             )
             await self._proxy(request, upstream, host, target)
         except _UpstreamFailedError as failure:

@@ -31,6 +31,7 @@ from functools import partial
 
 import trio
 
+from petit.connection import StreamKind, stream_target
 from petit.listen import open_listeners, serve_listeners, show_address
 from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
@@ -185,7 +186,9 @@ class TcpPorts:
             return
         try:
             with trio.fail_after(policy.open_timeout or self._open_timeout):
-                stream = await self._upstreams.open_stream(registration_id)
+                stream = await self._upstreams.open_stream(
+                    stream_target(registration_id, StreamKind.TCP)
+                )
         except (StreamRefusedError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             log.info("TCP connection for %s refused: %s", registration_id, str(exc) or "timeout")
             return

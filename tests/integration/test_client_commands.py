@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import ssl
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+import trio
 import trustme
 
 from petit.control import send_control
@@ -23,6 +25,7 @@ from tests.integration.harness import (
     Reaper,
     ServerFactory,
     edit_config,
+    free_port_block,
     http_request,
     run_cli,
     tail,
@@ -357,3 +360,58 @@ async def test_local_tls_is_verified_unless_turned_off(
     edit_tenant_local(pinned, tlsVerify=False, ca=str(ca_file))
     reloaded = await send_control("127.0.0.1", client.control_port, "RELOAD")
     assert (reloaded["success"], reloaded["reconnecting"]) == (True, False), reloaded
+
+
+async def exchange_on_tcp_port(
+    server: PetitServer, registration_id: str, tls: ssl.SSLContext | None
+) -> bytes:
+    """What a GET on the registration's raw TCP port gets back (plain, or over ``tls``)."""
+    reply = await server.control(f"STATUS {registration_id}")
+    connections = reply["connections"]
+    assert isinstance(connections, list), reply
+    assert connections[0]["tcpListening"], reply
+    received = b""
+    with trio.fail_after(STATE_TIMEOUT):
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", connections[0]["port"])
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname="127.0.0.1")
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                while chunk := await stream.receive_some():
+                    received += chunk
+    return received
+
+
+async def test_the_tcp_port_of_a_tls_service_passes_the_callers_tls_or_wraps_plain(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tls_backend: PythonBackend,
+    local_ca: trustme.CA,
+    tmp_path: Path,
+) -> None:
+    """tcpTls = "passthrough" (the default): the caller's own TLS reaches the service, as
+    through ssh -R; "terminate": the client wraps plain callers in its TLS. HTTP requests
+    reach the service over the client's TLS either way."""
+    server = await server_factory(firstPort=free_port_block(), tcpAddr="127.0.0.1")
+    ca_file = tmp_path / "local-ca.pem"
+    local_ca.cert_pem.write_to_path(str(ca_file))
+    local = {"host": "127.0.0.1", "port": tls_backend.port, "tls": True, "ca": str(ca_file)}
+    callers_tls = ssl.create_default_context(cafile=str(ca_file))
+    ok = b"HTTP/1.1 200 "  # the python backend answers in HTTP/1.1
+
+    passthrough = await client_factory(server, tls_backend.port, start=False)
+    edit_config(passthrough.config, "client", local=local)
+    await passthrough.start()
+    rid = passthrough.registration_id
+    assert await status_of(server, rid) == 200
+    assert (await exchange_on_tcp_port(server, rid, callers_tls)).startswith(ok)
+    assert not (await exchange_on_tcp_port(server, rid, None)).startswith(ok)
+    await passthrough.stop()
+
+    terminating = await client_factory(server, tls_backend.port, start=False)
+    edit_config(terminating.config, "client", local={**local, "tcpTls": "terminate"})
+    await terminating.start()
+    rid = terminating.registration_id
+    assert await status_of(server, rid) == 200
+    assert (await exchange_on_tcp_port(server, rid, None)).startswith(ok)

@@ -115,5 +115,11 @@ def test_config_document_masks_the_proxy_and_holds_no_key(config_path: Path) -> 
     client = document["client"]
     assert isinstance(client, dict)
     assert client["proxy"] == "http://me:****@proxy:3128"
-    assert client["local"] == {"host": "localhost", "port": 8080, "tls": False, "tlsVerify": True}
+    assert client["local"] == {
+        "host": "localhost",
+        "port": 8080,
+        "tls": False,
+        "tlsVerify": True,
+        "tcpTls": "passthrough",
+    }
     assert "s3cret" not in repr(document)

@@ -13,10 +13,11 @@ from petit.connection import (
     WINDOW_GROWTH_BUDGET,
     ConnectionState,
     Role,
+    StreamKind,
     StreamState,
     TunnelConnection,
-    probe_target,
     split_target,
+    stream_target,
 )
 from petit.errors import (
     ErrorCode,
@@ -764,12 +765,14 @@ def test_what_a_peer_can_make_us_buffer_is_streams_times_window_plus_the_budget(
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        ("1001", ("1001", False)),
-        (probe_target("1001"), ("1001", True)),
-        ("1001/-g2c-interceptx", ("1001", False)),  # not exactly the check: never answered
+        ("1001", ("1001", StreamKind.HTTP)),
+        (stream_target("1001", StreamKind.PROBE), ("1001", StreamKind.PROBE)),
+        (stream_target("1001", StreamKind.TCP), ("1001", StreamKind.TCP)),
+        ("1001/-g2c-interceptx", ("1001", StreamKind.HTTP)),  # not exactly: never answered
+        ("1001/tcpx", ("1001", StreamKind.HTTP)),
     ],
 )
-def test_an_open_target_names_a_registration_and_whether_it_is_the_tunnel_check(
-    target: str, expected: tuple[str, bool]
+def test_an_open_target_names_a_registration_and_what_the_stream_carries(
+    target: str, expected: tuple[str, StreamKind]
 ) -> None:
     assert split_target(target) == expected
