@@ -132,7 +132,6 @@ class ServerService:
         detail = {
             **self._summary(registration, serving),
             "vitae": registration.vitae,
-            "policy": registration.policy.to_json(),
             "sessions": [
                 {
                     "remote": a.remote,
@@ -152,6 +151,7 @@ class ServerService:
             "port": registration.port,
             "fingerprint": registration.fingerprint,
             "aliases": registration.aliases,
+            "policy": registration.policy.to_json(),
             "since": min((a.since for a in serving), default=None),
             "remotes": sorted({a.remote for a in serving}),
             **self.tcp_ports.status_of(registration.registration_id),
