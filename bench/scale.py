@@ -26,12 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from petit import messages
 from petit.auth import (
     Hello,
+    decode_window,
     encode_hello,
     generate_key,
     hello_transcript,
+    parse_json_object,
     sign,
 )
-from petit.connection import Role, TunnelConnection
+from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.pki import client_ssl_context
 from petit.session import TunnelSession, TunnelStream
 from petit.transport import (
@@ -105,9 +107,11 @@ async def run_client(
 
         def make_hello(nonce: bytes) -> bytes:
             signature = sign(key, hello_transcript(nonce, fingerprint, [registration_id]))
-            return encode_hello(Hello(claims={registration_id: signature}))
+            hello = Hello(claims={registration_id: signature}, window=DEFAULT_WINDOW)
+            return encode_hello(hello)
 
-        await session.handshake_as_client(make_hello)
+        welcome = parse_json_object(await session.handshake_as_client(make_hello), what="welcome")
+        session.connection.settle_windows(decode_window(welcome, what="welcome"))
         async with trio.open_nursery() as nursery:
             await nursery.start(session.serve)
             task_status.started()

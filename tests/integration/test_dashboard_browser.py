@@ -108,7 +108,7 @@ async def test_dashboard_shows_a_registration_come_online_and_count_requests(
         response = await http_request(server.http_port, client.host, target="/hello")
         assert response.status == 200
     await page_shows(browser, rid, "requests", "5")
-    await page_shows(browser, rid, "policy", "–")
+    await page_shows(browser, rid, "policy", "\u2013")  # the en dash of an empty cell
     reply = await server.control(f"POLICY {rid} rateLimit=50 allow=10.0.0.0/8")
     assert reply["success"] is True, reply
     await page_shows(browser, rid, "policy", "allow=10.0.0.0/8, rateLimit=50")
