@@ -130,6 +130,18 @@ class Table:
             raise self._fail(key, "a table of strings", value)
         return {k: str(v) for k, v in value.items()}
 
+    def mapping(self, key: str) -> dict[str, object]:
+        """A sub-table taken whole (absent means empty), for a reader that checks each of
+        its keys itself; errors it raises should name ``dotted(key)``."""
+        value = self._take(key, {})
+        if not isinstance(value, dict):
+            raise self._fail(key, "a table", value)
+        return dict(value)
+
+    def dotted(self, key: str) -> str:
+        """The full name of one of this table's keys, for error messages."""
+        return f"{self._dotted}.{key}"
+
     def table(self, key: str) -> Table:
         """A sub-table (absent means empty)."""
         value = self._take(key, {})

@@ -42,6 +42,7 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
+from petit_server.policy import Policy
 from petit_server.registry.backend import open_registry
 from petit_server.registry.base import Registry, apply_command
 from petit_server.registry.file_backend import FileRegistry
@@ -304,7 +305,7 @@ def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]
     A field hidden from the dataclass repr is a secret; the sub-tables ([server.registry],
     [server.cluster]) are shown as tables too.
     """
-    renamed = {"registry_file": "registryfile"}
+    renamed = {"registry_file": "registryfile", "default_policy": "policy"}
     table: dict[str, object] = {}
     registry: dict[str, object] = {}  # [server.registry]: the registry_* fields but the file
     for spec in dataclasses.fields(config):
@@ -322,6 +323,8 @@ def _effective_config(config: ServerConfig | ClusterConfig) -> dict[str, object]
             value = list(value)
         elif isinstance(value, ClusterConfig):
             value = _effective_config(value)
+        elif isinstance(value, Policy):
+            value = value.to_json()
         head, *rest = spec.name.split("_")
         if head == "registry" and spec.name not in renamed:
             registry["".join(rest)] = value

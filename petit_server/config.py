@@ -12,6 +12,7 @@ from petit.config import Table, load_toml, root_table
 from petit.control import parse_networks
 from petit.errors import ConfigError
 from petit.logs import LogSettings, read_log_settings
+from petit_server.policy import Policy, PolicyError, default_policy
 
 DEFAULT_CONFIG_PATH = Path("~/.petit/config.toml").expanduser()
 MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
@@ -83,6 +84,7 @@ class ServerConfig:
     admin_port: int = 8100
     admin_token: str | None = field(default=None, repr=False)
     cluster: ClusterConfig | None = None  # None: a single node
+    default_policy: Policy = field(default_factory=Policy)  # [server.policy]
 
     @property
     def directory(self) -> Path:
@@ -94,6 +96,13 @@ class ServerConfig:
         return self.vitae.get("endpoint", "http://REGID.localhost:8090").replace(
             "REGID", registration_id
         )
+
+
+def _default_policy(server: Table) -> Policy:
+    try:
+        return default_policy(server.mapping("policy"))
+    except PolicyError as exc:
+        raise ConfigError(f"{server.dotted('policy')}: {exc}") from None
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -154,6 +163,7 @@ def load_server_config(path: Path) -> ServerConfig:
         admin_port=server.port("adminPort", 8100),
         admin_token=_admin_token(server.optional_string("adminToken")),
         cluster=read_cluster(server.table("cluster"), registry_url if backend == "redis" else None),
+        default_policy=_default_policy(server),
     )
     registry.finish()
     server.finish()
@@ -315,6 +325,12 @@ adminPort = 8100
 environment = "local"
 # Public URL of a registration; REGID is replaced by its ID.
 endpoint = "http://REGID.localhost:8090"
+
+[server.policy]
+# Limits every registration gets unless its own policy sets the key (petit-server policy ID
+# KEY=VALUE): maxRequestBody, allow, deny, rateLimit, rateBurst, bandwidth. None by default.
+# allow = ["10.0.0.0/8"]
+# rateLimit = 50
 
 [server.registry]
 # "file" (registryfile above) or "redis": a redis-server shared by several server nodes.

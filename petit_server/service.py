@@ -35,9 +35,9 @@ from petit_server.edge.hub import Attachment, Hub, Upstreams
 from petit_server.edge.ingress import ConnectionLimits, Routing, serve_ingress
 from petit_server.edge.tcpports import TcpPorts
 from petit_server.ops.admin import AdminApi, AdminSources
+from petit_server.policy import Policy
 from petit_server.registry.backend import open_registry
 from petit_server.registry.base import Registration, Registry, apply_command
-from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
@@ -76,6 +76,7 @@ class ServerService:
             host=config.tcp_addr,
             open_timeout=config.open_timeout,
             usage=self.usage,
+            policy_of=self.policy_of,
         )
         self.public_limits = ConnectionLimits(
             total=config.max_connections, per_address=config.max_connections_per_address
@@ -83,9 +84,10 @@ class ServerService:
         self._stop = trio.Event()
 
     def policy_of(self, registration_id: str) -> Policy:
-        """A registration's own policy (none for an unknown ID)."""
+        """The policy a registration's requests meet: its own keys over [server.policy]."""
         registration = self.registry.get(registration_id)
-        return Policy() if registration is None else registration.policy
+        defaults = self.config.default_policy
+        return defaults if registration is None else registration.policy.over(defaults)
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
         """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands

@@ -21,7 +21,7 @@ from petit.connection import StreamKind, split_target, stream_target
 from petit.logs import audit
 from petit.session import SessionClosedError, TunnelSession
 from petit_server.edge.bandwidth import Bandwidth
-from petit_server.registry.policy import Policy
+from petit_server.policy import Policy
 
 
 class StreamLimitError(SessionClosedError):

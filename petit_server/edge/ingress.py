@@ -14,7 +14,7 @@
   whole body (413, 401) does not deadlock the proxy.
 - Framing is h11's: smuggling shapes (Content-Length with Transfer-Encoding, duplicate
   lengths, bad chunks) are refused with 400 before anything reaches a tunnel.
-- Once routed, a request meets its registration's policy (``registry/policy.py``) before
+- Once routed, a request meets its registration's policy (``petit_server/policy.py``) before
   any tunnel stream opens: a visitor outside its allow-list (or in its deny-list) gets 403,
   one past its rate 429 with Retry-After, a declared body past its maximum 413 (a chunked
   one is cut with 413 once it passes). Its timeouts replace the server's for that request
@@ -43,7 +43,7 @@ from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
 from petit_server.edge.rates import TokenBuckets
-from petit_server.registry.policy import Policy
+from petit_server.policy import Policy
 from petit_server.usage import RequestMeter, UsageStore
 
 log = logging.getLogger("petit.ingress")

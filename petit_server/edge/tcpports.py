@@ -36,8 +36,8 @@ from petit.listen import open_listeners, serve_listeners, show_address
 from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
 from petit_server.edge.hub import Upstreams
+from petit_server.policy import Policy
 from petit_server.registry.base import Registration
-from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.tcpports")
@@ -66,9 +66,11 @@ class TcpPorts:
         host: str,
         open_timeout: float,
         usage: UsageStore | None = None,
+        policy_of: Callable[[str], Policy] = lambda _: Policy(),
     ) -> None:
         self._upstreams = upstreams
         self._registration_for = registration_for
+        self._policy_of = policy_of  # the policy a registration's visitors meet
         self._host = host
         self._open_timeout = open_timeout
         self._usage = usage
@@ -176,8 +178,7 @@ class TcpPorts:
             )
 
     async def _splice_to_tunnel(self, registration_id: str, connection: trio.SocketStream) -> None:
-        registration = self._registration_for(registration_id)
-        policy = Policy() if registration is None else registration.policy
+        policy = self._policy_of(registration_id)
         visitor = str(connection.socket.getpeername()[0])
         if not policy.admits(visitor):  # its allow/deny lists hold on its TCP port too
             log.debug(

@@ -36,13 +36,13 @@ from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.edge.hub import Hub
 from petit_server.ops.metrics import Metrics
+from petit_server.policy import PolicyError
 from petit_server.registry.base import (
     Registration,
     Registry,
     RegistryError,
     RegistryUnavailableError,
 )
-from petit_server.registry.policy import PolicyError
 from petit_server.usage import RegistrationUsage, UsageStore
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window

@@ -27,7 +27,7 @@ import trio
 from petit.auth import is_valid_id, key_fingerprint
 from petit.errors import AuthError, PetitError
 from petit.logs import audit
-from petit_server.registry.policy import Policy, PolicyError, parse_assignments, policy_from_json
+from petit_server.policy import Policy, PolicyError, parse_assignments, policy_from_json
 from petit_server.usage import RegistrationUsage, UsageStore
 
 FIRST_ID = 1001

@@ -25,6 +25,7 @@ import trio
 
 from petit.errors import AuthError, ConfigError
 from petit.statefile import read_json, write_atomic
+from petit_server.policy import Policy
 from petit_server.registry.base import (
     CLAIM_PREFIX,
     CLAIM_REFUSED,
@@ -53,7 +54,6 @@ from petit_server.registry.base import (
     token_digest,
     token_from_json,
 )
-from petit_server.registry.policy import Policy
 from petit_server.usage import RegistrationUsage, UsageStore
 
 

@@ -57,6 +57,7 @@ from redis.retry import Retry
 
 from petit.errors import AuthError, ConfigError
 from petit_server.config import DEFAULT_REGISTRY_PREFIX
+from petit_server.policy import Policy
 from petit_server.registry.base import (
     CLAIM_PREFIX,
     CLAIM_REFUSED,
@@ -85,7 +86,6 @@ from petit_server.registry.base import (
     token_digest,
     token_from_json,
 )
-from petit_server.registry.policy import Policy
 from petit_server.usage import RegistrationUsage, UsageStore
 
 log = logging.getLogger("petit.registry")

@@ -211,3 +211,13 @@ async def test_a_bandwidth_cap_holds_each_way_within_ten_percent(
     print(f"bandwidth cap {CAP} B/s: {rates}")
     for way, rate in rates.items():
         assert 0.9 * CAP <= rate <= 1.1 * CAP, f"{way} at {rate:.0f} B/s under a {CAP} cap"
+
+
+async def test_server_defaults_hold_until_a_registration_sets_its_own(
+    server_factory: ServerFactory, client_factory: ClientFactory, python_backend: PythonBackend
+) -> None:
+    server = await server_factory(policy={"allow": ["10.0.0.0/8"], "rateLimit": 1000})
+    client = await client_factory(server, python_backend.port)
+    assert (await status_and_headers(server, client))[0] == "HTTP/1.1 403 Forbidden"
+    await set_policy(server, client, "allow=127.0.0.0/8")  # replaces the default list, whole
+    assert (await status_and_headers(server, client))[0] == "HTTP/1.1 200 OK"

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from petit_server.edge.hub import Attachment, Hub, StreamLimitError
-from petit_server.registry.policy import Policy
+from petit_server.policy import Policy
 
 from .helpers import REGISTRATION_ID, session_pair
 

@@ -28,8 +28,8 @@ from petit_server.edge.ingress import (
     Routing,
     serve_ingress,
 )
+from petit_server.policy import Policy
 from petit_server.registry.base import registration_id_for_host
-from petit_server.registry.policy import Policy
 from petit_server.usage import UsageStore
 from tests.integration.harness import wait_until
 from tests.proto.helpers import proxy_v2

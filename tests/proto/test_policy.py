@@ -13,15 +13,16 @@ import pytest
 from hypothesis import given, strategies as st
 
 from petit.errors import ConfigError
-from petit_server.registry.base import apply_command
-from petit_server.registry.file_backend import FileRegistry
-from petit_server.registry.policy import (
+from petit_server.policy import (
     KEYS,
     Policy,
     PolicyError,
+    default_policy,
     parse_assignments,
     policy_from_json,
 )
+from petit_server.registry.base import apply_command
+from petit_server.registry.file_backend import FileRegistry
 
 FIRST_PORT = 20000
 
@@ -203,3 +204,31 @@ async def test_the_policy_command(
     registry: FileRegistry, args: list[str], reply: dict[str, object]
 ) -> None:
     assert await apply_command(registry, "POLICY", args, actor="control") == reply
+
+
+def test_server_defaults_apply_where_a_registration_sets_nothing() -> None:
+    defaults = default_policy({"allow": ["10.0.0.0/8"], "rateLimit": 5, "bandwidth": 10**6})
+    own = Policy().changed({"allow": "192.0.2.0/24", "maxStreams": "3"})
+    effective = own.over(defaults)
+    assert effective.to_json() == {
+        "allow": ["192.0.2.0/24"],  # the registration's list replaces the default, whole
+        "rateLimit": 5.0,
+        "maxStreams": 3,
+        "bandwidth": 1_000_000,
+    }
+    assert Policy().over(defaults) == defaults
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"responseTimeout": 5}, "responseTimeout's default is [server] responseTimeout"),
+        ({"maxStreams": 5}, "maxStreams's default is [server] maxStreamsPerRegistration"),
+        ({"rateLimit": "x"}, "rateLimit is a number, not 'x'"),
+    ],
+)
+def test_server_defaults_refuse_keys_with_a_server_key_of_their_own(
+    table: dict[str, object], error: str
+) -> None:
+    with pytest.raises(PolicyError, match="^" + re.escape(error)):
+        default_policy(table)

@@ -6,6 +6,11 @@ in the registry beside it (both backends), set with ``petit-server policy`` (or 
 port's ``POLICY``, or the admin API) and audited. A key left unset means the server's
 setting (``[server]``), or no limit where the server has none.
 
+Defaults for every registration come from ``[server.policy]`` (``maxRequestBody``,
+``allow``, ``deny``, ``rateLimit``, ``rateBurst``, ``bandwidth``; the timeouts and
+``maxStreams`` have ``[server]`` keys of their own). A registration's key replaces the
+default whole (its ``allow`` list is not added to the server's).
+
 The keys, as the CLI, the API and the registry spell them:
 
 - ``responseTimeout``, ``openTimeout``, ``idleTimeout``: seconds, as the ``[server]`` keys.
@@ -148,6 +153,16 @@ class Policy:
             return self.rate_burst
         return max(1, math.ceil(self.rate_limit or 1))
 
+    def over(self, defaults: Policy) -> Policy:
+        """This policy where it sets a key, ``defaults`` elsewhere (a registration's own
+        over the server's ``[server.policy]``)."""
+        own = {
+            spec.name: value
+            for spec in dataclasses.fields(self)
+            if (value := getattr(self, spec.name)) not in (None, ())
+        }
+        return dataclasses.replace(defaults, **own)
+
     def changed(self, changes: Mapping[str, object]) -> Policy:
         """This policy with ``changes`` applied (key -> value; None or "" resets the key).
 
@@ -176,6 +191,27 @@ class Policy:
             elif value is not None:
                 shown[key] = value
         return shown
+
+
+# Keys whose server-wide default is already a [server] key of its own.
+_SERVER_KEYS: Final = {
+    "responseTimeout": "responseTimeout",
+    "openTimeout": "openTimeout",
+    "idleTimeout": "idleTimeout",
+    "maxStreams": "maxStreamsPerRegistration",
+}
+
+
+def default_policy(table: Mapping[str, object]) -> Policy:
+    """``[server.policy]``: what every registration gets for the keys it does not set.
+
+    Raises:
+        PolicyError: a bad key or value, or a key whose default is a ``[server]`` key.
+    """
+    for key in table:
+        if key in _SERVER_KEYS:
+            raise PolicyError(f"{key}'s default is [server] {_SERVER_KEYS[key]}, not set here")
+    return Policy().changed(table)
 
 
 def policy_from_json(document: object) -> Policy:
