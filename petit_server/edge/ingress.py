@@ -9,7 +9,8 @@
   the caller's requests and, on each tunnel stream, the service's responses. This module
   decides what that means for each connection: keep-alive, 100-continue, upgrades, and how
   to frame what the caller gets (Content-Length as the service sent it, else chunked, or to
-  an HTTP/1.0 caller until close).
+  an HTTP/1.0 caller until close). An HTTP/1.0 caller that asks for keep-alive keeps its
+  connection whenever the response has a length.
 - The request goes upstream as a fresh HTTP/1.1 message over a tunnel stream; the client
   splices that stream to its private service. The upstream stream is reused while
   consecutive requests go to the same registration and both sides keep the connection alive.
@@ -288,8 +289,8 @@ class IngressConnection:
                 return None  # closed between requests
             self._request = request
             connection = tokens(request.headers, b"connection")
-            if request.version == b"1.0":
-                self._keep_alive = False  # as h11: an HTTP/1.0 caller is closed after each answer
+            if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
+                self._keep_alive = b"keep-alive" in connection and b"close" not in connection
             else:
                 self._keep_alive = b"close" not in connection
                 expect = tokens(request.headers, b"expect")
@@ -593,6 +594,8 @@ class IngressConnection:
                 self._keep_alive = False
         if not self._keep_alive:
             headers.append((b"connection", b"close"))
+        elif request is not None and request.version == b"1.0":
+            headers.append((b"connection", b"keep-alive"))
         self._reply = _Reply.BODY
         return http1.response_head(status, reason, headers), chunked
 
