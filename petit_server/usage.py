@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-import h11
 import trio
 
 from petit.session import Traffic
@@ -343,22 +342,22 @@ class RequestMeter:
     def received(self, size: int) -> None:
         self._bytes_in += size
 
-    def sent(self, event: h11.Event, size: int) -> None:
+    def sent(self, size: int, status: int | None = None) -> None:
+        """``size`` bytes written to the caller; ``status``: they began the final response
+        (or a 101)."""
         self._bytes_out += size
-        if type(event) is h11.Response or (
-            type(event) is h11.InformationalResponse and event.status_code == 101
-        ):
-            self._status = event.status_code
+        if status is not None:
+            self._status = status
 
     def carried(self, received: int, sent: int) -> None:
         """Bytes relayed as they are after a protocol switch (a WebSocket's frames)."""
         self._bytes_in += received
         self._bytes_out += sent
 
-    def begin(self, request: h11.Request) -> None:
+    def begin(self, method: bytes, target: bytes) -> None:
         self._started = trio.current_time()
-        self._method = request.method.decode("ascii", "replace")
-        self._path = request.target.split(b"?", 1)[0][:200].decode("ascii", "replace")
+        self._method = method.decode("ascii", "replace")
+        self._path = target.split(b"?", 1)[0][:200].decode("ascii", "replace")
 
     def routed(self, registration_id: str) -> None:
         self._registration_id = registration_id

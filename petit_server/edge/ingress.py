@@ -1,19 +1,25 @@
-"""Public HTTP ingress: parse each request with h11, route it by Host, carry it through a tunnel.
+"""Public HTTP ingress: parse each request, route it by Host, carry it through a tunnel.
 
 # Theory of operation
 
 - Each public connection is one task. Each request on it is routed on its own Host (an
   alias, ``<ID>-anything.<domain>`` or ``<ID>.<domain>``), so a keep-alive connection can
   never be steered to another customer by its first request.
-- The request goes upstream as a fresh HTTP/1.1 message written by a second h11 connection
-  over a tunnel stream; the client splices that stream to its private service. The upstream
-  stream is reused while consecutive requests go to the same registration and both sides
-  keep the connection alive.
+- HTTP/1.1 is read and written with ``http1`` (heads parsed by llhttp, bodies framed there):
+  the caller's requests and, on each tunnel stream, the service's responses. This module
+  decides what that means for each connection: keep-alive, 100-continue, upgrades, and how
+  to frame what the caller gets (Content-Length as the service sent it, else chunked, or to
+  an HTTP/1.0 caller until close). An HTTP/1.0 caller that asks for keep-alive keeps its
+  connection whenever the response has a length.
+- The request goes upstream as a fresh HTTP/1.1 message over a tunnel stream; the client
+  splices that stream to its private service. The upstream stream is reused while
+  consecutive requests go to the same registration and both sides keep the connection alive.
 - Bodies stream both ways with back-pressure: nothing is buffered whole. The request body
   and the response are pumped concurrently, so a backend that answers before reading the
   whole body (413, 401) does not deadlock the proxy.
-- Framing is h11's: smuggling shapes (Content-Length with Transfer-Encoding, duplicate
-  lengths, bad chunks) are refused with 400 before anything reaches a tunnel.
+- Framing is strict (``http1``'s docstring): smuggling shapes (Content-Length with
+  Transfer-Encoding, duplicate lengths, bad chunks) are refused with 400 before anything
+  reaches a tunnel; a response framed two ways gets the caller a 502.
 - Once routed, a request meets its registration's policy (``petit_server/policy.py``) before
   any tunnel stream opens: a visitor outside its allow-list (or in its deny-list) gets 403,
   one past its rate 429 with Retry-After, a declared body past its maximum 413 (a chunked
@@ -23,25 +29,27 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Final
 
-import h11
 import trio
 
 from petit.connection import PROBE, StreamKind, stream_target
 from petit.control import in_networks
 from petit.errors import first_leaf
-from petit.httpapi import response_head
 from petit.listen import serve_tcp
 from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
 from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
+from petit_server.edge import http1
+from petit_server.edge.http1 import END, NEED_DATA, Headers, tokens
 from petit_server.edge.rates import TokenBuckets
 from petit_server.policy import Policy
 from petit_server.usage import RequestMeter, UsageStore
@@ -49,7 +57,6 @@ from petit_server.usage import RequestMeter, UsageStore
 log = logging.getLogger("petit.ingress")
 _bugs = Throttled(log)  # a bug a peer can trigger at will logs once per interval
 
-MAX_HEADER_BYTES: Final = 32 * 1024
 READ_CHUNK: Final = 256 * 1024  # bytes
 UNAVAILABLE_BODY: Final = b'{"g2c":"unavailable"}'
 MAX_DISCARDED_BODY: Final = 1024 * 1024  # bytes read and dropped to keep a connection alive
@@ -155,33 +162,22 @@ class Routing:
 
 class _Upstream:
     """One tunnel stream to one registration's private service (or its client's tunnel
-    check), with its own h11 client."""
+    check), and the responses read from it."""
 
     def __init__(self, target: str, stream: trio.abc.HalfCloseableStream) -> None:
         self.target = target  # the stream's OPEN target: a registration ID, or its check
         self.stream = stream
-        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
-
-    def buffered_event(self) -> h11.Event | None:
-        """The next response event if the bytes already received hold it, else None."""
-        event = self.http.next_event()
-        if event is h11.NEED_DATA:
-            return None
-        assert isinstance(event, h11.Event), "h11 pauses only between cycles"
-        return event
+        self.responses = http1.ResponseReader()
+        self.request_sent = False  # the current request went out whole
+        self.keep_alive = False  # the current response lets the stream carry another
 
     async def receive(self) -> None:
-        """Feed h11 the next bytes from the tunnel stream."""
-        self.http.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.http.send(event)
-        if data:
-            await self.stream.send_all(data)
+        """Hand the response reader the next bytes from the tunnel stream."""
+        self.responses.receive_data(bytes(await self.stream.receive_some(READ_CHUNK)))
 
     @property
     def reusable(self) -> bool:
-        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+        return self.request_sent and self.responses.done and self.keep_alive
 
 
 class _UpstreamFailedError(Exception):
@@ -190,6 +186,15 @@ class _UpstreamFailedError(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class _Reply(enum.Enum):
+    """How far our answer to the current request got."""
+
+    NONE = enum.auto()  # no final response yet (a 1xx may have gone)
+    BODY = enum.auto()  # its head went, its body is under way
+    DONE = enum.auto()
+    SWITCHED = enum.auto()  # a 101 went: the connection carries another protocol now
 
 
 class IngressConnection:
@@ -213,7 +218,11 @@ class IngressConnection:
         self._peer_ip = peer_ip
         self._proto = proto
         self._redirect_to_port = redirect_to_port
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._requests = http1.RequestReader()
+        self._request: http1.Request | None = None  # the one being answered
+        self._reply = _Reply.NONE
+        self._keep_alive = False  # the connection may carry another request after this one
+        self._waiting_for_continue = False  # the caller holds its body until a 100 (Expect)
         self._upstream: _Upstream | None = None
         self._meter = RequestMeter(routing.usage)
         # The routed request's timeouts; idle is the wait for the next request.
@@ -228,85 +237,77 @@ class IngressConnection:
                 request = await self._read_request_head()
                 if request is None:
                     return
-                self._meter.begin(request)
+                self._meter.begin(request.method, request.target)
                 if self._redirect_to_port is None:
                     await self._handle(request)
                 else:
                     await self._redirect_to_https(request, self._redirect_to_port)
                 self._meter.end(
-                    complete=self._http.our_state
-                    in (h11.DONE, h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL),
-                    read_ahead=self._pipelined_bytes(),
+                    complete=self._reply in (_Reply.DONE, _Reply.SWITCHED),
+                    read_ahead=self._requests.buffered if self._requests.done else 0,
                 )
-                if self._http.our_state is not h11.DONE or self._http.their_state is not h11.DONE:
+                if not (self._reply is _Reply.DONE and self._keep_alive and self._requests.done):
                     return  # must close, or a response was cut short
-                self._http.start_next_cycle()
+                self._requests.next_message()
         finally:
             self._meter.end(complete=False)  # a request an exception cut short, if any
             await self._drop_upstream()
 
-    async def _receive_into_http(self) -> None:
+    async def _receive(self) -> None:
         try:
             data = bytes(await self._stream.receive_some(READ_CHUNK))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         self._meter.received(len(data))
-        self._http.receive_data(data)
+        self._requests.receive_data(data)
 
-    async def _next_public_event(self) -> h11.Event:
-        while True:
-            event = self._http.next_event()
-            if event is h11.NEED_DATA:
-                await self._receive_into_http()
-                continue
-            assert isinstance(event, h11.Event), "h11 pauses only between cycles"
-            return event
+    async def _next_public_event(self) -> http1.Event:
+        while (event := self._requests.next_event()) is NEED_DATA:
+            await self._receive()
+        return event
 
-    async def _read_request_head(self) -> h11.Request | None:
+    async def _read_request_head(self) -> http1.Request | None:
         """The next request head, or None when the caller is gone or misbehaved (answered).
 
         An idle connection may wait idleTimeout for its first byte; from then on the whole
         head must arrive within headerTimeout, however slowly it trickles in (slowloris).
         """
-        if not self._bytes_pending():
+        self._request, self._reply, self._keep_alive = None, _Reply.NONE, False
+        self._waiting_for_continue = False
+        if not self._requests.buffered:
             with trio.move_on_after(self._idle_timeout) as idle:
-                await self._receive_into_http()
+                await self._receive()
             if idle.cancelled_caught:
                 return None
         with trio.move_on_after(self._routing.header_timeout):
             try:
-                event = await self._next_public_event()
-            except h11.RemoteProtocolError as exc:
-                await self._send_simple(exc.error_status_hint, f"bad request: {exc}".encode())
+                request = await self._next_public_event()
+            except http1.ProtocolError as exc:
+                await self._send_simple(exc.status, f"bad request: {exc}".encode())
                 return None
-            if not isinstance(event, h11.Request):
-                return None
-            if _head_size(event) > MAX_HEADER_BYTES:  # h11 bounds only a head still incomplete
-                await self._send_simple(431, b"request header fields too large")
-                return None
-            return event
-        if self._http.their_state is h11.SEND_BODY or self._bytes_pending():
+            if not isinstance(request, http1.Request):
+                return None  # closed between requests
+            self._request = request
+            connection = tokens(request.headers, b"connection")
+            if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
+                self._keep_alive = b"keep-alive" in connection and b"close" not in connection
+            else:
+                self._keep_alive = b"close" not in connection
+                expect = tokens(request.headers, b"expect")
+                self._waiting_for_continue = b"100-continue" in expect
+            return request
+        if self._requests.buffered:
             await self._send_simple(408, b"request header timeout")
         return None
 
-    def _bytes_pending(self) -> bool:
-        return bool(self._http.trailing_data[0])
-
-    def _pipelined_bytes(self) -> int:
-        """Bytes received past the end of this request: the next request's."""
-        return len(self._http.trailing_data[0]) if self._http.their_state is h11.DONE else 0
-
-    async def _handle(self, request: h11.Request) -> None:
+    async def _handle(self, request: http1.Request) -> None:
         headers = request.headers
-        names = [name for name, _ in headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            await self._send_simple(400, b"both Content-Length and Transfer-Encoding")
-            return
-        if request.method == b"CONNECT":  # h11 would switch protocols: nothing to pass on
+        if request.method == b"CONNECT":
+            self._keep_alive = False  # what follows was meant for a tunnel, not as a request
             await self._discard_request_body()
             await self._send_simple(405, b"CONNECT is not served here: petit is no forward proxy")
             return
-        if _connection_tokens(headers) & _NEVER_HOP_BY_HOP:
+        if tokens(headers, b"connection") & _NEVER_HOP_BY_HOP:
             await self._send_simple(400, b"Connection may not name Host or the message framing")
             return
         try:
@@ -326,7 +327,7 @@ class IngressConnection:
         log.debug("%s for %s routed to %s", request.method.decode(), host, registration_id)
         if not await self._admitted(request, registration_id):
             return
-        bad_body: h11.RemoteProtocolError | None = None
+        bad_body: http1.ProtocolError | None = None
         try:
             upstream = await self._upstream_for(
                 stream_target(
@@ -338,7 +339,7 @@ class IngressConnection:
             await self._drop_upstream()
             await self._refuse(failure.status)
         except ExceptionGroup as group:  # the request body pump's failure, from its nursery
-            matched, rest = group.split(h11.RemoteProtocolError)
+            matched, rest = group.split(http1.ProtocolError)
             if matched is None:
                 raise
             if rest is not None:
@@ -346,9 +347,9 @@ class IngressConnection:
             bad_body = first_leaf(matched)
         if bad_body is not None:  # bad chunking or a truncated body: never pass the rest on
             await self._drop_upstream()
-            await self._send_simple(bad_body.error_status_hint, f"bad request: {bad_body}".encode())
+            await self._send_simple(bad_body.status, f"bad request: {bad_body}".encode())
 
-    async def _admitted(self, request: h11.Request, registration_id: str) -> bool:
+    async def _admitted(self, request: http1.Request, registration_id: str) -> bool:
         """Apply the registration's policy to this request; False once refused (answered)."""
         policy = self._routing.policy_of(registration_id)
         self._open_timeout, self._response_timeout, self._idle_timeout = self._routing.timeouts(
@@ -370,8 +371,7 @@ class IngressConnection:
                 retry = str(math.ceil(wait)).encode()
                 await self._refuse(429, b"too many requests", [(b"retry-after", retry)])
                 return False
-        declared = _first(request.headers, b"content-length")
-        if self._body_left is not None and declared is not None and int(declared) > self._body_left:
+        if self._body_left is not None and request.body > self._body_left:  # a declared length
             await self._refuse(413, b"request body over this service's maximum")
             return False
         return True
@@ -400,41 +400,42 @@ class IngressConnection:
             self._upstream = None
 
     async def _proxy(
-        self, request: h11.Request, upstream: _Upstream, host: str, target: bytes
+        self, request: http1.Request, upstream: _Upstream, host: str, target: bytes
     ) -> None:
         headers = self._upstream_headers(request, host)
         upgrade = _upgrade_asked(request)
         if upgrade is not None:  # passed on, so the private service may switch (WebSocket)
             headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-        if self._http.they_are_waiting_for_100_continue:  # the service may refuse the body
+        if self._waiting_for_continue:  # the service may refuse the body
             headers.append((b"expect", b"100-continue"))
-        forwarded = h11.Request(method=request.method, target=target, headers=headers)
+        upstream.request_sent = False
+        upstream.responses.for_head = request.method == b"HEAD"
         try:
-            await upstream.send(forwarded)
+            await upstream.stream.send_all(http1.request_head(request.method, target, headers))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _UpstreamFailedError(502) from None
-        if _has_body(request):
+        if request.body:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_request_body, upstream)
-                failure = await self._relay_response(upstream)
-                if failure is not None or self._http.their_state is not h11.DONE:
+                nursery.start_soon(self._pump_request_body, upstream, request.body)
+                failure = await self._relay_response(upstream, switch_asked=upgrade is not None)
+                if failure is not None or not self._requests.done:
                     nursery.cancel_scope.cancel()  # failed, or answered before the body ended
-        else:  # most requests: h11 already holds their end, no task needed to pump a body
-            end = self._http.next_event()
-            assert isinstance(end, h11.EndOfMessage), "a request without a body ends at its head"
-            await upstream.send(h11.EndOfMessage())
-            failure = await self._relay_response(upstream)
+        else:  # most requests: no body, so no task to pump one
+            end = self._requests.next_event()
+            assert end is END, "a request without a body ends at its head"
+            upstream.request_sent = True
+            failure = await self._relay_response(upstream, switch_asked=upgrade is not None)
         if failure is not None:  # raised out here, not from the nursery, to stay ungrouped
             raise failure  # once a response began, _refuse sends nothing and run() closes
-        if self._http.our_state is h11.SWITCHED_PROTOCOL:
+        if self._reply is _Reply.SWITCHED:
             await self._carry_switched(upstream)
         elif upstream.reusable:
-            upstream.http.start_next_cycle()
+            upstream.responses.next_message()
         else:
             await self._drop_upstream()
 
-    def _upstream_headers(self, request: h11.Request, host: str) -> list[tuple[bytes, bytes]]:
-        named_in_connection = _connection_tokens(request.headers)
+    def _upstream_headers(self, request: http1.Request, host: str) -> Headers:
+        named_in_connection = tokens(request.headers, b"connection")
         keep_forwarding = self._peer_trusted
         headers = [
             (name, value if name != b"host" else host.encode("latin-1"))
@@ -446,7 +447,7 @@ class IngressConnection:
         ]
         if not any(name == b"host" for name, _ in headers):  # HTTP/1.0, absolute-form
             headers.insert(0, (b"host", host.encode("latin-1")))
-        if any(n == b"transfer-encoding" for n, _ in request.headers):
+        if request.body == http1.CHUNKED:
             headers.append((b"transfer-encoding", b"chunked"))
         prior = (
             [v for n, v in request.headers if n == b"x-forwarded-for"] if keep_forwarding else []
@@ -467,8 +468,8 @@ class IngressConnection:
         self._upstream = None  # this stream is the WebSocket's now, never reused
         traffic = Traffic()
         try:
-            early_from_caller, _ = self._http.trailing_data
-            early_from_service, _ = upstream.http.trailing_data
+            early_from_caller = self._requests.pending
+            early_from_service = upstream.responses.pending
             if early_from_service:
                 await self._stream.send_all(early_from_service)
             if early_from_caller:
@@ -478,35 +479,39 @@ class IngressConnection:
             self._meter.carried(traffic.a_to_b, traffic.b_to_a)
             await upstream.stream.aclose()
 
-    async def _pump_request_body(self, upstream: _Upstream) -> None:
-        while True:
-            event = await self._next_public_event()
-            if isinstance(event, h11.Data):
-                if self._body_left is not None:
-                    self._body_left -= len(event.data)
-                    if self._body_left < 0:
-                        raise h11.RemoteProtocolError(
-                            "request body over this registration's maxRequestBody",
-                            error_status_hint=413,
-                        )
-                await upstream.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
-                return
-            else:
-                raise h11.RemoteProtocolError("connection closed during the request body")
+    async def _pump_request_body(self, upstream: _Upstream, framing: int) -> None:
+        while (event := await self._next_public_event()) is not END:
+            assert isinstance(event, bytes), "a body is bytes, then END"
+            self._waiting_for_continue = False  # the caller sends it without a 100
+            if self._body_left is not None:
+                self._body_left -= len(event)
+                if self._body_left < 0:
+                    raise http1.ProtocolError(
+                        "request body over this registration's maxRequestBody", 413
+                    )
+            await upstream.stream.send_all(
+                b"".join(http1.chunk(event)) if framing == http1.CHUNKED else event
+            )
+        if framing == http1.CHUNKED:
+            await upstream.stream.send_all(http1.LAST_CHUNK)
+        upstream.request_sent = True
 
-    async def _relay_response(self, upstream: _Upstream) -> _UpstreamFailedError | None:
+    async def _relay_response(
+        self, upstream: _Upstream, *, switch_asked: bool
+    ) -> _UpstreamFailedError | None:
         """Relay the response; the failure to answer with if it broke before it began."""
         try:
-            await self._pump_response(upstream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            await self._pump_response(upstream, switch_asked=switch_asked)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return _UpstreamFailedError(502)
+        except http1.ProtocolError as exc:
+            log.info("%s sent a response we cannot relay (%s): 502", upstream.target, exc)
             return _UpstreamFailedError(502)
         except _UpstreamFailedError as late:
             return late
         return None
 
-    async def _pump_response(self, upstream: _Upstream) -> None:
+    async def _pump_response(self, upstream: _Upstream, *, switch_asked: bool) -> None:
         """Relay the upstream response; 504 if its head takes longer than responseTimeout
         (a body may stream for as long as it likes).
 
@@ -514,67 +519,99 @@ class IngressConnection:
         response (head and body in one tunnel read) costs one syscall, not two.
         """
         head_deadline = trio.current_time() + self._response_timeout
-        outgoing: list[bytes] = []  # h11's pieces, passed through without a copy
+        outgoing: list[bytes] = []  # pieces to send, passed through without a copy
+        chunked = False  # the caller gets the body chunked (its length is not known)
         while True:
-            event = upstream.buffered_event()
-            if event is None:
+            event = upstream.responses.next_event()
+            if event is NEED_DATA:
                 await self._flush_public(outgoing)
                 with trio.CancelScope(deadline=head_deadline) as waiting:
                     await upstream.receive()
                 if waiting.cancelled_caught:
                     raise _UpstreamFailedError(504)
                 continue
-            if isinstance(event, h11.InformationalResponse):
-                # A 100 only while the caller waits for one: it answers its Expect.
-                if event.status_code != 100 or self._http.they_are_waiting_for_100_continue:
-                    self._queue_public(outgoing, event)
-                if event.status_code == 101:  # the caller asked for it (h11 checks): switched
+            if isinstance(event, http1.Response):
+                if event.status == 101:
+                    if not switch_asked:
+                        raise http1.ProtocolError("a 101 to a request that asked no upgrade")
+                    self._queue_public(outgoing, _informational(event), status=101)
+                    self._reply = _Reply.SWITCHED
                     await self._flush_public(outgoing)
                     return
-            elif isinstance(event, h11.Response):
+                if event.status < 200:
+                    self._queue_informational(outgoing, event)
+                    continue
                 names = {name for name, _ in event.headers}
-                if {b"content-length", b"transfer-encoding"} <= names:
-                    log.info(
-                        "%s answered with both Content-Length and Transfer-Encoding: 502",
-                        upstream.target,
-                    )
-                    raise _UpstreamFailedError(502)  # ambiguous framing: relay none of it
-                response = h11.Response(
-                    status_code=event.status_code,
-                    headers=_response_headers(event.headers),
-                    reason=event.reason,
+                upstream.keep_alive = (
+                    event.version == b"1.1"
+                    and b"close" not in tokens(event.headers, b"connection")
+                    and event.body != http1.UNTIL_CLOSE
                 )
-                self._queue_public(outgoing, response)
+                head, chunked = self._final_head(
+                    event.status,
+                    event.reason,
+                    _response_headers(event.headers),
+                    length_known=b"content-length" in names or event.status in (204, 304),
+                )
+                self._queue_public(outgoing, head, status=event.status)
                 head_deadline = math.inf
-            elif isinstance(event, h11.Data):
-                self._queue_public(outgoing, h11.Data(data=event.data))
+            elif isinstance(event, bytes):
+                pieces = http1.chunk(event) if chunked else [event]
+                self._meter.sent(sum(map(len, pieces)))
+                outgoing += pieces
                 if sum(map(len, outgoing)) >= READ_CHUNK:
                     await self._flush_public(outgoing)
-            elif isinstance(event, h11.EndOfMessage):
-                self._queue_public(outgoing, h11.EndOfMessage())
+            elif event is END:
+                if chunked:
+                    self._queue_public(outgoing, http1.LAST_CHUNK)
+                self._reply = _Reply.DONE
                 await self._flush_public(outgoing)
                 return
             else:
-                raise trio.BrokenResourceError("the private service closed mid-response")
+                raise trio.BrokenResourceError("the private service closed before answering")
 
-    def _queue_public(self, outgoing: list[bytes], event: h11.Event) -> None:
-        """Append h11's bytes for ``event`` to ``outgoing`` (passed through, not copied)."""
-        pieces = self._http.send_with_data_passthrough(event) or []
-        self._meter.sent(event, sum(map(len, pieces)))
-        outgoing += pieces
+    def _queue_informational(self, outgoing: list[bytes], response: http1.Response) -> None:
+        """Pass on a 1xx (not a 101): a 100 only while the caller waits for one (it answers
+        its Expect), none to an HTTP/1.0 caller (RFC 9110 15.2)."""
+        assert self._request is not None
+        if self._request.version == b"1.0":
+            return
+        if response.status != 100 or self._waiting_for_continue:
+            self._queue_public(outgoing, _informational(response))
+            self._waiting_for_continue = False
+
+    def _final_head(
+        self, status: int, reason: bytes, headers: Headers, *, length_known: bool
+    ) -> tuple[bytes, bool]:
+        """Our final response's head, and whether its body must go chunked: a body of unknown
+        length goes chunked to an HTTP/1.1 caller, and until we close to an HTTP/1.0 one.
+        Decides whether the connection stays open after it (``_keep_alive``)."""
+        request = self._request
+        chunked = False
+        if not length_known and request is not None:
+            if request.version != b"1.0":
+                headers.append((b"transfer-encoding", b"chunked"))
+                chunked = request.method != b"HEAD"
+            elif request.method != b"HEAD":
+                self._keep_alive = False
+        if not self._keep_alive:
+            headers.append((b"connection", b"close"))
+        elif request is not None and request.version == b"1.0":
+            headers.append((b"connection", b"keep-alive"))
+        self._reply = _Reply.BODY
+        return http1.response_head(status, reason, headers), chunked
+
+    def _queue_public(self, outgoing: list[bytes], data: bytes, status: int | None = None) -> None:
+        """Append ``data`` for the caller to ``outgoing``; ``status``: it begins a response."""
+        self._meter.sent(len(data), status)
+        outgoing.append(data)
 
     async def _flush_public(self, outgoing: list[bytes]) -> None:
         if outgoing:
             await self._stream.send_all(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
             outgoing.clear()
 
-    async def _send_public(self, event: h11.Event) -> None:
-        data = self._http.send(event)
-        if data:
-            self._meter.sent(event, len(data))
-            await self._stream.send_all(data)
-
-    async def _redirect_to_https(self, request: h11.Request, port: int) -> None:
+    async def _redirect_to_https(self, request: http1.Request, port: int) -> None:
         location = https_location(_host_header(request), port, request.target)
         await self._discard_request_body()
         if location is None:
@@ -582,7 +619,7 @@ class IngressConnection:
         else:
             await self._send_simple(308, b"", extra_headers=[(b"location", location)])
 
-    def _visitor(self, request: h11.Request) -> str:
+    def _visitor(self, request: http1.Request) -> str:
         """The caller's address as far as we can trust it: behind our trusted proxies, the
         nearest X-Forwarded-For address that is not one of them; else the peer's."""
         if not self._peer_trusted:
@@ -616,15 +653,13 @@ class IngressConnection:
 
     async def _discard_request_body(self) -> None:
         discarded = 0
-        while self._http.their_state is h11.SEND_BODY and discarded <= MAX_DISCARDED_BODY:
+        while self._requests.in_body and discarded <= MAX_DISCARDED_BODY:
             try:
                 event = await self._next_public_event()
-            except h11.RemoteProtocolError:
+            except http1.ProtocolError:
                 return  # a broken or cut body: answer all the same, then close
-            if isinstance(event, h11.Data):
-                discarded += len(event.data)
-            elif not isinstance(event, h11.EndOfMessage):
-                return
+            if isinstance(event, bytes):
+                discarded += len(event)
 
     async def _send_simple(
         self,
@@ -634,21 +669,25 @@ class IngressConnection:
         content_type: bytes = b"text/plain",
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
-        if self._http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        """Answer the request ourselves, unless a response to it began already."""
+        if self._reply is not _Reply.NONE:
             return
+        if not self._requests.done:
+            self._keep_alive = False  # the rest of the request is never read
         headers = [
             *extra_headers,
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
         ]
-        if self._http.their_state is not h11.DONE:
-            headers.append((b"connection", b"close"))
+        head, _ = self._final_head(status, _reason(status), headers, length_known=True)
+        if self._request is None or self._request.method != b"HEAD":
+            head += body
         try:
-            await self._send_public(response_head(status, headers))
-            await self._send_public(h11.Data(data=body))
-            await self._send_public(h11.EndOfMessage())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            await self._stream.send_all(head)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        self._meter.sent(len(head), status)
+        self._reply = _Reply.DONE
 
 
 def valid_authority(host: str) -> bool:
@@ -672,41 +711,44 @@ def https_location(host: str, port: int, target: bytes) -> bytes | None:
     return b"https://" + authority.encode() + (target if target.startswith(b"/") else b"/")
 
 
-def _head_size(request: h11.Request) -> int:
-    """Roughly the bytes of a request head: its line and its header lines."""
-    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
-    return line + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers)
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (``504 Gateway Timeout``): some clients and log readers
+    show only the phrase."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
-def _is_probe(request: h11.Request) -> bool:
+def _informational(response: http1.Response) -> bytes:
+    """A 1xx head as the service sent it."""
+    return http1.response_head(response.status, response.reason, response.headers)
+
+
+def _is_probe(request: http1.Request) -> bool:
     """The original petit's tunnel check: ``GET /-g2c-intercept...``, answered by the client
     itself (any path starting so, as the original matched it)."""
     return request.method == b"GET" and request.target.startswith(PROBE.encode())
 
 
-def _upgrade_asked(request: h11.Request) -> bytes | None:
+def _upgrade_asked(request: http1.Request) -> bytes | None:
     """The protocol an HTTP/1.1 request without a body asks to switch to, if it is one we
     pass on (WebSocket); else None, and Upgrade is stripped as hop-by-hop. Not h2c: after
     a switch to cleartext HTTP/2 the caller's requests would no longer pass the ingress one
     by one ("h2c smuggling")."""
-    if request.http_version != b"1.1" or _has_body(request):
+    if request.version != b"1.1" or request.body:
         return None
-    if b"upgrade" not in _connection_tokens(request.headers):
+    if b"upgrade" not in tokens(request.headers, b"connection"):
         return None
     protocol = _first(request.headers, b"upgrade")
     return protocol if protocol is not None and protocol.lower() in UPGRADES else None
 
 
-def _has_body(request: h11.Request) -> bool:
-    """Whether h11 frames a body after this head (RFC 9112: only these two headers do)."""
-    return any(name in (b"content-length", b"transfer-encoding") for name, _ in request.headers)
-
-
-def _host_header(request: h11.Request) -> str:
+def _host_header(request: http1.Request) -> str:
     return (_first(request.headers, b"host") or b"").decode("latin-1")
 
 
-def _authority_and_target(request: h11.Request) -> tuple[str, bytes]:
+def _authority_and_target(request: http1.Request) -> tuple[str, bytes]:
     """The authority that routes the request and the origin-form target to pass on.
 
     RFC 9112 3.2.2: with an absolute-form target (``GET http://a.example/x``) the target's
@@ -734,21 +776,12 @@ def _is_forwarding(name: bytes) -> bool:
     return name.startswith(b"x-forwarded-") or name in _FORWARDING_HEADERS
 
 
-def _first(headers: Sequence[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+def _first(headers: Headers, wanted: bytes) -> bytes | None:
     return next((value for name, value in headers if name == wanted), None)
 
 
-def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
-    return {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-
-
-def _response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    named_in_connection = _connection_tokens(headers)
+def _response_headers(headers: Headers) -> Headers:
+    named_in_connection = tokens(headers, b"connection")
     return [
         (name, value)
         for name, value in headers
@@ -787,9 +820,7 @@ async def handle_public_connection(
                     # Closing with the request unread would reset the connection, and the
                     # reset can destroy the 503 before the caller reads it: drop what comes.
                     discarded = 0
-                    while discarded < MAX_HEADER_BYTES and (
-                        chunk := await connection.receive_some()
-                    ):
+                    while discarded < http1.MAX_HEAD and (chunk := await connection.receive_some()):
                         discarded += len(chunk)
             return
         admitted = peer_ip

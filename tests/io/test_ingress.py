@@ -750,3 +750,126 @@ async def test_statuses_the_ingress_writes_itself_carry_their_reason_phrase(
                 answer += await caller.receive_some()
             assert answer.startswith(status_line), answer
             nursery.cancel_scope.cancel()
+
+
+# HTTP/1.0 callers (RFC 9112 9.3 and appendix C.2.2).
+
+
+async def read_response(
+    stream: trio.abc.ReceiveStream, received: bytearray
+) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One response from ``received`` + the stream: its status line, headers and body (by
+    its Content-Length, or to the end of the stream)."""
+    while b"\r\n\r\n" not in received:
+        chunk = await stream.receive_some()
+        assert chunk, f"closed after {bytes(received)!r}"
+        received += chunk
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(b": ") for line in lines)}
+    received[:] = rest
+    if b"content-length" in headers:
+        length = int(headers[b"content-length"])
+        while len(received) < length:
+            received += await stream.receive_some()
+    else:
+        while chunk := await stream.receive_some():
+            received += chunk
+        length = len(received)
+    body = bytes(received[:length])
+    del received[:length]
+    return status_line, headers, body
+
+
+async def closed(stream: trio.abc.ReceiveStream) -> bool:
+    return await stream.receive_some() == b""
+
+
+def http10(path: bytes, *headers: bytes) -> bytes:
+    return b"GET %s HTTP/1.0\r\nHost: 1001.localhost\r\n%s\r\n" % (
+        path,
+        b"".join(header + b"\r\n" for header in headers),
+    )
+
+
+async def test_an_http10_caller_asking_for_keep_alive_keeps_its_connection() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            stream = await connect(nursery, site)
+            received = bytearray()
+            for path in (b"/first", b"/second"):
+                await stream.send_all(http10(path, b"Connection: keep-alive"))
+                status, headers, body = await read_response(stream, received)
+                assert status.startswith(b"HTTP/1.1 200 ")
+                assert headers[b"connection"] == b"keep-alive"
+                assert body == b"A " + path + b" "
+            assert [seen.path for seen in site.all_seen] == [b"/first", b"/second"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "connection", [b"", b"Connection: close", b"Connection: keep-alive, close"]
+)
+async def test_an_http10_caller_not_asking_for_keep_alive_is_closed_after_its_answer(
+    connection: bytes,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            stream = await connect(nursery, site)
+            await stream.send_all(http10(b"/only", *filter(None, [connection])))
+            status, headers, body = await read_response(stream, received := bytearray())
+            assert status.startswith(b"HTTP/1.1 200 ")
+            assert (headers[b"connection"], body) == (b"close", b"A /only ")
+            assert not received
+            assert await closed(stream)
+            nursery.cancel_scope.cancel()
+
+
+async def unframed(stream: TunnelStream, target: str) -> None:
+    """A private service answering without a length: its body ends when it closes."""
+    stream.accept()
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += await stream.receive_some()
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nstreamed until close"
+    )
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("version", "framing", "body"),
+    [
+        (b"1.1", (b"transfer-encoding", b"chunked"), b"14\r\nstreamed until close\r\n0\r\n\r\n"),
+        (b"1.0", (b"connection", b"close"), b"streamed until close"),
+    ],
+)
+async def test_a_body_of_unknown_length_goes_chunked_to_http11_and_until_close_to_http10(
+    version: bytes, framing: tuple[bytes, bytes], body: bytes
+) -> None:
+    """An HTTP/1.0 caller cannot read chunks: it gets the body as it comes, then the close,
+    though it asked for keep-alive."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            hub = Hub()
+            session = (await session_pair(nursery, handler=unframed)).server.session
+            hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
+            routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
+            stream = await connect(nursery, Site(routing, site.backends))
+            await stream.send_all(
+                b"GET / HTTP/%s\r\nHost: 1001.localhost\r\nConnection: keep-alive\r\n\r\n" % version
+            )
+            received = bytearray()
+            while not received.endswith(body):
+                chunk = await stream.receive_some()
+                assert chunk, bytes(received)
+                received += chunk
+            head = bytes(received).partition(b"\r\n\r\n")[0].lower()
+            assert b"%s: %s\r\n" % framing in head + b"\r\n"
+            assert b"content-length" not in head
+            if version == b"1.0":
+                assert await closed(stream)
+            nursery.cancel_scope.cancel()
