@@ -746,6 +746,18 @@ async def curl(*args: str, timeout: float = 60.0) -> CliResult:
 # ----------------------------------------------------------------------------- backends
 
 
+async def serve_on_loopback(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A small trio service on 127.0.0.1:0 (started with its port), each connection to
+    ``handler``: for private services a test writes in a few lines."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
 @functools.lru_cache(maxsize=8)
 def payload(size: int) -> bytes:
     """The deterministic body ``/bytes/SIZE`` and ``/slow/SIZE`` serve."""

@@ -20,6 +20,7 @@ from tests.integration.harness import (
     curl_url,
     free_port_block,
     http_request,
+    serve_on_loopback,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,7 @@ class SmallBackend:
     and dropped (an upload); anything else is answered at once. Each answer is short."""
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(self._answer, listeners)
+        await serve_on_loopback(self._answer, task_status=task_status)
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:

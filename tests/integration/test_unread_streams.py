@@ -13,6 +13,7 @@ from tests.integration.harness import (
     ServerFactory,
     http_request,
     rss_kib,
+    serve_on_loopback,
     wait_until,
 )
 
@@ -38,9 +39,7 @@ class PushingBackend:
         self.last_push = trio.current_time()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(self._answer, listeners)
+        await serve_on_loopback(self._answer, task_status=task_status)
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:

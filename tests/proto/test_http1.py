@@ -59,8 +59,8 @@ def _h11_body(headers: list[tuple[bytes, bytes]]) -> int:
     return next((int(value) for name, value in headers if name == b"content-length"), 0)
 
 
-def ours_request(head: bytes) -> Outcome:
-    reader = http1.RequestReader()
+def ours(reader: http1.RequestReader | http1.ResponseReader, head: bytes) -> Outcome:
+    """What ``http1`` makes of ``head`` with ``reader`` (a request's or a response's)."""
     reader.receive_data(head)
     try:
         event = reader.next_event()
@@ -68,9 +68,15 @@ def ours_request(head: bytes) -> Outcome:
         return exc.status
     if event is http1.NEED_DATA:
         return None
-    assert isinstance(event, http1.Request), event
+    assert isinstance(event, http1.Request | http1.Response), event
     headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in event.headers]
+    if isinstance(event, http1.Response):
+        return Parsed(b"", str(event.status).encode(), event.version, headers, event.body)
     return Parsed(event.method, event.target, event.version, headers, event.body)
+
+
+def ours_request(head: bytes) -> Outcome:
+    return ours(http1.RequestReader(), head)
 
 
 def stricter(head: bytes) -> str | None:
@@ -253,16 +259,7 @@ def h11_response(head: bytes, method: bytes) -> Outcome:
 def ours_response(head: bytes, method: bytes) -> Outcome:
     reader = http1.ResponseReader()
     reader.for_head = method == b"HEAD"
-    reader.receive_data(head)
-    try:
-        event = reader.next_event()
-    except http1.ProtocolError as exc:
-        return exc.status
-    if event is http1.NEED_DATA:
-        return None
-    assert isinstance(event, http1.Response), event
-    headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in event.headers]
-    return Parsed(b"", str(event.status).encode(), event.version, headers, event.body)
+    return ours(reader, head)
 
 
 @st.composite
