@@ -57,6 +57,7 @@ from wsproto.utilities import RemoteProtocolError as HandshakeProtocolError
 from petit.errors import PetitError, RemoteProtocolError
 from petit.listen import serve_tcp
 from petit.tls import server_handshake
+from petit.tlsio import TlsSocket
 
 log = logging.getLogger("petit.websocket")
 
@@ -82,6 +83,8 @@ class WebSocket:
 
     def __init__(self, stream: trio.abc.Stream, connection: WSConnection) -> None:
         self._stream = stream
+        # TLS driven straight over the socket when ``stream`` allows it (petit.tlsio)
+        self._tls = TlsSocket.take_over(stream)
         self._connection = connection
         # (payload, ends its message, came in a text message)
         self._received: deque[tuple[bytes | bytearray, bool, bool]] = deque()
@@ -105,12 +108,34 @@ class WebSocket:
         message = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         await self._write(self._connection.send(message))
 
+    @property
+    def sends_inline(self) -> bool:
+        """Whether ``send_nowait`` may be called now (TLS driven by us, WebSocket open)."""
+        return self._tls is not None and self._connection.state is ConnectionState.OPEN
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send one binary message without blocking (only while ``sends_inline``); False
+        when some of it waits for ``flush``."""
+        assert self._tls is not None
+        return self._tls.send_nowait(self._connection.send(BytesMessage(data=data)))
+
+    async def flush(self) -> None:
+        """Write out what ``send_nowait`` left waiting."""
+        if self._tls is None or not self._tls.backlog:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._serialised(self._tls.flush)
+
     async def _write(self, data: bytes) -> None:
+        sink = self._stream if self._tls is None else self._tls
+        await self._serialised(sink.send_all, data)
+
+    async def _serialised(self, send: Callable[..., Awaitable[None]], *args: bytes) -> None:
         while self._writing:
             await self._written.park()
         self._writing = True
         try:
-            await self._stream.send_all(data)
+            await send(*args)
         finally:
             self._writing = False
             self._written.unpark()
@@ -159,7 +184,8 @@ class WebSocket:
         """Read once from the stream and apply what wsproto makes of it."""
         self._receiving = True
         try:
-            data = await self._stream.receive_some(RECEIVE_BUFFER)
+            source = self._stream if self._tls is None else self._tls
+            data = await source.receive_some(RECEIVE_BUFFER)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         finally:
