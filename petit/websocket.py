@@ -108,34 +108,13 @@ class WebSocket:
         message = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         await self._write(self._connection.send(message))
 
-    @property
-    def sends_inline(self) -> bool:
-        """Whether ``send_nowait`` may be called now (TLS driven by us, WebSocket open)."""
-        return self._tls is not None and self._connection.state is ConnectionState.OPEN
-
-    def send_nowait(self, data: bytes) -> bool:
-        """Send one binary message without blocking (only while ``sends_inline``); False
-        when some of it waits for ``flush``."""
-        assert self._tls is not None
-        return self._tls.send_nowait(self._connection.send(BytesMessage(data=data)))
-
-    async def flush(self) -> None:
-        """Write out what ``send_nowait`` left waiting."""
-        if self._tls is None or not self._tls.backlog:
-            await trio.lowlevel.checkpoint()
-            return
-        await self._serialised(self._tls.flush)
-
     async def _write(self, data: bytes) -> None:
         sink = self._stream if self._tls is None else self._tls
-        await self._serialised(sink.send_all, data)
-
-    async def _serialised(self, send: Callable[..., Awaitable[None]], *args: bytes) -> None:
         while self._writing:
             await self._written.park()
         self._writing = True
         try:
-            await send(*args)
+            await sink.send_all(data)
         finally:
             self._writing = False
             self._written.unpark()
