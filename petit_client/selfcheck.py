@@ -12,7 +12,9 @@
 - Names under ``.localhost`` are loopback (RFC 6761), as curl and browsers treat them, so
   the default ``http://REGID.localhost:8090`` checks a server on the same machine.
 - ``https`` endpoints are verified: the system's trust store and the server CA the client
-  pins. The URL comes from our own verified server, and only its fixed path is asked for.
+  pins. The URL comes from our own verified server; only ``scheme://host[:port]`` of it is
+  used (a path, query, fragment or user part is refused, not followed) and only the tunnel
+  check's fixed path is asked for. A bad URL is a failed check, never a crash.
 - Bounded: one request per registration per interval, ``CHECK_TIMEOUT`` for the whole
   exchange, an answer of at most ``MAX_ANSWER`` bytes.
 - The result shows in ``status`` (``loopback`` per registration) and the client's log: each
@@ -61,30 +63,50 @@ def public_ssl_context(ca: Path | None) -> ssl.SSLContext:
     return context
 
 
-def check_url(endpoint: str) -> str:
-    """The URL a check asks for: the public URL's tunnel check."""
-    return endpoint.rstrip("/") + PROBE
+def check_target(endpoint: str) -> tuple[urllib.parse.SplitResult, str]:
+    """The public URL's scheme, host and port, and the URL a check asks for: always the
+    tunnel check's own path, as the original did, whatever else the endpoint says.
+
+    Raises:
+        ValueError: ``endpoint`` is no plain http(s)://host[:port] URL (a path, query,
+            fragment or user part is refused: the check must ask for nothing else).
+    """
+    parts = urllib.parse.urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"cannot check {endpoint!r}: only http:// and https:// URLs")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"cannot check {endpoint!r}: a public URL is scheme://host[:port]")
+    parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    return parts, f"{parts.scheme}://{parts.netloc}{PROBE}"
 
 
 async def check(endpoint: str, ssl_context: ssl.SSLContext) -> CheckResult:
-    """Ask ``endpoint``'s tunnel check, within CHECK_TIMEOUT."""
-    url = check_url(endpoint)
+    """Ask ``endpoint``'s tunnel check, within CHECK_TIMEOUT. Never raises for what the
+    endpoint or the network does: every failure is the result's ``error``."""
+    try:
+        parts, url = check_target(endpoint)
+    except ValueError as exc:  # UnicodeError too (an unencodable host name)
+        return CheckResult(endpoint, time.time(), str(exc))
     try:
         with trio.fail_after(CHECK_TIMEOUT):
-            error = await _ask(url, ssl_context)
+            error = await _ask(parts, url, ssl_context)
     except trio.TooSlowError:
         error = f"no answer within {CHECK_TIMEOUT:g} s"
-    except (OSError, trio.BrokenResourceError, ssl.SSLError, h11.ProtocolError) as exc:
+    except (
+        OSError,
+        ValueError,
+        trio.BrokenResourceError,
+        ssl.SSLError,
+        h11.ProtocolError,
+    ) as exc:
         error = str(exc) or type(exc).__name__
     return CheckResult(url, time.time(), error)
 
 
-async def _ask(url: str, ssl_context: ssl.SSLContext) -> str:
+async def _ask(parts: urllib.parse.SplitResult, url: str, ssl_context: ssl.SSLContext) -> str:
     """'' if ``url`` answered 200 ``{"success": true}``, else what it did instead."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"cannot check {url}: only http:// and https:// URLs"
     host = parts.hostname
+    assert host is not None, "check_target refuses URLs without a host"
     local = host == "localhost" or host.endswith(".localhost")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1" if local else host, port)
@@ -94,7 +116,7 @@ async def _ask(url: str, ssl_context: ssl.SSLContext) -> str:
         http = h11.Connection(h11.CLIENT)
         request = h11.Request(
             method="GET",
-            target=parts.path or "/",
+            target=PROBE,
             headers=[("host", parts.netloc), ("connection", "close"), ("user-agent", "petit")],
         )
         await stream.send_all(http.send(request) + (http.send(h11.EndOfMessage()) or b""))
