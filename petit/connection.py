@@ -343,6 +343,7 @@ class TunnelConnection:
         # a refusal), else 0; their sum is reply_backlog.
         self._outgoing: deque[tuple[bytes, bytes | memoryview, int]] = deque()
         self._reply_backlog = 0
+        self._queued_bytes = 0  # bytes in _outgoing: frames queued for the peer, not yet drained
         self._streams: dict[int, _Stream] = {}
         self._highest_stream_id = 0
         self._draining = False  # we sent GOAWAY: no new streams
@@ -494,6 +495,7 @@ class TunnelConnection:
             chunk = view[start : min(start + self._max_payload, size)]
             header = encode_header(FrameType.DATA, stream_id, len(chunk))
             self._outgoing.append((header, chunk if immutable else bytes(chunk), 0))
+            self._queued_bytes += len(header) + len(chunk)
             self._frames_sent += 1
         self._data_bytes_sent += size
         return size
@@ -561,6 +563,12 @@ class TunnelConnection:
         return bool(self._outgoing)
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes queued for the peer and not yet drained by ``data_to_send``: what a driver
+        bounds, since the send windows that limit DATA are the peer's to choose."""
+        return self._queued_bytes
+
+    @property
     def reply_backlog(self) -> int:
         """Bytes queued because of the peer's input (PONGs, refusals) and not yet drained.
 
@@ -586,6 +594,7 @@ class TunnelConnection:
             pieces += (header, payload)
             size += frame_size
             self._reply_backlog -= reply
+            self._queued_bytes -= frame_size
         return b"".join(pieces)
 
     def send_window(self, stream_id: int) -> int:
@@ -707,6 +716,7 @@ class TunnelConnection:
         header = encode_header(frame.type, frame.stream_id, len(frame.payload))
         reply_size = len(header) + len(frame.payload) if reply else 0
         self._outgoing.append((header, frame.payload, reply_size))
+        self._queued_bytes += len(header) + len(frame.payload)
         self._reply_backlog += reply_size
         self._frames_sent += 1
 

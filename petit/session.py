@@ -18,8 +18,11 @@
 - Only the writer task awaits ``carrier.send``. Everyone else queues frames on the
   connection (synchronously) and wakes the writer, which sends whatever accumulated in one
   carrier message. The reader therefore never blocks on a send (two peers blocked sending to
-  each other would deadlock), and frames from many streams are batched for free. The
-  writer's backlog is bounded by the send windows, so queuing never needs to wait.
+  each other would deadlock), and frames from many streams are batched for free. A stream's
+  DATA waits for send credit and, past ``MAX_SEND_QUEUE`` bytes queued on the session, for
+  the writer to drain: the peer chooses its windows, so they alone bound nothing, and one
+  that stops reading costs us at most that queue. Only stream senders wait; the reader's
+  replies are bounded by ``MAX_REPLY_BACKLOG`` below.
 - Received DATA goes into the stream's buffer, or, while a relay into a socket waits with
   nothing buffered (``TunnelStream.relay_some``), straight into that socket with one
   non-blocking write from the reader; the part the socket cannot take is buffered as usual.
@@ -87,6 +90,10 @@ MAX_CARRIER_MESSAGE = 4 * (MAX_PAYLOAD + HEADER.size)
 RECEIVE_CHUNK = 256 * 1024  # bytes handed to a reader per receive_some by default
 CLOSE_GRACE = 1.0  # seconds an ending session gives the send in progress and its last frames
 MAX_REPLY_BACKLOG = 64 * 1024  # bytes of queued replies to the peer before we stop reading it
+# Bytes queued for the peer (all streams) past which a stream's sender waits for the writer:
+# the peer chooses our send windows (up to 2 GiB a stream), so they bound nothing it cannot
+# lift, and a peer that stops reading would otherwise have us hold all it granted.
+MAX_SEND_QUEUE = 1024 * 1024
 
 
 def _ignore(size: int) -> None:
@@ -186,6 +193,11 @@ class TunnelSession:
         self.close_reason = ""
 
     # ---------------------------------------------------------------- handshake phase
+
+    async def wait_drained(self) -> None:
+        """Wait until the writer drained the queue once more, or the session ended."""
+        if not self.closed.is_set():
+            await self._sent.park()
 
     async def _send_queued_now(self) -> None:
         """Send every queued frame, in carrier messages of whole frames up to the limit (also
@@ -386,6 +398,7 @@ class TunnelSession:
         for waiter in self._pong_waiters.values():
             waiter.set()  # left in the dict: ping_round_trip sees it was never answered
         self.closed.set()
+        self._sent.unpark_all()  # senders waiting for the queue to drain: it never will
         self._streams_changed.set()
 
     async def _flush_and_close_carrier(self) -> None:
@@ -628,7 +641,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._check_usable()  # even for b"": a closed stream refuses every send
             view = memoryview(data)
             while view:
-                if sent := self._queue_data(view):
+                if self._session.connection.queued_bytes >= MAX_SEND_QUEUE:
+                    await self._session.wait_drained()
+                    self._check_usable()
+                elif sent := self._queue_data(view):
                     view = view[sent:]
                 else:
                     await self._wait_for_change()
@@ -644,9 +660,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return self._queue_data(memoryview(data))
 
     def _queue_data(self, view: memoryview) -> int:
+        """Queue what the send window and the session's queue bound take of ``view`` now."""
         self._check_usable()
+        room = MAX_SEND_QUEUE - self._session.connection.queued_bytes
+        if room <= 0:
+            return 0
         try:
-            sent = self._session.connection.send_data(self.stream_id, view)
+            sent = self._session.connection.send_data(self.stream_id, view[:room])
         except LocalProtocolError as exc:
             raise trio.BrokenResourceError(str(exc)) from None
         if sent:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 
@@ -11,9 +12,11 @@ import trio.testing
 
 from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.errors import ErrorCode
+from petit.flow import LARGEST_WINDOW
 from petit.frames import FrameType, encode_header
 from petit.session import (
     MAX_REPLY_BACKLOG,
+    MAX_SEND_QUEUE,
     KeepaliveTimeoutError,
     SessionClosedError,
     StreamCarrier,
@@ -24,7 +27,15 @@ from petit.session import (
     splice,
 )
 
-from .helpers import Served, StallableCarrier, handshake, session_pair
+from .helpers import (
+    QUIET_PING_INTERVAL as QUIET,
+    REGISTRATION_ID,
+    Acceptor,
+    Served,
+    StallableCarrier,
+    handshake,
+    session_pair,
+)
 
 TIMEOUT = 10  # seconds bounding each test (virtual seconds under autojump_clock)
 PING = 1.0  # seconds: the keepalive interval of the keepalive tests
@@ -489,3 +500,45 @@ async def test_splice_stops_when_one_side_breaks() -> None:
             await a_outer.send_all(b"into the void")
         # The nursery exited: splice returned, and passed b's EOF on to a.
         assert await a_outer.receive_some() == b""
+
+
+async def test_a_peer_that_grants_huge_windows_and_stops_reading_costs_the_send_queue_only() -> (
+    None
+):
+    """The client announces the largest window (2 GiB a stream) and then stops reading: the
+    server's sender of 32 MiB waits once MAX_SEND_QUEUE bytes are queued, instead of queueing
+    all it was granted; the session still ends cleanly and wakes it."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()  # sends wait for reads
+    carrier = StallableCarrier(client_stream)
+    acceptor = Acceptor()
+    client = TunnelSession(
+        TunnelConnection(Role.CLIENT, offered_window=LARGEST_WINDOW),
+        carrier,
+        ping_interval=QUIET,
+        stream_handler=acceptor,
+    )
+    server = TunnelSession(
+        TunnelConnection(Role.SERVER), StreamCarrier(server_stream), ping_interval=QUIET
+    )
+    sent_all = trio.Event()
+    with trio.fail_after(TIMEOUT):
+        await handshake(client, server)
+        async with trio.open_nursery() as nursery:
+            served = [Served(client), Served(server)]
+            for side in served:
+                await nursery.start(side.run)
+            stream = await server.open_stream(REGISTRATION_ID)
+            await acceptor.streams.receive()
+            carrier.stalled = True  # from now on the client reads nothing
+
+            async def send_much() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(bytes(32 * 1024 * 1024))
+                    sent_all.set()
+
+            nursery.start_soon(send_much)
+            await trio.testing.wait_all_tasks_blocked()
+            assert 0 < server.connection.queued_bytes <= MAX_SEND_QUEUE
+            assert server.connection.send_window(stream.stream_id) > 16 * 1024 * 1024
+            assert not sent_all.is_set()
+            nursery.cancel_scope.cancel()
