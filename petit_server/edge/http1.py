@@ -343,6 +343,8 @@ class ResponseReader(Reader):
             raise ProtocolError("not an HTTP/1.x response")
         headers = _fields(httptools.HttpResponseParser, _AS_RESPONSE, head[line_end + 2 :])
         status = int(status_code)
+        if status < 100:
+            raise ProtocolError(f"status {status} is not an HTTP status (100-999)")
         body = _framing(headers)
         if status < 200 or status in (204, 304) or self.for_head:
             body = 0

@@ -290,7 +290,11 @@ class IngressConnection:
             self._request = request
             connection = tokens(request.headers, b"connection")
             if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
-                self._keep_alive = b"keep-alive" in connection and b"close" not in connection
+                self._keep_alive = (
+                    b"keep-alive" in connection
+                    and b"close" not in connection
+                    and request.body != http1.CHUNKED  # 6.1: a 1.0 chunked body closes after
+                )
             else:
                 self._keep_alive = b"close" not in connection
                 expect = tokens(request.headers, b"expect")
@@ -652,14 +656,21 @@ class IngressConnection:
             await self._send_simple(status, reason, extra_headers=extra_headers)
 
     async def _discard_request_body(self) -> None:
+        """Read and drop the refused request's body, within MAX_DISCARDED_BODY bytes and
+        headerTimeout seconds; a caller still waiting for a 100 sent none and is answered at
+        once. Whatever is left unread closes the connection after the answer."""
+        if self._waiting_for_continue:
+            self._keep_alive = False
+            return
         discarded = 0
-        while self._requests.in_body and discarded <= MAX_DISCARDED_BODY:
-            try:
-                event = await self._next_public_event()
-            except http1.ProtocolError:
-                return  # a broken or cut body: answer all the same, then close
-            if isinstance(event, bytes):
-                discarded += len(event)
+        with trio.move_on_after(self._routing.header_timeout):
+            while self._requests.in_body and discarded <= MAX_DISCARDED_BODY:
+                try:
+                    event = await self._next_public_event()
+                except http1.ProtocolError:
+                    return  # a broken or cut body: answer all the same, then close
+                if isinstance(event, bytes):
+                    discarded += len(event)
 
     async def _send_simple(
         self,
@@ -781,7 +792,10 @@ def _first(headers: Headers, wanted: bytes) -> bytes | None:
 
 
 def _response_headers(headers: Headers) -> Headers:
-    named_in_connection = tokens(headers, b"connection")
+    """The service's fields the caller gets: no hop-by-hop ones, nor those its Connection
+    names, except the framing (a Connection naming Content-Length must not leave the caller
+    with a body and no length)."""
+    named_in_connection = tokens(headers, b"connection") - _NEVER_HOP_BY_HOP
     return [
         (name, value)
         for name, value in headers

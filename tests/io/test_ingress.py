@@ -484,31 +484,51 @@ async def test_requests_we_cannot_pass_on_faithfully_get_a_4xx(
             nursery.cancel_scope.cancel()
 
 
-async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
-    """A response framed two ways could desync the caller: none of it is relayed."""
+def answering(raw: bytes) -> StreamHandler:
+    """A private service that answers any request with ``raw``, then holds the stream."""
 
-    async def ambiguous(stream: TunnelStream, target: str) -> None:
+    async def answer(stream: TunnelStream, target: str) -> None:
         stream.accept()
         request = b""
         while b"\r\n\r\n" not in request:
             request += await stream.receive_some()
-        await stream.send_all(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"0\r\n\r\nHTTP/1.1 200 OK\r\n"
-        )
+        await stream.send_all(raw)
         await trio.sleep_forever()
 
+    return answer
+
+
+async def served_by(raw: bytes) -> tuple[h11.Response, bytes]:
+    """What a caller gets from a registration whose service answers ``raw``."""
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             site = await start_site(nursery)
             hub = Hub()
-            session = (await session_pair(nursery, handler=ambiguous)).server.session
+            session = (await session_pair(nursery, handler=answering(raw))).server.session
             hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
             routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
             caller = Caller(await connect(nursery, Site(routing, site.backends)))
             response, body = await caller.request("1001.localhost")
-            assert (response.status_code, body) == (502, UNAVAILABLE_BODY)
             nursery.cancel_scope.cancel()
+    return response, body
+
+
+async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
+    """A response framed two ways could desync the caller: none of it is relayed."""
+    response, body = await served_by(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nHTTP/1.1 200 OK\r\n"
+    )
+    assert (response.status_code, body) == (502, UNAVAILABLE_BODY)
+
+
+async def test_a_connection_header_naming_the_length_does_not_unframe_the_answer() -> None:
+    """Connection: content-length from a service must not strip the caller's framing."""
+    response, body = await served_by(
+        b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    assert (response.status_code, body) == (200, b"hello")
+    assert (b"content-length", b"5") in response.headers
 
 
 async def test_connections_past_the_limits_are_refused_and_others_still_served() -> None:
@@ -600,6 +620,65 @@ async def test_visitor_lists_judge_the_caller_a_trusted_proxy_names(
             response, _ = await caller.request("1001.localhost", headers=headers)
             assert response.status_code == status
             assert len(site.all_seen) == (status == 200)
+            nursery.cancel_scope.cancel()
+
+
+async def read_until_closed(stream: trio.abc.Stream) -> bytes:
+    received = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await stream.receive_some():
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # A body announced and never sent, for a Host nobody holds.
+        (b"POST / HTTP/1.1\r\nHost: nobody.localhost\r\nContent-Length: 1000000\r\n\r\n", 404),
+        # A body past the registration's maximum, its caller waiting for a 100 first.
+        (
+            b"POST / HTTP/1.1\r\nHost: 1001.localhost\r\nContent-Length: 5000\r\n"
+            b"Expect: 100-continue\r\n\r\n",
+            413,
+        ),
+    ],
+)
+async def test_a_refused_request_whose_body_never_comes_is_answered_and_closed_in_time(
+    head: bytes, status: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Dropping a refused request's body is bounded by headerTimeout, and a caller waiting
+    for a 100 is answered at once: neither holds a connection for ever."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            routing = dataclasses.replace(
+                site.routing, policy_of=lambda _: Policy().changed({"maxRequestBody": 1000})
+            )
+            caller = await connect(nursery, Site(routing, site.backends))
+            started = trio.current_time()
+            await caller.send_all(head)
+            answer = await read_until_closed(caller)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), answer
+            assert trio.current_time() - started <= routing.header_timeout
+            assert site.all_seen == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_http10_chunked_request_never_keeps_its_connection() -> None:
+    """RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message closes the connection after
+    it, whatever its Connection header asks (a front proxy may have framed it otherwise)."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            caller = await connect(nursery, site)
+            await caller.send_all(
+                b"POST / HTTP/1.0\r\nHost: 1001.localhost\r\nConnection: keep-alive\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+            answer = await read_until_closed(caller)  # returns: the ingress closed it
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert b"connection: keep-alive" not in answer.lower()
             nursery.cancel_scope.cancel()
 
 

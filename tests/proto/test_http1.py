@@ -377,3 +377,12 @@ def test_pipelined_requests_come_one_by_one_and_the_rest_stays_pending(piece: in
     assert targets == [b"/a", b"/b"]
     assert b"".join(event for event in events if isinstance(event, bytes)) == b"abc"
     assert reader.pending == b"XYZ"
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"042"])
+def test_a_status_under_100_is_refused(status: bytes) -> None:
+    """h11 refused them; passing one on would send the caller a malformed status line."""
+    reader = http1.ResponseReader()
+    reader.receive_data(b"HTTP/1.1 " + status + b" x\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(http1.ProtocolError, match="is not an HTTP status"):
+        reader.next_event()
