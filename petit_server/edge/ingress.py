@@ -78,6 +78,8 @@ HOP_BY_HOP: Final = frozenset(
 # could not be routed or framed (a caller naming them only tries to desync us).
 UPGRADES: Final = frozenset({b"websocket"})  # protocols a request may switch to, lowercase
 _NEVER_HOP_BY_HOP: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
+# What sending a request body up a tunnel stream raises when the stream or its session ends.
+_UPSTREAM_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, SessionClosedError)
 # Who the caller is, as a proxy says it: only a trusted proxy's are kept (X-Forwarded-* too).
 _FORWARDING_HEADERS: Final = frozenset(
     {b"forwarded", b"x-real-ip", b"true-client-ip", b"x-client-ip", b"client-ip"}
@@ -344,10 +346,14 @@ class IngressConnection:
             await self._refuse(failure.status)
         except ExceptionGroup as group:  # the request body pump's failure, from its nursery
             matched, rest = group.split(http1.ProtocolError)
-            if matched is None:
-                raise
+            if rest is not None:
+                rest = rest.subgroup(lambda exc: not isinstance(exc, _UPSTREAM_GONE))
             if rest is not None:
                 raise rest from None
+            if matched is None:  # the tunnel stream broke while the body went up it
+                await self._drop_upstream()
+                await self._refuse(502)
+                return
             bad_body = first_leaf(matched)
         if bad_body is not None:  # bad chunking or a truncated body: never pass the rest on
             await self._drop_upstream()

@@ -522,6 +522,39 @@ async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
     assert (response.status_code, body) == (502, UNAVAILABLE_BODY)
 
 
+async def test_a_service_that_drops_an_upload_gets_its_caller_a_502_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The tunnel stream dies while the caller's body is going up it: the caller is told
+    502, and nothing is logged as a bug."""
+
+    async def drop_after_the_head(stream: TunnelStream, target: str) -> None:
+        stream.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some()
+        await stream.aclose()  # the service vanished mid-upload: RESET(CANCEL) to the server
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            hub = Hub()
+            pair = await session_pair(nursery, handler=drop_after_the_head)
+            hub.attach(Attachment(pair.server.session, ["1001"], remote="test", vitae={}))
+            routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
+            caller = await connect(nursery, Site(routing, site.backends))
+            await caller.send_all(
+                b"POST / HTTP/1.1\r\nHost: 1001.localhost\r\nContent-Length: 4000000\r\n\r\n"
+            )
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(1000):  # a bounded upload, cut short by the answer
+                    await caller.send_all(bytes(4000))
+            answer = await read_until_closed(caller)
+            assert answer.startswith(b"HTTP/1.1 502 "), answer[:100]
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.getMessage().startswith("bug while")]
+
+
 async def test_a_connection_header_naming_the_length_does_not_unframe_the_answer() -> None:
     """Connection: content-length from a service must not strip the caller's framing."""
     response, body = await served_by(
