@@ -152,10 +152,15 @@ class TlsSocket:
 
         Raises:
             trio.ClosedResourceError: the socket was closed.
+            trio.BrokenResourceError: TLS failed on this connection before (as SSLStream).
         """
         if self._socket.fileno() == -1:
             raise trio.ClosedResourceError("the tunnel socket was closed")
-        self._ssl.write(data)
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:  # a failed connection (a bad record seen): it stays failed
+            self._error = self._error or exc
+            raise trio.BrokenResourceError(f"TLS failed: {exc}") from exc
         self._queue(self._outgoing.read())
         return not self._backlog
 

@@ -347,7 +347,7 @@ class IngressConnection:
         except ExceptionGroup as group:  # the request body pump's failure, from its nursery
             matched, rest = group.split(http1.ProtocolError)
             if rest is not None:
-                rest = rest.subgroup(lambda exc: not isinstance(exc, _UPSTREAM_GONE))
+                _, rest = rest.split(_UPSTREAM_GONE)
             if rest is not None:
                 raise rest from None
             if matched is None:  # the tunnel stream broke while the body went up it
@@ -372,7 +372,7 @@ class IngressConnection:
             return False
         if policy.rate_limit is not None:
             wait = self._routing.visitors.seconds_to_wait(
-                (registration_id, visitor),
+                (registration_id, _rate_key(visitor)),
                 trio.current_time(),
                 rate=policy.rate_limit,
                 burst=policy.burst,
@@ -795,6 +795,20 @@ def _is_forwarding(name: bytes) -> bool:
 
 def _first(headers: Headers, wanted: bytes) -> bytes | None:
     return next((value for name, value in headers if name == wanted), None)
+
+
+def _rate_key(visitor: str) -> str:
+    """Whose rate a visitor's request counts in: its address, or for IPv6 its /64, which
+    one subscriber usually holds whole (else each of its 2**64 addresses had its own bucket)."""
+    try:
+        address = ipaddress.ip_address(visitor)
+    except ValueError:
+        return visitor
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _response_headers(headers: Headers) -> Headers:

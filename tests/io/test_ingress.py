@@ -26,6 +26,7 @@ from petit_server.edge.ingress import (
     ConnectionLimits,
     IngressConnection,
     Routing,
+    _rate_key,
     serve_ingress,
 )
 from petit_server.policy import Policy
@@ -985,3 +986,19 @@ async def test_a_body_of_unknown_length_goes_chunked_to_http11_and_until_close_t
             if version == b"1.0":
                 assert await closed(stream)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("visitors", "shared"),
+    [
+        (("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"), True),  # one /64: one subscriber
+        (("2001:db8:1:2::1", "2001:db8:1:3::1"), False),
+        (("192.0.2.1", "::ffff:192.0.2.1"), True),  # the same IPv4 caller, either socket
+        (("192.0.2.1", "192.0.2.2"), False),
+    ],
+)
+def test_a_rate_limit_counts_an_ipv6_subscriber_by_its_64(
+    visitors: tuple[str, str], shared: bool
+) -> None:
+    first, second = (_rate_key(visitor) for visitor in visitors)
+    assert (first == second) is shared
