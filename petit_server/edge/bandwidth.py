@@ -2,12 +2,15 @@
 shared by every connection to its private service.
 
 The hub wraps each stream it opens for a capped registration in a ``CappedStream``. Bytes
-towards the service wait for the registration's upload bucket before they are sent;
-bytes from the service wait for its download bucket after they are read, so the reader
-stops reading, the tunnel's flow control stops the client, and the client stops reading
-the service: nothing piles up while a caller waits. It applies to HTTP, WebSocket and raw
-TCP alike, since all of them are streams the hub opened. A bucket holds a tenth of a
-second's bytes, so a long transfer stays within a few percent of the cap.
+towards the service wait for the registration's upload bucket before they are sent; bytes
+from the service wait for its download bucket after they are read (kept for the next call,
+not lost, if that wait is cancelled). So the reader stops reading, the tunnel's flow
+control stops the client, and the client stops reading the service: nothing piles up while
+a caller waits. It applies to HTTP, WebSocket and raw TCP alike, since all of them are
+streams the hub opened. A bucket holds a tenth of a second's bytes, so a long transfer
+stays within a few percent of the cap. A cancelled wait gives its bytes back. The cap holds
+per server node: on a cluster where two nodes hold sessions for one registration, each
+node caps its own share.
 """
 
 from __future__ import annotations
@@ -29,12 +32,21 @@ class ByteRate:
         self._when = trio.current_time()
 
     async def take(self, size: int) -> None:
-        """Let ``size`` bytes pass, waiting while the bucket is in debt."""
+        """Let ``size`` bytes pass, waiting while the bucket is in debt. Cancelled, it
+        gives them back: they never passed."""
         now = trio.current_time()
         self._tokens = min(self._burst, self._tokens + (now - self._when) * self.rate) - size
         self._when = now
         if self._tokens < 0:
-            await trio.sleep(-self._tokens / self.rate)  # the cap itself, not synchronisation
+            try:
+                await trio.sleep(-self._tokens / self.rate)  # the cap itself, not a sync
+            except trio.Cancelled:
+                self.give_back(size)
+                raise
+
+    def give_back(self, size: int) -> None:
+        """Return ``size`` bytes taken but not used."""
+        self._tokens = min(self._burst, self._tokens + size)
 
 
 class CappedStream(trio.abc.HalfCloseableStream):
@@ -44,6 +56,7 @@ class CappedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._up = up
         self._down = down
+        self._unpaid: bytes | bytearray = b""  # read from the service, not yet paid for
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._up.take(len(data))
@@ -53,8 +66,16 @@ class CappedStream(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._stream.receive_some(min(max_bytes or PIECE, PIECE))
+        # Read, then pay: a cancellation while paying keeps the bytes for the next call, since
+        # a receive must never lose what it read (paying first would let idle readers hold
+        # the bucket's tokens while they wait).
+        if not self._unpaid:
+            self._unpaid = await self._stream.receive_some(PIECE)
+            if not self._unpaid:
+                return self._unpaid  # EOF
+        data = self._unpaid[: max_bytes or PIECE]
         await self._down.take(len(data))
+        self._unpaid = self._unpaid[len(data) :]
         return data
 
     async def send_eof(self) -> None:
