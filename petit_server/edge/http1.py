@@ -181,6 +181,11 @@ class Reader:
         """Whether the message ended (END was handed out)."""
         return self._state is _State.DONE
 
+    @property
+    def at_eof(self) -> bool:
+        """Whether the peer closed its side (``receive_data(b"")``)."""
+        return self._eof
+
     def next_message(self) -> None:
         assert self._state is _State.DONE, self._state
         self._state = _State.HEAD

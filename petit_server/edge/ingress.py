@@ -179,7 +179,17 @@ class _Upstream:
 
     @property
     def reusable(self) -> bool:
-        return self.request_sent and self.responses.done and self.keep_alive
+        """Whether the next request to the same target may use this stream: the exchange
+        finished cleanly, and the service neither closed it nor sent bytes past its answer
+        (they would pass for the next response)."""
+        responses = self.responses
+        return (
+            self.request_sent
+            and responses.done
+            and self.keep_alive
+            and not responses.at_eof
+            and not responses.buffered
+        )
 
 
 class _UpstreamFailedError(Exception):

@@ -514,6 +514,26 @@ async def served_by(raw: bytes) -> tuple[h11.Response, bytes]:
     return response, body
 
 
+async def test_bytes_a_service_sends_past_its_answer_never_answer_the_next_request() -> None:
+    """A service that sends a second response nobody asked for: the stream is not reused,
+    so the caller's next request gets its own answer, not the stray one."""
+    stray = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+    )
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+            hub = Hub()
+            session = (await session_pair(nursery, handler=answering(stray))).server.session
+            hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
+            routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
+            caller = Caller(await connect(nursery, Site(routing, site.backends)))
+            bodies = [(await caller.request("1001.localhost"))[1] for _ in range(2)]
+            assert bodies == [b"ok", b"ok"]
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
     """A response framed two ways could desync the caller: none of it is relayed."""
     response, body = await served_by(
