@@ -781,11 +781,15 @@ def _authority_and_target(request: http1.Request) -> tuple[str, bytes]:
     RFC 9112 3.2.2: with an absolute-form target (``GET http://a.example/x``) the target's
     authority wins over the Host header. The backend always gets origin-form and, as Host,
     the authority that routed the request, so no target can pick another virtual host
-    behind the same registration. ValueError (400) for an authority with user info.
+    behind the same registration. ValueError (400) for an authority with user info, and
+    for any other target but origin-form and ``*`` (OPTIONS): a ``ws://other/`` target
+    passed on as it is would let some servers take its host for the request's.
     """
     target = request.target
     scheme, separator, rest = target.partition(b"://")
     if not separator or scheme.lower() not in (b"http", b"https"):
+        if not target.startswith(b"/") and not (target == b"*" and request.method == b"OPTIONS"):
+            raise ValueError("a request target is a path (or http(s)://host/path)")
         return _host_header(request), target
     end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
     authority, path = rest[:end], rest[end:]

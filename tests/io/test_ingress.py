@@ -467,8 +467,19 @@ async def test_an_absolute_form_target_routes_by_its_own_authority() -> None:
             b"400",
         ),
         (b"GET http://user@1001.localhost/ HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n", b"400"),
+        # Only origin-form, http(s) absolute-form and OPTIONS * go on: a ws:// target passed
+        # as it is would let some servers take its host for the request's.
+        (b"GET ws://internal-admin.corp/x HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n", b"400"),
+        (b"GET x HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n", b"400"),
     ],
-    ids=["connect", "connection-host", "connection-content-length", "userinfo"],
+    ids=[
+        "connect",
+        "connection-host",
+        "connection-content-length",
+        "userinfo",
+        "ws-absolute-form",
+        "no-slash",
+    ],
 )
 async def test_requests_we_cannot_pass_on_faithfully_get_a_4xx(
     request_bytes: bytes, status: bytes
