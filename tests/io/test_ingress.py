@@ -510,8 +510,9 @@ def answering(raw: bytes) -> StreamHandler:
     return answer
 
 
-async def served_by(raw: bytes) -> tuple[h11.Response, bytes]:
-    """What a caller gets from a registration whose service answers ``raw``."""
+async def served_by(raw: bytes, requests: int = 1) -> list[tuple[h11.Response, bytes]]:
+    """What a caller's ``requests`` on one connection get from a registration whose service
+    answers each request (on each stream) with ``raw``."""
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             site = await start_site(nursery)
@@ -520,9 +521,9 @@ async def served_by(raw: bytes) -> tuple[h11.Response, bytes]:
             hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
             routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
             caller = Caller(await connect(nursery, Site(routing, site.backends)))
-            response, body = await caller.request("1001.localhost")
+            answers = [await caller.request("1001.localhost") for _ in range(requests)]
             nursery.cancel_scope.cancel()
-    return response, body
+    return answers
 
 
 async def test_bytes_a_service_sends_past_its_answer_never_answer_the_next_request() -> None:
@@ -532,22 +533,12 @@ async def test_bytes_a_service_sends_past_its_answer_never_answer_the_next_reque
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
     )
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            site = await start_site(nursery)
-            hub = Hub()
-            session = (await session_pair(nursery, handler=answering(stray))).server.session
-            hub.attach(Attachment(session, ["1001"], remote="test", vitae={}))
-            routing = dataclasses.replace(site.routing, open_upstream=hub.open_stream)
-            caller = Caller(await connect(nursery, Site(routing, site.backends)))
-            bodies = [(await caller.request("1001.localhost"))[1] for _ in range(2)]
-            assert bodies == [b"ok", b"ok"]
-            nursery.cancel_scope.cancel()
+    assert [body for _, body in await served_by(stray, requests=2)] == [b"ok", b"ok"]
 
 
 async def test_a_backend_answer_with_both_lengths_becomes_502() -> None:
     """A response framed two ways could desync the caller: none of it is relayed."""
-    response, body = await served_by(
+    ((response, body),) = await served_by(
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"0\r\n\r\nHTTP/1.1 200 OK\r\n"
     )
@@ -589,7 +580,7 @@ async def test_a_service_that_drops_an_upload_gets_its_caller_a_502_not_a_traceb
 
 async def test_a_connection_header_naming_the_length_does_not_unframe_the_answer() -> None:
     """Connection: content-length from a service must not strip the caller's framing."""
-    response, body = await served_by(
+    ((response, body),) = await served_by(
         b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
     )
     assert (response.status_code, body) == (200, b"hello")
