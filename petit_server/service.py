@@ -87,7 +87,10 @@ class ServerService:
         """The policy a registration's requests meet: its own keys over [server.policy]."""
         registration = self.registry.get(registration_id)
         defaults = self.config.default_policy
-        return defaults if registration is None else registration.policy.over(defaults)
+        if registration is None:
+            return defaults
+        # Per request (and per stream): merge only when there are defaults to merge.
+        return registration.policy.over(defaults) if defaults else registration.policy
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
         """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
