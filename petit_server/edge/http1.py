@@ -312,14 +312,10 @@ class RequestReader(Reader):
         return super()._next_head()
 
     def _parse_head(self, head: bytes) -> Request:
-        line_end = head.find(b"\r\n")
-        line = _REQUEST_LINE.fullmatch(head, 0, max(line_end, 0))
-        if line is None:
-            raise ProtocolError(f"bad request line {head[: max(line_end, 0)][:80]!r}")
-        method, target, version = line.groups()
+        (method, target, version), fields = _start_line(head, _REQUEST_LINE, "request")
         if version[0] != ord("1"):
             raise ProtocolError("only HTTP/1.0 and HTTP/1.1 are served", 505)
-        headers = _fields(httptools.HttpRequestParser, _AS_REQUEST, head[line_end + 2 :])
+        headers = _fields(httptools.HttpRequestParser, _AS_REQUEST, fields)
         hosts = sum(name == b"host" for name, _ in headers)
         if hosts > 1 or (hosts == 0 and version == b"1.1"):
             raise ProtocolError("a request names one Host (HTTP/1.1: exactly one)")
@@ -339,14 +335,10 @@ class ResponseReader(Reader):
         self.for_head = False
 
     def _parse_head(self, head: bytes) -> Response:
-        line_end = head.find(b"\r\n")
-        line = _STATUS_LINE.fullmatch(head, 0, max(line_end, 0))
-        if line is None:
-            raise ProtocolError(f"bad status line {head[: max(line_end, 0)][:80]!r}")
-        version, status_code, reason = line.groups()
+        (version, status_code, reason), fields = _start_line(head, _STATUS_LINE, "status")
         if version[0] != ord("1"):
             raise ProtocolError("not an HTTP/1.x response")
-        headers = _fields(httptools.HttpResponseParser, _AS_RESPONSE, head[line_end + 2 :])
+        headers = _fields(httptools.HttpResponseParser, _AS_RESPONSE, fields)
         status = int(status_code)
         if status < 100:
             raise ProtocolError(f"status {status} is not an HTTP status (100-999)")
@@ -398,6 +390,21 @@ class _Fields:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+
+
+def _start_line(
+    head: bytes, pattern: re.Pattern[bytes], what: str
+) -> tuple[tuple[bytes, ...], bytes]:
+    """The start line's fields (``pattern``'s groups) and the header section after it.
+
+    Raises:
+        ProtocolError: the line does not match (``what`` names it: request or status).
+    """
+    line_end = head.find(b"\r\n")
+    line = pattern.fullmatch(head, 0, max(line_end, 0))
+    if line is None:
+        raise ProtocolError(f"bad {what} line {head[: max(line_end, 0)][:80]!r}")
+    return line.groups(), head[line_end + 2 :]
 
 
 def _fields(
