@@ -12,6 +12,7 @@ accepted. A long run: ``PETIT_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/proto/t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import h11
@@ -36,8 +37,12 @@ class Parsed:
 Outcome = Parsed | int | None  # parsed, the status it is refused with, or incomplete
 
 
-def h11_request(head: bytes) -> Outcome:
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http1.MAX_HEAD)
+def h11_event(
+    connection: h11.Connection, head: bytes, both_lengths: int
+) -> h11.Request | h11.Response | h11.InformationalResponse | int | None:
+    """What h11 makes of ``head``: its first event, or the status it refuses with (for a
+    message with both lengths, ``both_lengths``: the ingress refused those itself), or None
+    while incomplete."""
     connection.receive_data(head)
     try:
         event = connection.next_event()
@@ -45,11 +50,25 @@ def h11_request(head: bytes) -> Outcome:
         return exc.error_status_hint
     if event is h11.NEED_DATA:
         return None
-    assert isinstance(event, h11.Request)
+    assert isinstance(event, h11.Request | h11.Response | h11.InformationalResponse), event
     names = [name for name, _ in event.headers]
     if b"content-length" in names and b"transfer-encoding" in names:
-        return 400  # the ingress refused this itself, before anything was relayed
-    headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in event.headers]
+        return both_lengths
+    return event
+
+
+def _normalised(headers: Iterable[tuple[bytes, bytes]]) -> http1.Headers:
+    """Fields as both parsers are compared on: Transfer-Encoding's value lowercase."""
+    return [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in headers]
+
+
+def h11_request(head: bytes) -> Outcome:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http1.MAX_HEAD)
+    event = h11_event(connection, head, both_lengths=400)
+    if event is None or isinstance(event, int):
+        return event
+    assert isinstance(event, h11.Request), event
+    headers = _normalised(event.headers)
     return Parsed(event.method, event.target, event.http_version, headers, _h11_body(headers))
 
 
@@ -69,7 +88,7 @@ def ours(reader: http1.RequestReader | http1.ResponseReader, head: bytes) -> Out
     if event is http1.NEED_DATA:
         return None
     assert isinstance(event, http1.Request | http1.Response), event
-    headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in event.headers]
+    headers = _normalised(event.headers)
     if isinstance(event, http1.Response):
         return Parsed(b"", str(event.status).encode(), event.version, headers, event.body)
     return Parsed(event.method, event.target, event.version, headers, event.body)
@@ -236,18 +255,12 @@ def h11_response(head: bytes, method: bytes) -> Outcome:
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=http1.MAX_HEAD)
     connection.send(h11.Request(method=method, target="/", headers=[("Host", "a")]))
     connection.send(h11.EndOfMessage())
-    connection.receive_data(head)
-    try:
-        event = connection.next_event()
-    except h11.RemoteProtocolError as exc:
-        return exc.error_status_hint
-    if event is h11.NEED_DATA:
-        return None
+    event = h11_event(connection, head, both_lengths=502)
+    if event is None or isinstance(event, int):
+        return event
     assert isinstance(event, h11.Response | h11.InformationalResponse), event
     names = [name for name, _ in event.headers]
-    if b"content-length" in names and b"transfer-encoding" in names:
-        return 502  # the ingress refused this itself
-    headers = [(n, v.lower() if n == b"transfer-encoding" else v) for n, v in event.headers]
+    headers = _normalised(event.headers)
     body = _h11_body(headers)
     if event.status_code < 200 or event.status_code in (204, 304) or method == b"HEAD":
         body = 0
