@@ -8,6 +8,10 @@ the time of one request on a new connection, the CPU petit's server and client s
 request, and the RSS of petit's processes idle, under load and after. Only ratios from the
 same run mean anything: absolute figures drift.
 
+The raw TCP rows (redis-benchmark through a registration's TCP port) have a fourth path,
+the floor: petit's relay with none of its features (``floor.py``). petit/floor is what the
+features and layers cost; floor/ssh is what trio and Python cost.
+
 ``--baseline REF`` adds a second petit, the code of git revision REF (same venv, its
 packages first on PYTHONPATH), measured in the same run beside the working tree's: the
 before and after of a change, one table.
@@ -308,6 +312,33 @@ GatewayPorts no
         reply = json.loads(self.run([*argv, "-c", str(server.config)], server.env))
         return int(reply["connections"][0]["port"])
 
+    def start_floor(self, server: PetitServer, target_port: int) -> Route:
+        """The floor of petit's design (floor.py) in front of ``target_port``, with the
+        certificates of petit's ``server``."""
+        certificates = server.config.parent / "certificates"
+        floor = [sys.executable, str(Path(__file__).with_name("floor.py"))]
+        public_port, tunnel_port = free_port(), free_port()
+        floor_server = self.spawn(
+            [
+                *floor,
+                "server",
+                str(public_port),
+                str(tunnel_port),
+                str(certificates / "server.crt"),
+                str(certificates / "server.key"),
+            ],
+            "floor.log",
+        )
+        wait_listening(tunnel_port, "the floor's tunnel port")
+        floor_client = self.spawn(
+            [*floor, "client", str(tunnel_port), str(certificates / "ca.crt"), str(target_port)],
+            "floor.log",
+        )
+        wait_listening(public_port, "the floor's public port")
+        return Route(
+            "floor", public_port, "", client_pid=floor_client.pid, server_pid=floor_server.pid
+        )
+
     def start_delay(self, target_port: int, one_way_ms: float) -> int:
         """A relay to ``target_port`` holding each chunk ``one_way_ms`` each way (delay.py)."""
         port = free_port()
@@ -392,13 +423,15 @@ class Route:
     host: str
     server: PetitServer | None = None
     client_pid: int = 0
+    server_pid: int = 0  # the server's, when it is not a petit server (the floor's)
 
     @property
     def pids(self) -> dict[str, int]:
-        """petit's processes on this route, by role."""
-        if self.server is None:
+        """The tunnel's processes on this route, by role."""
+        server_pid = self.server.pid if self.server is not None else self.server_pid
+        if not server_pid:
             return {}
-        return {"server": self.server.pid, "client": self.client_pid}
+        return {"server": server_pid, "client": self.client_pid}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -541,6 +574,7 @@ def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
             f"{role}_idle_mb": rss_mb(pid) for role, pid in petits[0].pids.items()
         }
         results: dict[str, dict[str, float]] = {p.name: {} for p in paths}
+        results["floor"] = {}  # the TCP rows only (floor.py)
         # Each measure runs on every path one after the other, so a neighbour's load on a
         # shared machine hits all of them alike instead of whichever path ran last.
         for connections in (16, 64):
@@ -572,11 +606,14 @@ WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
 
 
 def redis_paths(bench: Bench, petits: list[Route]) -> list[Route]:
-    """redis-server reached directly, through ssh -R, and through each petit's raw TCP port
-    (one more client per server, whose private service is the redis-server)."""
+    """redis-server reached directly, through ssh -R, through the floor of petit's design
+    (floor.py), and through each petit's raw TCP port (one more client per server, whose
+    private service is the redis-server)."""
     redis_port = bench.start_redis()
     ssh_port = bench.start_ssh_forward(bench.sshd_port, redis_port)
     routes = [Route("direct", redis_port, ""), Route("ssh -R", ssh_port, "")]
+    assert petits[0].server is not None
+    routes.append(bench.start_floor(petits[0].server, redis_port))
     for petit in petits:
         assert petit.server is not None
         server = petit.server

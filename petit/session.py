@@ -15,10 +15,16 @@
 - The windows are negotiated by the owner: it announces ``connection.offered_window`` in its
   hello or welcome and passes the peer's announcement to ``connection.settle_windows`` before
   ``serve``.
-- Only the writer task awaits ``carrier.send``. Everyone else queues frames on the
-  connection (synchronously) and wakes the writer, which sends whatever accumulated in one
-  carrier message. The reader therefore never blocks on a send (two peers blocked sending to
-  each other would deadlock), and frames from many streams are batched for free. A stream's
+- Tasks never send on the carrier themselves: they queue frames on the connection
+  (synchronously) and call ``schedule_send``. The reader therefore never blocks on a send
+  (two peers blocked sending to each other would deadlock), and frames from many streams are
+  batched for free. What a batch of trio's run loop queued is sent right after it, before
+  trio waits for I/O (``_SendAtIoWait``, an instrument), when the carrier can take it without
+  waiting (``can_send_now``: a WebSocket whose TLS we drive, with nothing left unwritten).
+  Otherwise the writer task (``_write_loop``) is woken: it waits for the socket and sends,
+  and until it is done the instrument leaves the session to it, so bytes keep their order.
+  Sending at the I/O wait instead of waking the writer saves two trips through trio's
+  scheduler per message (the wake-up, and the send's checkpoint). A stream's
   DATA waits for send credit and, past ``MAX_SEND_QUEUE`` bytes queued on the session, for
   the writer to drain: the peer chooses its windows, so they alone bound nothing, and one
   that stops reading costs us at most that queue. Only stream senders wait; the reader's
@@ -106,6 +112,16 @@ class Carrier(Protocol):
     async def send(self, data: bytes) -> None:
         """Send bytes; raise trio.BrokenResourceError if the transport died."""
 
+    @property
+    def can_send_now(self) -> bool:
+        """Whether ``send_now`` may be called now (never, for a carrier without it)."""
+
+    def send_now(self, data: bytes) -> None:
+        """Send bytes without yielding; what the transport cannot take waits for ``flush``."""
+
+    async def flush(self) -> None:
+        """Wait until what ``send_now`` left behind is written."""
+
     async def receive(self) -> bytes:
         """Return the next bytes; ``b""`` means the peer closed the transport."""
 
@@ -123,6 +139,15 @@ class StreamCarrier:
         """Send bytes on the stream."""
         await self._stream.send_all(data)
 
+    can_send_now = False  # a trio stream sends only from a task
+
+    def send_now(self, data: bytes) -> None:
+        """Never called: ``can_send_now`` is False."""
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Nothing is ever left behind."""
+
     async def receive(self) -> bytes:
         """Receive bytes; a broken stream reads as EOF."""
         try:
@@ -133,6 +158,38 @@ class StreamCarrier:
     async def aclose(self) -> None:
         """Close the stream."""
         await self._stream.aclose()
+
+
+class _SendAtIoWait(trio.abc.Instrument):
+    """Sends what the tasks of one batch of trio's run loop queued, before trio waits for I/O.
+
+    trio calls ``before_io_wait`` after running every runnable task, with the wait's timeout
+    already chosen: a task woken here would sleep until that timeout, so sessions wake their
+    writer through ``run_sync_soon`` (which interrupts the wait) instead.
+    """
+
+    def __init__(self) -> None:
+        self.due: dict[TunnelSession, None] = {}  # sessions with frames queued (ordered set)
+
+    def before_io_wait(self, timeout: float) -> None:
+        """Send for every session that queued frames in this batch."""
+        while self.due:
+            session, _ = self.due.popitem()
+            session._send_before_io_wait()
+
+
+_SEND_AT_IO_WAIT: trio.lowlevel.RunVar[_SendAtIoWait] = trio.lowlevel.RunVar("petit_send")
+
+
+def _send_at_io_wait() -> _SendAtIoWait:
+    """This trio run's instrument, installed on first use."""
+    try:
+        return _SEND_AT_IO_WAIT.get()
+    except LookupError:
+        instrument = _SendAtIoWait()
+        trio.lowlevel.add_instrument(instrument)
+        _SEND_AT_IO_WAIT.set(instrument)
+        return instrument
 
 
 class SessionClosedError(trio.BrokenResourceError):
@@ -179,6 +236,9 @@ class TunnelSession:
         self._open_to: dict[str, int] = {}  # (server) target -> streams open to it
         self._pending_events: deque[TunnelEvent] = deque()
         self._send_needed = trio.Event()
+        self._at_io_wait: _SendAtIoWait | None = None  # set while serving over a capable carrier
+        self._send_failure: BaseException | None = None  # a send at the I/O wait failed
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         # Woken each time the writer drained the queue (a parking lot: waking nobody is free,
         # where a fresh Event per send would be allocated on every message).
         self._sent = trio.lowlevel.ParkingLot()
@@ -265,6 +325,9 @@ class TunnelSession:
             KeepaliveTimeoutError: the peer went silent.
         """
         self._last_received = trio.current_time()
+        if self._carrier.can_send_now:
+            self._trio_token = trio.lowlevel.current_trio_token()
+            self._at_io_wait = _send_at_io_wait()
         try:
             async with trio.open_nursery() as nursery:
                 self._handler_nursery = nursery
@@ -281,6 +344,7 @@ class TunnelSession:
             # them, not a group, so owners can catch KeepaliveTimeoutError and the rest.
             raise first_leaf(group) from None
         finally:
+            self._stop_sending_at_io_wait()
             self._end_all_streams()
             with trio.move_on_after(CLOSE_GRACE, shield=True):
                 await self._flush_and_close_carrier()
@@ -361,12 +425,52 @@ class TunnelSession:
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
+            if self._send_failure is not None:
+                raise trio.BrokenResourceError(
+                    f"the tunnel failed: {self._send_failure}"
+                ) from self._send_failure
             # A send cancelled half-way breaks the carrier (a TLS stream cannot resume) and
             # the GOAWAY flushed after it is lost: when the session ends, the send in
             # progress is not cancelled but bounded by _end_sends_by.
             with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
+                await self._carrier.flush()
                 await self._send_queued_now()
             self._sent.unpark_all()
+
+    def _send_before_io_wait(self) -> None:
+        """(``_SendAtIoWait``) Send the queue if the carrier takes it without waiting, else
+        leave it to the writer task. Never raises: trio removes an instrument that does."""
+        carrier = self._carrier
+        try:
+            while carrier.can_send_now and (
+                data := self.connection.data_to_send(MAX_CARRIER_MESSAGE)
+            ):
+                carrier.send_now(data)
+        except Exception as exc:  # noqa: BLE001 (a bug too: trio would drop the instrument)
+            self._send_failure = exc  # the writer raises it in a task, ending the session
+        # A failure, frames left, or bytes left for the socket: the writer takes over.
+        if (
+            self._send_failure is not None
+            or self.connection.has_data_to_send
+            or not carrier.can_send_now
+        ):
+            self._call_soon(self._wake_writer)
+        elif self._sent.statistics().tasks_waiting:
+            self._call_soon(self._sent.unpark_all)
+
+    def _call_soon(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` in the next batch; it may wake tasks (see ``_SendAtIoWait``)."""
+        assert self._trio_token is not None
+        self._trio_token.run_sync_soon(callback)
+
+    def _wake_writer(self) -> None:
+        self._send_needed.set()
+
+    def _stop_sending_at_io_wait(self) -> None:
+        """From now on only tasks send (the flush at the session's end)."""
+        if self._at_io_wait is not None:
+            self._at_io_wait.due.pop(self, None)
+            self._at_io_wait = None
 
     def _end_sends_by(self, deadline: float) -> None:
         """Cancel the send in progress, and any later one, at ``deadline`` at the latest."""
@@ -403,6 +507,7 @@ class TunnelSession:
 
     async def _flush_and_close_carrier(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._carrier.flush()
             await self._send_queued_now()
         with trio.CancelScope(deadline=self._send_deadline):  # a silent peer: do not wait
             await self._carrier.aclose()  # (a WebSocket waits for the peer's close frame)
@@ -410,8 +515,11 @@ class TunnelSession:
     # ---------------------------------------------------------------- for streams and owners
 
     def schedule_send(self) -> None:
-        """Wake the writer: frames are queued on the connection."""
-        self._send_needed.set()
+        """Frames are queued on the connection: have them sent once this batch of tasks ran."""
+        if self._at_io_wait is not None:
+            self._at_io_wait.due[self] = None
+        else:
+            self._send_needed.set()
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)

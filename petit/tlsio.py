@@ -9,7 +9,8 @@ small round trip (a redis GET) they were most of the time petit spent.
 
 - A ``TlsSocket`` takes over an ``SSLStream`` whose handshake is done (``take_over``): it
   keeps that stream's ``SSLObject`` and memory BIOs and drives them straight over the socket
-  (the same connection and keys; the SSLStream stays the owner that closes the socket). It
+  (the same connection and keys; the SSLStream stays the owner that closes the socket). The
+  session tickets trio holds back until a TLS 1.3 server's first send go out ahead of ours. It
   reaches trio's private attributes: if they are ever renamed, ``take_over`` returns None and
   the caller keeps using the SSLStream (slower, same bytes).
 - Receiving: decrypt what the incoming BIO holds (every whole record, up to the limit);
@@ -57,6 +58,7 @@ class TlsSocket:
         self._drained = False  # the last read emptied the socket: wait before reading again
         self._eof = False
         self._error: BaseException | None = None
+        self._held_back = b""  # ciphertext that goes out ahead of our first send
 
     @classmethod
     def take_over(cls, stream: trio.abc.Stream) -> TlsSocket | None:
@@ -78,7 +80,16 @@ class TlsSocket:
             return None
         if ssl_object.version() is None or outgoing.pending:
             return None  # no handshake yet, or bytes trio has still to send
-        return cls(ssl_object, incoming, outgoing, transport.socket)
+        # trio holds a TLS 1.3 server's session tickets back until its first send: they must
+        # go out before our first record, or the client cannot decrypt it.
+        delayed = getattr(stream, "_delayed_outgoing", None)
+        if not (delayed is None or isinstance(delayed, bytes)):
+            return None
+        tls = cls(ssl_object, incoming, outgoing, transport.socket)
+        if delayed:
+            stream._delayed_outgoing = None
+            tls._held_back = delayed
+        return tls
 
     # ------------------------------------------------------------------ receiving
 
@@ -165,6 +176,8 @@ class TlsSocket:
         return not self._backlog
 
     def _queue(self, ciphertext: bytes) -> None:
+        if self._held_back:
+            ciphertext, self._held_back = self._held_back + ciphertext, b""
         if not ciphertext:
             return
         if self._backlog or self._error is not None:

@@ -108,13 +108,40 @@ class WebSocket:
         message = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         await self._write(self._connection.send(message))
 
+    @property
+    def can_send_now(self) -> bool:
+        """Whether ``send_now`` may be called: TLS driven by us, no task writing, and no
+        ciphertext waiting for the socket (so bytes cannot overtake each other)."""
+        tls = self._tls
+        return (
+            tls is not None
+            and not self._writing
+            and not tls.backlog
+            and self._connection.state is ConnectionState.OPEN
+        )
+
+    def send_now(self, data: bytes) -> None:
+        """Send one binary message without yielding (only when ``can_send_now``); what the
+        kernel does not take waits for ``flush``. Raises as ``send`` does."""
+        assert self._tls is not None, "can_send_now was False"
+        self._tls.send_nowait(self._connection.send(BytesMessage(data=data)))
+
+    async def flush(self) -> None:
+        """Wait until what ``send_now`` left for the socket is written."""
+        if self._tls is not None and self._tls.backlog:
+            await self._write(b"")
+
     async def _write(self, data: bytes) -> None:
         sink = self._stream if self._tls is None else self._tls
         while self._writing:
             await self._written.park()
         self._writing = True
         try:
-            await sink.send_all(data)
+            if data:
+                await sink.send_all(data)
+            else:
+                assert self._tls is not None
+                await self._tls.flush()
         finally:
             self._writing = False
             self._written.unpark()

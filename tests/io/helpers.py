@@ -1,4 +1,5 @@
-"""Handshaken client/server ``TunnelSession`` pairs over in-memory streams.
+"""Handshaken client/server ``TunnelSession`` pairs over in-memory streams, or over TLS
+WebSockets on loopback as in production.
 
 The handshake is the real one (Ed25519 hello over a fixed nonce), so the sessions under test
 went through exactly the states the services drive them through.
@@ -9,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import socket
+import ssl
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 import trio.testing
 
+from petit import pki
 from petit.auth import (
     Hello,
     accepted_ids,
@@ -28,7 +34,8 @@ from petit.auth import (
 )
 from petit.connection import DEFAULT_WINDOW, Role, TunnelConnection
 from petit.errors import AuthError
-from petit.session import StreamCarrier, StreamHandler, TunnelSession, TunnelStream
+from petit.session import Carrier, StreamCarrier, StreamHandler, TunnelSession, TunnelStream
+from petit.websocket import WebSocket, connect, read_upgrade
 
 NONCE = bytes(range(32))
 FINGERPRINT = hashlib.sha256(b"the test server certificate").digest()
@@ -145,6 +152,49 @@ class SessionPair:
         return server_stream, client_stream
 
 
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for "localhost" under a fresh CA."""
+    ca = pki.create_ca()
+    issued = pki.issue_server_certificate(ca, ["localhost"])
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        (root / "ca.crt").write_bytes(ca.cert_pem)
+        (root / "server.crt").write_bytes(issued.cert_pem)
+        (root / "server.key").write_bytes(issued.key_pem)
+        server = pki.server_ssl_context(root / "server.crt", root / "server.key")
+        client = pki.client_ssl_context(root / "ca.crt")
+    return server, client
+
+
+async def websocket_pair(send_buffer: int | None = None) -> tuple[WebSocket, WebSocket]:
+    """(client, server) WebSockets over TLS over loopback TCP, upgraded as the services do;
+    ``send_buffer`` shrinks both kernel send buffers (bytes)."""
+    server_context, client_context = tls_contexts()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    server_tcp = await listeners[0].accept()
+    await listeners[0].aclose()
+    if send_buffer is not None:
+        for tcp in (client_tcp, server_tcp):
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    client_tls = trio.SSLStream(client_tcp, client_context, server_hostname="localhost")
+    server_tls = trio.SSLStream(server_tcp, server_context, server_side=True)
+    accepted: list[WebSocket] = []
+
+    async def accept() -> None:
+        await server_tls.do_handshake()
+        request = await read_upgrade(server_tls, "127.0.0.1")
+        assert request is not None
+        accepted.append(await request.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        await client_tls.do_handshake()
+        client = await connect(client_tls, f"localhost:{port}", "/petit/v1")
+    return client, accepted[0]
+
+
 async def session_pair(
     nursery: trio.Nursery,
     *,
@@ -154,23 +204,33 @@ async def session_pair(
     old_client: bool = False,
     old_server: bool = False,
     ping_interval: float = QUIET_PING_INTERVAL,
+    over_tls: bool = False,
+    send_buffer: int | None = None,
 ) -> SessionPair:
     """Handshake a pair and start both ``serve()`` in ``nursery``.
 
     Without ``handler`` the client accepts every stream (see ``Acceptor``). Each side offers
-    its ``*_window``; an old one (see ``handshake``) announces nothing.
+    its ``*_window``; an old one (see ``handshake``) announces nothing. ``over_tls`` runs
+    the pair over TLS WebSockets on loopback (``websocket_pair``) instead of memory streams.
     """
     acceptor = Acceptor() if handler is None else None
-    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client_carrier: Carrier
+    server_carrier: Carrier
+    if over_tls:
+        client_carrier, server_carrier = await websocket_pair(send_buffer)
+        client_stream: trio.abc.Stream = client_carrier._stream
+    else:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        client_carrier, server_carrier = StreamCarrier(client_stream), StreamCarrier(server_stream)
     client = TunnelSession(
         TunnelConnection(Role.CLIENT, offered_window=client_window),
-        StreamCarrier(client_stream),
+        client_carrier,
         ping_interval=ping_interval,
         stream_handler=handler or acceptor,
     )
     server = TunnelSession(
         TunnelConnection(Role.SERVER, offered_window=server_window),
-        StreamCarrier(server_stream),
+        server_carrier,
         ping_interval=ping_interval,
     )
     await handshake(client, server, old_client=old_client, old_server=old_server)

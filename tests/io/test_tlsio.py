@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from petit import pki
 from petit.tlsio import TlsSocket
 
-
-def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = pki.create_ca()
-    issued = pki.issue_server_certificate(ca, ["localhost"])
-    with tempfile.TemporaryDirectory() as directory:
-        root = Path(directory)
-        (root / "ca.crt").write_bytes(ca.cert_pem)
-        (root / "server.crt").write_bytes(issued.cert_pem)
-        (root / "server.key").write_bytes(issued.key_pem)
-        server = pki.server_ssl_context(root / "server.crt", root / "server.key")
-        client = pki.client_ssl_context(root / "ca.crt")
-    return server, client
+from .helpers import tls_contexts
 
 
 @asynccontextmanager
@@ -37,7 +22,7 @@ async def tls_pair(
 ) -> AsyncIterator[tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]]:
     """(client, server) TLS streams over loopback TCP, handshaken; ``send_buffer`` shrinks
     the client's kernel send buffer."""
-    server_context, client_context = _contexts()
+    server_context, client_context = tls_contexts()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
@@ -60,12 +45,29 @@ async def tls_pair(
 async def test_only_a_handshaken_tls_stream_over_a_socket_is_taken_over() -> None:
     left, _ = trio.testing.memory_stream_pair()
     assert TlsSocket.take_over(left) is None
-    server_context, _ = _contexts()
+    server_context, _ = tls_contexts()
     tcp_left, _tcp_right = trio.testing.memory_stream_pair()
     assert TlsSocket.take_over(trio.SSLStream(tcp_left, server_context, server_side=True)) is None
     async with tls_pair() as (client, server):
         assert TlsSocket.take_over(client) is not None
         assert TlsSocket.take_over(server) is not None
+
+
+async def test_a_server_taken_over_right_after_its_handshake_may_speak_first() -> None:
+    """trio holds a TLS 1.3 server's session tickets until its first send; taken over before
+    any, the server must still send them ahead of its first record (it used not to: the
+    client then failed with a bad record MAC)."""
+    async with tls_pair() as (client, server):
+        assert server._ssl_object.version() == "TLSv1.3"
+        sender, receiver = TlsSocket.take_over(server), TlsSocket.take_over(client)
+        assert sender is not None
+        assert receiver is not None
+        assert sender.send_nowait(b"hello")
+        with trio.fail_after(5):
+            assert await receiver.receive_some(100) == b"hello"
+        assert receiver.send_nowait(b"hi")
+        with trio.fail_after(5):
+            assert await sender.receive_some(100) == b"hi"
 
 
 async def test_bytes_keep_their_order_through_a_full_kernel_buffer() -> None:
