@@ -825,11 +825,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     ) -> bytes:
         with self._receive_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False  # then that wait was this call's checkpoint: no second one
             while not self._buffer:
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed")
                 if self._eof:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 self._check_usable()
                 self._relay_fd, self._relay_counted = relay_fd, counted
@@ -837,12 +839,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._wait_for_change()
                 finally:
                     self._relay_fd, self._relay_counted = -1, _ignore
+                waited = True
             chunk = self._buffer.popleft()
             if len(chunk) > limit:
                 self._buffer.appendleft(chunk[limit:])
                 chunk = chunk[:limit]
             self._consumed(len(chunk))
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return chunk
 
     def _close_locally(self) -> None:

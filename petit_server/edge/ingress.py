@@ -41,6 +41,7 @@ from typing import Final
 
 import trio
 
+from petit import sockio
 from petit.connection import PROBE, StreamKind, stream_target
 from petit.control import in_networks
 from petit.errors import first_leaf
@@ -267,7 +268,7 @@ class IngressConnection:
 
     async def _receive(self) -> None:
         try:
-            data = bytes(await self._stream.receive_some(READ_CHUNK))
+            data = await sockio.receive(self._stream, READ_CHUNK)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         self._meter.received(len(data))
@@ -291,30 +292,33 @@ class IngressConnection:
                 await self._receive()
             if idle.cancelled_caught:
                 return None
-        with trio.move_on_after(self._routing.header_timeout):
-            try:
-                request = await self._next_public_event()
-            except http1.ProtocolError as exc:
-                await self._send_simple(exc.status, f"bad request: {exc}".encode())
-                return None
-            if not isinstance(request, http1.Request):
-                return None  # closed between requests
-            self._request = request
-            connection = tokens(request.headers, b"connection")
-            if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
-                self._keep_alive = (
-                    b"keep-alive" in connection
-                    and b"close" not in connection
-                    and request.body != http1.CHUNKED  # 6.1: a 1.0 chunked body closes after
-                )
-            else:
-                self._keep_alive = b"close" not in connection
-                expect = tokens(request.headers, b"expect")
-                self._waiting_for_continue = b"100-continue" in expect
-            return request
-        if self._requests.buffered:
-            await self._send_simple(408, b"request header timeout")
-        return None
+        try:
+            request = self._requests.next_event()  # usually whole in the first read
+            if request is NEED_DATA:
+                with trio.move_on_after(self._routing.header_timeout) as waiting:
+                    request = await self._next_public_event()
+                if waiting.cancelled_caught:
+                    if self._requests.buffered:
+                        await self._send_simple(408, b"request header timeout")
+                    return None
+        except http1.ProtocolError as exc:
+            await self._send_simple(exc.status, f"bad request: {exc}".encode())
+            return None
+        if not isinstance(request, http1.Request):
+            return None  # closed between requests
+        self._request = request
+        connection = tokens(request.headers, b"connection")
+        if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
+            self._keep_alive = (
+                b"keep-alive" in connection
+                and b"close" not in connection
+                and request.body != http1.CHUNKED  # 6.1: a 1.0 chunked body closes after
+            )
+        else:
+            self._keep_alive = b"close" not in connection
+            expect = tokens(request.headers, b"expect")
+            self._waiting_for_continue = b"100-continue" in expect
+        return request
 
     async def _handle(self, request: http1.Request) -> None:
         headers = request.headers
@@ -628,7 +632,9 @@ class IngressConnection:
 
     async def _flush_public(self, outgoing: list[bytes]) -> None:
         if outgoing:
-            await self._stream.send_all(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+            await sockio.send(
+                self._stream, outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+            )
             outgoing.clear()
 
     async def _redirect_to_https(self, request: http1.Request, port: int) -> None:
