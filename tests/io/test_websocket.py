@@ -7,7 +7,8 @@ import os
 import pytest
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
+from hypothesis import given, strategies as st
+from wsproto import ConnectionType, WSConnection, frame_protocol
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -25,6 +26,7 @@ from petit.websocket import (
     HandshakeError,
     WebSocket,
     WebSocketClosedError,
+    _CMasker,
     connect,
     read_upgrade,
 )
@@ -202,3 +204,40 @@ async def test_a_plain_http_request_gets_an_error_answer_not_an_upgrade() -> Non
         assert await read_upgrade(server_stream, "memory") is None
         answer = await client_stream.receive_some()
         assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 426 ")), answer
+
+
+def _xor(data: bytes, key: bytes, offset: int) -> bytes:
+    """RFC 6455 5.3, byte by byte: the reference for the C masker."""
+    return bytes(byte ^ key[(offset + index) % 4] for index, byte in enumerate(data))
+
+
+@given(data=st.binary(max_size=3000), key=st.binary(min_size=4, max_size=4), cuts=st.data())
+def test_the_c_masker_is_rfc6455_masking_across_any_pieces(
+    data: bytes, key: bytes, cuts: st.DataObject
+) -> None:
+    """A frame's payload may reach the masker in pieces (a partial read): each piece goes on
+    with the key byte where the previous one stopped."""
+    points = sorted(cuts.draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    masker = _CMasker(key)
+    pieces = [
+        data[start:end] for start, end in zip([0, *points], [*points, len(data)], strict=True)
+    ]
+    assert b"".join(masker.process(piece) for piece in pieces) == _xor(data, key, 0)
+
+
+def test_wsproto_masks_and_unmasks_with_the_c_masker() -> None:
+    """The swap is in place (a wsproto that renamed its masker would fail here), and a masked
+    frame wsproto builds with it is unmasked by wsproto to the same bytes."""
+    assert getattr(frame_protocol, "XorMaskerSimple", None) is _CMasker
+    payload = os.urandom(70_001)
+    client = FrameProtocol(client=True, extensions=[])
+    server = FrameProtocol(client=False, extensions=[])
+    wire = client.send_data(payload, True)
+    key = bytes(wire[10:14])  # after the 2-byte header and the 8-byte length
+    assert bytes(wire[14:]) == _xor(payload, key, 0)
+    server.receive_bytes(bytes(wire))
+    frames = list(server.received_frames())
+    assert (
+        b"".join(frame.payload for frame in frames if isinstance(frame.payload, bytes)) == payload
+    )
+    assert len(frames) == 1
