@@ -25,3 +25,11 @@ def run_bench(script: str, *args: str, tmp_path: Path) -> tuple[str, dict[str, A
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures: dict[str, Any] = json.loads(output.read_text())
     return result.stdout, figures
+
+
+def in_git_checkout() -> bool:
+    """Whether the repository is a git checkout (``--baseline`` needs one)."""
+    probe = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
+    )
+    return probe.returncode == 0

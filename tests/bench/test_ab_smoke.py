@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.bench.helpers import REPO, run_bench
+from tests.bench.helpers import in_git_checkout, run_bench
 
 MEASURES = [
     f"{row}_{figure}"
@@ -21,15 +20,8 @@ MEASURES = [
 ]
 
 
-def _in_git_checkout() -> bool:
-    probe = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not _in_git_checkout(), reason="--baseline needs a git checkout")
+@pytest.mark.skipif(not in_git_checkout(), reason="--baseline needs a git checkout")
 def test_ab_smoke_produces_every_figure_for_every_round(tmp_path: Path) -> None:
     stdout, result = run_bench("ab.py", "--smoke", "--baseline", "HEAD", tmp_path=tmp_path)
     assert "petit@HEAD" in stdout

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.bench.helpers import REPO, run_bench
+from tests.bench.helpers import in_git_checkout, run_bench
 
 PATHS = ("direct", "ssh -R", "petit", "petit@HEAD")
 FIGURES = (
@@ -43,15 +42,8 @@ CPU_FIGURES = (
 )
 
 
-def _in_git_checkout() -> bool:
-    probe = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not _in_git_checkout(), reason="--baseline needs a git checkout")
+@pytest.mark.skipif(not in_git_checkout(), reason="--baseline needs a git checkout")
 def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     """Every figure on every path, with the committed code measured beside the working tree."""
     stdout, figures = run_bench("run.py", "--smoke", "--baseline", "HEAD", tmp_path=tmp_path)

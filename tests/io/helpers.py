@@ -166,10 +166,11 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-async def websocket_pair(send_buffer: int | None = None) -> tuple[WebSocket, WebSocket]:
-    """(client, server) WebSockets over TLS over loopback TCP, upgraded as the services do;
-    ``send_buffer`` shrinks both kernel send buffers (bytes)."""
-    server_context, client_context = tls_contexts()
+async def loopback_tcp_pair(
+    send_buffer: int | None = None,
+) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """(client, server) TCP connected on 127.0.0.1; ``send_buffer`` shrinks both kernel send
+    buffers (bytes)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
@@ -178,6 +179,15 @@ async def websocket_pair(send_buffer: int | None = None) -> tuple[WebSocket, Web
     if send_buffer is not None:
         for tcp in (client_tcp, server_tcp):
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return client_tcp, server_tcp
+
+
+async def websocket_pair(send_buffer: int | None = None) -> tuple[WebSocket, WebSocket]:
+    """(client, server) WebSockets over TLS over loopback TCP, upgraded as the services do;
+    ``send_buffer`` shrinks both kernel send buffers (bytes)."""
+    server_context, client_context = tls_contexts()
+    client_tcp, server_tcp = await loopback_tcp_pair(send_buffer)
+    port = client_tcp.socket.getpeername()[1]
     client_tls = trio.SSLStream(client_tcp, client_context, server_hostname="localhost")
     server_tls = trio.SSLStream(server_tcp, server_context, server_side=True)
     accepted: list[WebSocket] = []

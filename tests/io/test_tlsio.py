@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +12,7 @@ import trio.testing
 
 from petit.tlsio import TlsSocket
 
-from .helpers import tls_contexts
+from .helpers import loopback_tcp_pair, tls_contexts
 
 
 @asynccontextmanager
@@ -21,15 +20,9 @@ async def tls_pair(
     send_buffer: int | None = None,
 ) -> AsyncIterator[tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]]:
     """(client, server) TLS streams over loopback TCP, handshaken; ``send_buffer`` shrinks
-    the client's kernel send buffer."""
+    the kernel send buffers."""
     server_context, client_context = tls_contexts()
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    server_tcp = await listeners[0].accept()
-    await listeners[0].aclose()
-    if send_buffer is not None:
-        client_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    client_tcp, server_tcp = await loopback_tcp_pair(send_buffer)
     client = trio.SSLStream(client_tcp, client_context, server_hostname="localhost")
     server = trio.SSLStream(server_tcp, server_context, server_side=True)
     async with trio.open_nursery() as nursery:
