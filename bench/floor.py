@@ -37,11 +37,13 @@ class Tunnel:
     def __init__(self, tls: TlsSocket) -> None:
         self.tls = tls
         self.sockets: dict[int, trio.socket.SocketType] = {}
+        self._flushing = trio.Lock()  # TlsSocket.flush takes one task at a time
 
     async def send(self, kind: int, stream_id: int, payload: bytes = b"") -> None:
         """Frame and send from the calling task, waiting only when the socket is full."""
         if not self.tls.send_nowait(HEADER.pack(kind, stream_id, len(payload)) + payload):
-            await self.tls.flush()
+            async with self._flushing:
+                await self.tls.flush()
 
     async def pump_out(self, stream_id: int, sock: trio.socket.SocketType) -> None:
         """One socket into the tunnel until its EOF."""

@@ -21,19 +21,21 @@
   batched for free. What a batch of trio's run loop queued is sent right after it, before
   trio waits for I/O (``_SendAtIoWait``, an instrument), when the carrier can take it without
   waiting (``can_send_now``: a WebSocket whose TLS we drive, with nothing left unwritten).
-  Otherwise the writer task (``_write_loop``) is woken: it waits for the socket and sends,
-  and until it is done the instrument leaves the session to it, so bytes keep their order.
+  Otherwise (bytes left for the socket, or a task writing or waiting to write, such as the
+  reader answering a WebSocket PING) the writer task (``_write_loop``) is woken: it waits for
+  the socket and sends, and from the moment it wakes until its round is done the instrument
+  leaves the session to it, so bytes keep their order.
   Sending at the I/O wait instead of waking the writer saves two trips through trio's
-  scheduler per message (the wake-up, and the send's checkpoint). A stream's
-  DATA waits for send credit and, past ``MAX_SEND_QUEUE`` bytes queued on the session, for
-  the writer to drain: the peer chooses its windows, so they alone bound nothing, and one
-  that stops reading costs us at most that queue. Only stream senders wait; the reader's
-  replies are bounded by ``MAX_REPLY_BACKLOG`` below.
+  scheduler per message (the wake-up, and the send's checkpoint). A stream's DATA waits for
+  send credit and, past ``MAX_SEND_QUEUE`` bytes queued on the session, for the queue to
+  drain (at the I/O wait or by the writer): the peer chooses its windows, so they alone
+  bound nothing, and one that stops reading costs us at most that queue. Only stream
+  senders wait; the reader's replies are bounded by ``MAX_REPLY_BACKLOG`` below.
 - Received DATA goes into the stream's buffer, or, while a relay into a socket waits with
   nothing buffered (``TunnelStream.relay_some``), straight into that socket with one
   non-blocking write from the reader; the part the socket cannot take is buffered as usual.
 - The reader stops reading while the replies the peer's input queued (PONGs, refusals) pass
-  ``MAX_REPLY_BACKLOG`` bytes and waits for the writer to drain them: a peer that floods
+  ``MAX_REPLY_BACKLOG`` bytes and waits for them to drain: a peer that floods
   PINGs and never reads fills its own socket buffers, not our memory. Only replies count:
   our own DATA is bounded by send windows, and waiting on it could deadlock two peers that
   both have much to send.
@@ -163,9 +165,12 @@ class StreamCarrier:
 class _SendAtIoWait(trio.abc.Instrument):
     """Sends what the tasks of one batch of trio's run loop queued, before trio waits for I/O.
 
-    trio calls ``before_io_wait`` after running every runnable task, with the wait's timeout
-    already chosen: a task woken here would sleep until that timeout, so sessions wake their
-    writer through ``run_sync_soon`` (which interrupts the wait) instead.
+    trio calls ``before_io_wait`` on every iteration of its run loop, after the batch of tasks
+    it ran, with the wait's timeout already chosen: a task woken here would sleep until that
+    timeout, so sessions wake their writer through ``run_sync_soon`` (which interrupts the
+    wait) instead. A hook that raises is removed by trio, which would stop every session's
+    sending at once, so nothing may escape: a session whose send fails here hands over to its
+    writer task, which meets the failure in a task.
     """
 
     def __init__(self) -> None:
@@ -175,7 +180,11 @@ class _SendAtIoWait(trio.abc.Instrument):
         """Send for every session that queued frames in this batch."""
         while self.due:
             session, _ = self.due.popitem()
-            session._send_before_io_wait()
+            try:
+                session._send_before_io_wait()
+            except Exception as exc:  # noqa: BLE001 (see the class docstring)
+                session._send_failure = session._send_failure or exc
+                session._call_soon(session._wake_writer)
 
 
 _SEND_AT_IO_WAIT: trio.lowlevel.RunVar[_SendAtIoWait] = trio.lowlevel.RunVar("petit_send")
@@ -238,6 +247,7 @@ class TunnelSession:
         self._send_needed = trio.Event()
         self._at_io_wait: _SendAtIoWait | None = None  # set while serving over a capable carrier
         self._send_failure: BaseException | None = None  # a send at the I/O wait failed
+        self._writer_busy = False  # the writer task is in a round: only it sends
         self._trio_token: trio.lowlevel.TrioToken | None = None
         # Woken each time the writer drained the queue (a parking lot: waking nobody is free,
         # where a fresh Event per send would be allocated on every message).
@@ -432,22 +442,27 @@ class TunnelSession:
             # A send cancelled half-way breaks the carrier (a TLS stream cannot resume) and
             # the GOAWAY flushed after it is lost: when the session ends, the send in
             # progress is not cancelled but bounded by _end_sends_by.
-            with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
-                await self._carrier.flush()
-                await self._send_queued_now()
+            self._writer_busy = True
+            try:
+                with trio.CancelScope(shield=True, deadline=self._send_deadline) as self._sending:
+                    await self._carrier.flush()
+                    await self._send_queued_now()
+            finally:
+                self._writer_busy = False
             self._sent.unpark_all()
 
     def _send_before_io_wait(self) -> None:
         """(``_SendAtIoWait``) Send the queue if the carrier takes it without waiting, else
         leave it to the writer task. Never raises: trio removes an instrument that does."""
         carrier = self._carrier
-        try:
-            while carrier.can_send_now and (
-                data := self.connection.data_to_send(MAX_CARRIER_MESSAGE)
-            ):
-                carrier.send_now(data)
-        except Exception as exc:  # noqa: BLE001 (a bug too: trio would drop the instrument)
-            self._send_failure = exc  # the writer raises it in a task, ending the session
+        if not self._writer_busy:  # (a writer in its round may hold frames already)
+            try:
+                while carrier.can_send_now and (
+                    data := self.connection.data_to_send(MAX_CARRIER_MESSAGE)
+                ):
+                    carrier.send_now(data)
+            except Exception as exc:  # noqa: BLE001 (a bug too: trio would drop the instrument)
+                self._send_failure = exc  # the writer raises it in a task, ending the session
         # A failure, frames left, or bytes left for the socket: the writer takes over.
         if (
             self._send_failure is not None
@@ -461,7 +476,7 @@ class TunnelSession:
     def _call_soon(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` in the next batch; it may wake tasks (see ``_SendAtIoWait``)."""
         assert self._trio_token is not None
-        self._trio_token.run_sync_soon(callback)
+        self._trio_token.run_sync_soon(callback, idempotent=True)
 
     def _wake_writer(self) -> None:
         self._send_needed.set()

@@ -32,6 +32,8 @@ async def receive(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
         return bytes(await stream.receive_some(max_bytes))
     sock = stream.socket
     while True:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the socket was closed")
         await trio.lowlevel.wait_readable(sock)
         try:
             return os.read(sock.fileno(), max_bytes)

@@ -9,16 +9,20 @@ over a memory channel), which cost a task switch and a copy per message.
 # Theory of operation
 
 - One ``WebSocket`` wraps one stream (TLS, in production) and one ``wsproto.WSConnection``.
-  trio's rule for streams holds: at most one task receives and one task sends at a time.
-  The session's reader calls ``receive`` and its writer ``send``; the short registration
-  exchanges call ``get_message``/``send_message`` from one task.
+  trio's rule for streams holds: at most one task receives at a time. The session's reader
+  calls ``receive``; its writer calls ``send``, the reader sends its answers to control
+  frames, and between batches of tasks the session may ``send_now`` (no task: see
+  ``petit.session``), which it does only when ``can_send_now`` says no task is writing or
+  waiting to write. The short registration exchanges call ``get_message``/``send_message``
+  from one task.
 - ``receive`` reads up to ``RECEIVE_BUFFER`` bytes, feeds wsproto, and returns the binary
   payload bytes that came out: any part of a message, joined when a read held several.
   ``get_message`` collects whole messages instead, bounded by a size limit.
 - Control frames are answered by the receiving task itself: a PING's PONG and the reply to
   the peer's close frame are sent before it reads on. A peer that floods PINGs and never reads
-  therefore stalls its own reader here: we stop reading it, we never queue for it. Sends are
-  serialised by a flag and a parking lot (an uncontended send does not yield for a lock).
+  therefore stalls its own reader here: we stop reading it, we never queue for it. Task sends
+  are serialised by a flag and a parking lot (an uncontended send does not yield for a lock);
+  a task parked there already holds its framed message, so nothing may be sent before it.
 - Closing: ``aclose`` sends a close frame, waits (bounded by the caller's cancel scope, and
   by ``CLOSE_WAIT`` at most) for the peer's, then closes the stream. When the peer closes
   first, ``receive`` answers it and returns ``b""``. A frame that breaks RFC 6455 is answered
@@ -31,8 +35,8 @@ over a memory channel), which cost a task switch and a copy per message.
   does in Python (about 1.1 ms per MB each way; a third of a bulk transfer's CPU on each
   side). ``_CMasker`` does the same XOR with websockets' C ``apply_mask`` (23 us per MB) and is
   put in the place of wsproto's masker class at import. It reaches wsproto's module global
-  ``XorMaskerSimple``: if wsproto renames it, nothing is replaced (slower, same bytes) and
-  tests/io/test_websocket.py says so.
+  ``XorMaskerSimple``: if wsproto renames it, or websockets comes without its C extension,
+  nothing is replaced (slower, same bytes) and tests/io/test_websocket.py says so.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
-from websockets.speedups import apply_mask
 from wsproto import ConnectionType, WSConnection, frame_protocol
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -65,6 +68,13 @@ from petit.errors import PetitError, RemoteProtocolError
 from petit.listen import serve_tcp
 from petit.tls import server_handshake
 from petit.tlsio import TlsSocket
+
+try:
+    from websockets.speedups import apply_mask
+
+    _C_MASKING = True
+except ImportError:  # websockets without its C extension: wsproto's own masking stays
+    _C_MASKING = False
 
 log = logging.getLogger("petit.websocket")
 
@@ -93,7 +103,7 @@ class _CMasker:
         return masked
 
 
-if hasattr(frame_protocol, "XorMaskerSimple"):
+if _C_MASKING and hasattr(frame_protocol, "XorMaskerSimple"):
     frame_protocol.XorMaskerSimple = _CMasker  # type: ignore[misc,assignment]
 
 
@@ -143,6 +153,7 @@ class WebSocket:
         return (
             tls is not None
             and not self._writing
+            and not self._written  # a task parked there holds a framed message already
             and not tls.backlog
             and self._connection.state is ConnectionState.OPEN
         )

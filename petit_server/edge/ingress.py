@@ -299,10 +299,10 @@ class IngressConnection:
                     request = await self._next_public_event()
                 if waiting.cancelled_caught:
                     if self._requests.buffered:
-                        await self._send_simple(408, b"request header timeout")
+                        await self._refuse_head(408, b"request header timeout")
                     return None
         except http1.ProtocolError as exc:
-            await self._send_simple(exc.status, f"bad request: {exc}".encode())
+            await self._refuse_head(exc.status, f"bad request: {exc}".encode())
             return None
         if not isinstance(request, http1.Request):
             return None  # closed between requests
@@ -319,6 +319,12 @@ class IngressConnection:
             expect = tokens(request.headers, b"expect")
             self._waiting_for_continue = b"100-continue" in expect
         return request
+
+    async def _refuse_head(self, status: int, body: bytes) -> None:
+        """Answer a head we will not read to the end; a caller that does not read its answer
+        holds us no longer than headerTimeout."""
+        with trio.move_on_after(self._routing.header_timeout):
+            await self._send_simple(status, body)
 
     async def _handle(self, request: http1.Request) -> None:
         headers = request.headers

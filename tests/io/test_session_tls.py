@@ -7,8 +7,10 @@ import os
 
 import pytest
 import trio
+from wsproto.events import Ping
 
 from petit.session import TunnelSession, TunnelStream
+from petit.websocket import WebSocket
 
 from .helpers import session_pair
 
@@ -73,4 +75,41 @@ async def test_small_round_trips_are_sent_without_waking_the_writer(
                 await client_end.send_all(b"+OK " + request)
                 assert await server_end.receive_some() == b"+OK " + request
             assert writer_sends == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_streams_arrive_whole_while_the_peer_pings() -> None:
+    """The reader answers a WebSocket PING itself; while its PONG waits for a full socket,
+    the writer task may park holding a framed message. Nothing may be sent before that
+    message: every stream's bytes still arrive whole and in order."""
+    payloads = [os.urandom(500_000 + 4099 * index) for index in range(8)]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(nursery, over_tls=True, send_buffer=4096)
+            client_websocket = pair.client.session._carrier
+            assert isinstance(client_websocket, WebSocket)
+            done = trio.Event()
+
+            async def ping_the_server() -> None:
+                while not done.is_set():
+                    await client_websocket._write(
+                        client_websocket._connection.send(Ping(payload=os.urandom(100)))
+                    )
+                    await trio.sleep(0)
+
+            nursery.start_soon(ping_the_server)
+            received: list[tuple[bytearray, bytearray]] = []
+            async with trio.open_nursery() as transfers:
+                for index in range(4):
+                    server_end, client_end = await pair.open_stream_pair()
+                    at_client, at_server = bytearray(), bytearray()
+                    received.append((at_client, at_server))
+                    transfers.start_soon(_send_then_end, server_end, payloads[2 * index])
+                    transfers.start_soon(_send_then_end, client_end, payloads[2 * index + 1])
+                    transfers.start_soon(_read_to_end, client_end, at_client)
+                    transfers.start_soon(_read_to_end, server_end, at_server)
+            done.set()
+            for index, (at_client, at_server) in enumerate(received):
+                assert at_client == payloads[2 * index]
+                assert at_server == payloads[2 * index + 1]
             nursery.cancel_scope.cancel()

@@ -54,6 +54,8 @@ async def test_a_reset_connection_is_broken_and_a_closed_one_is_closed() -> None
         await server.aclose()
         with pytest.raises(trio.ClosedResourceError):
             await sockio.send(server, b"late")
+        with pytest.raises(trio.ClosedResourceError):
+            await sockio.receive(server, 100)
 
 
 async def test_other_streams_use_their_own_methods() -> None:
