@@ -43,6 +43,7 @@ from petit.errors import ErrorCode, PetitError, RemoteProtocolError
 from petit.httpapi import loopback_json, serve_api
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
+from petit.memory import trim_after_bursts
 from petit.pki import client_ssl_context
 from petit.session import (
     KeepaliveTimeoutError,
@@ -344,6 +345,7 @@ class ClientService:
                 nursery.start_soon(self._keep_connected, link)
             if self.config.loopback_interval:
                 nursery.start_soon(self._check_public_urls)
+            nursery.start_soon(trim_after_bursts)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
         log.info("stopped")

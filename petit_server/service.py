@@ -24,6 +24,7 @@ from petit.httpapi import serve_api
 from petit.listen import show_address
 from petit.lockfile import ProcessLock
 from petit.logs import set_level
+from petit.memory import trim_after_bursts
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.statefile import remove_stale_temporaries
 from petit.websocket import serve_websocket
@@ -202,6 +203,7 @@ class ServerService:
                 await listeners.start(self.registry.run)
                 # In handlers: cancelled after the drain, it adds the last requests' usage.
                 handlers.start_soon(self.registry.share_usage, self.usage)
+                handlers.start_soon(trim_after_bursts)
                 tunnel = partial(
                     serve_websocket,
                     gateway.handle,

@@ -1,0 +1,38 @@
+"""petit.memory: when a burst is over, the heap it freed goes back to the system."""
+
+from __future__ import annotations
+
+from petit.memory import QUIET_CPU, TRIM_GROWTH, TrimPolicy, _malloc_trim, resident_bytes
+
+MB = 1024 * 1024
+
+
+def test_a_trim_waits_for_growth_and_for_a_quiet_interval() -> None:
+    policy = TrimPolicy(interval=10.0, resident_after_trim=40 * MB, cpu_before=1.0)
+    busy = 10.0 * QUIET_CPU * 2  # CPU seconds of a busy interval
+    assert not policy.reading(40 * MB + TRIM_GROWTH, cpu=1.0 + busy)  # grown, but busy
+    assert policy.reading(40 * MB + TRIM_GROWTH, cpu=1.0 + busy)  # grown, and now quiet
+    policy.trimmed(41 * MB)
+    assert not policy.reading(41 * MB + TRIM_GROWTH - 1, cpu=1.0 + busy)  # quiet, not grown
+    assert policy.reading(41 * MB + TRIM_GROWTH, cpu=1.0 + busy)
+
+
+def test_trimming_gives_freed_heap_back() -> None:
+    """Buffers of a tunnel's size, freed after glibc raised its mmap threshold over them, stay
+    resident until a trim."""
+    malloc_trim = _malloc_trim()
+    assert malloc_trim is not None, "glibc's malloc_trim (this is a glibc system)"
+    malloc_trim(0)
+    buffers = [bytearray(256 * 1024) for _ in range(4)]
+    del buffers  # freed mmapped chunks: glibc raises its threshold above their size
+    held = [bytearray(256 * 1024) for _ in range(160)]  # 40 MiB, now from the heap
+    for buffer in held:
+        buffer[::4096] = b"x" * len(buffer[::4096])  # touch every page
+    # Keep one live buffer at the top of the heap, so nothing is returned without a trim.
+    top = bytearray(1024)
+    del held
+    before = resident_bytes()
+    malloc_trim(0)
+    after = resident_bytes()
+    assert before - after >= 20 * MB, (before, after)
+    assert top is not None
