@@ -7,12 +7,13 @@ import os
 
 import pytest
 import trio
+import trio.testing
 from wsproto.events import Ping
 
 from petit.session import TunnelSession, TunnelStream
 from petit.websocket import WebSocket
 
-from .helpers import session_pair
+from .helpers import SessionPair, session_pair
 
 TIMEOUT = 20  # seconds bounding each test
 
@@ -27,6 +28,23 @@ async def _read_to_end(stream: TunnelStream, into: bytearray) -> None:
         into += chunk
 
 
+async def _four_streams_both_ways(pair: SessionPair, payloads: list[bytes]) -> None:
+    """Open 4 streams and send ``payloads`` (8) both ways at once; each arrives whole."""
+    received: list[tuple[bytearray, bytearray]] = []
+    async with trio.open_nursery() as transfers:
+        for index in range(4):
+            server_end, client_end = await pair.open_stream_pair()
+            at_client, at_server = bytearray(), bytearray()
+            received.append((at_client, at_server))
+            transfers.start_soon(_send_then_end, server_end, payloads[2 * index])
+            transfers.start_soon(_send_then_end, client_end, payloads[2 * index + 1])
+            transfers.start_soon(_read_to_end, client_end, at_client)
+            transfers.start_soon(_read_to_end, server_end, at_server)
+    for index, (at_client, at_server) in enumerate(received):
+        assert at_client == payloads[2 * index]
+        assert at_server == payloads[2 * index + 1]
+
+
 async def test_streams_both_ways_arrive_whole_through_full_kernel_buffers() -> None:
     """4 KiB kernel send buffers: most sends cannot finish before the I/O wait, so the
     writer task waits for the socket; every stream's bytes still arrive whole, in order."""
@@ -34,19 +52,7 @@ async def test_streams_both_ways_arrive_whole_through_full_kernel_buffers() -> N
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             pair = await session_pair(nursery, over_tls=True, send_buffer=4096)
-            received: list[tuple[bytearray, bytearray]] = []
-            async with trio.open_nursery() as transfers:
-                for index in range(4):
-                    server_end, client_end = await pair.open_stream_pair()
-                    at_client, at_server = bytearray(), bytearray()
-                    received.append((at_client, at_server))
-                    transfers.start_soon(_send_then_end, server_end, payloads[2 * index])
-                    transfers.start_soon(_send_then_end, client_end, payloads[2 * index + 1])
-                    transfers.start_soon(_read_to_end, client_end, at_client)
-                    transfers.start_soon(_read_to_end, server_end, at_server)
-            for index, (at_client, at_server) in enumerate(received):
-                assert at_client == payloads[2 * index]
-                assert at_server == payloads[2 * index + 1]
+            await _four_streams_both_ways(pair, payloads)
             nursery.cancel_scope.cancel()
 
 
@@ -98,18 +104,30 @@ async def test_streams_arrive_whole_while_the_peer_pings() -> None:
                     await trio.sleep(0)
 
             nursery.start_soon(ping_the_server)
-            received: list[tuple[bytearray, bytearray]] = []
-            async with trio.open_nursery() as transfers:
-                for index in range(4):
-                    server_end, client_end = await pair.open_stream_pair()
-                    at_client, at_server = bytearray(), bytearray()
-                    received.append((at_client, at_server))
-                    transfers.start_soon(_send_then_end, server_end, payloads[2 * index])
-                    transfers.start_soon(_send_then_end, client_end, payloads[2 * index + 1])
-                    transfers.start_soon(_read_to_end, client_end, at_client)
-                    transfers.start_soon(_read_to_end, server_end, at_server)
+            await _four_streams_both_ways(pair, payloads)
             done.set()
-            for index, (at_client, at_server) in enumerate(received):
-                assert at_client == payloads[2 * index]
-                assert at_server == payloads[2 * index + 1]
+            nursery.cancel_scope.cancel()
+
+
+async def test_nothing_overtakes_a_message_the_parked_writer_holds() -> None:
+    """The exact interleaving behind the test above, step by step: another task is writing
+    (as the reader does with a PONG), so the writer takes message A and parks; the other
+    write ends in the same batch in which a stream queues B. B must not go out before A."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(nursery, over_tls=True)
+            server_end, client_end = await pair.open_stream_pair()
+            websocket = pair.server.session._carrier
+            assert isinstance(websocket, WebSocket)
+            websocket._writing = True  # another task's write is in progress
+            assert server_end.send_nowait(b"A" * 10) == 10
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(websocket._written) == 1, "the writer holds A, parked behind that write"
+            assert server_end.send_nowait(b"B" * 10) == 10
+            websocket._writing = False  # that write ends in this same batch
+            websocket._written.unpark()
+            received = b""
+            while len(received) < 20:
+                received += await client_end.receive_some()
+            assert received == b"A" * 10 + b"B" * 10
             nursery.cancel_scope.cancel()
