@@ -11,22 +11,15 @@ import trio.testing
 
 from petit import sockio
 
+from .helpers import loopback_tcp_pair
+
 TIMEOUT = 10  # seconds bounding each test
-
-
-async def _connected_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listeners[0].accept()
-    await listeners[0].aclose()
-    return client, server
 
 
 async def test_a_receive_waits_for_the_bytes_and_a_send_waits_for_room() -> None:
     """Through a 4 KiB kernel send buffer, 2 MiB sent in one call arrive whole, in order."""
     with trio.fail_after(TIMEOUT):
-        client, server = await _connected_pair()
+        client, server = await loopback_tcp_pair()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         payload = os.urandom(2 * 1024 * 1024)
         received = bytearray()
@@ -46,7 +39,7 @@ async def test_a_receive_waits_for_the_bytes_and_a_send_waits_for_room() -> None
 
 async def test_a_reset_connection_is_broken_and_a_closed_one_is_closed() -> None:
     with trio.fail_after(TIMEOUT):
-        client, server = await _connected_pair()
+        client, server = await loopback_tcp_pair()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         await client.aclose()  # linger 0: an RST
         with pytest.raises(trio.BrokenResourceError):
