@@ -98,18 +98,19 @@ async def test_a_websocket_passes_through_both_ways_until_closed(
         assert plain.status == 400, plain
 
 
-IDLE_TIMEOUT = 0.5  # seconds: the server's idleTimeout in the next test
+IDLE_TIMEOUT = 0.5  # seconds: the server's idleTimeout and responseTimeout in the next test
 
 
-async def test_a_secure_websocket_outlives_the_idle_timeout_and_counts_in_usage(
+async def test_a_secure_websocket_outlives_the_timeouts_and_counts_in_usage(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
     """wss:// through the HTTPS ingress: a WebSocket left silent for four idle timeouts is
-    still open (idleTimeout is for the wait between requests, not for a switched
-    connection), and its bytes count in the registration's usage as a 101."""
+    still open (idleTimeout is for the wait between requests, responseTimeout for a response
+    head, neither for a switched connection), and its bytes count in the registration's
+    usage as a 101."""
     ca = trustme.CA()
     leaf = ca.issue_cert("chat.example.test")
     certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -120,6 +121,7 @@ async def test_a_secure_websocket_outlives_the_idle_timeout_and_counts_in_usage(
         httpsCertificate=str(certificate),
         httpsKey=str(key),
         idleTimeout=IDLE_TIMEOUT,
+        responseTimeout=IDLE_TIMEOUT,
     )
     service = await nursery.start(
         partial(trio_websocket.serve_websocket, chat_service, "127.0.0.1", 0, None)

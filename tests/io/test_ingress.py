@@ -148,10 +148,30 @@ async def refuse(stream: TunnelStream, target: str) -> None:
     stream.refuse(ErrorCode.REFUSED)
 
 
+async def hang(stream: TunnelStream, target: str) -> None:
+    """A private service that takes every request and answers none."""
+    stream.accept()
+    await trio.sleep_forever()
+
+
+SLOW_BODY_DELAY = 120  # seconds between a response's head and its body, from 1006
+
+
+async def slow_body(stream: TunnelStream, target: str) -> None:
+    """A private service that answers its first request's head at once and its body late."""
+    stream.accept()
+    await stream.receive_some()  # the request
+    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+    await trio.sleep(SLOW_BODY_DELAY)
+    await stream.send_all(b"done")
+    await trio.sleep_forever()
+
+
 @dataclass
 class Site:
     """Registrations 1001 and 1002 served by their own backends; 1003 registered but offline;
-    1004 served by a client that cannot reach its private service."""
+    1004 served by a client that cannot reach its private service; 1005 by one that never
+    answers; 1006 by one whose body comes ``SLOW_BODY_DELAY`` after its head."""
 
     routing: Routing
     backends: dict[str, HttpBackend]
@@ -164,11 +184,16 @@ class Site:
 async def start_site(nursery: trio.Nursery) -> Site:
     backends = {"1001": HttpBackend("A"), "1002": HttpBackend("B")}
     hub = Hub()
-    handlers: dict[str, StreamHandler] = {**backends, "1004": refuse}
+    handlers: dict[str, StreamHandler] = {
+        **backends,
+        "1004": refuse,
+        "1005": hang,
+        "1006": slow_body,
+    }
     for rid, handler in handlers.items():
         session = (await session_pair(nursery, handler=handler)).server.session
         hub.attach(Attachment(session, [rid], remote="test", vitae={}))
-    registered = {"1001", "1002", "1003", "1004"}
+    registered = {"1001", "1002", "1003", "1004", "1005", "1006"}
 
     def route(host: str) -> str | None:
         registration_id = registration_id_for_host(host)
@@ -719,6 +744,66 @@ async def test_a_refused_request_whose_body_never_comes_is_answered_and_closed_i
             assert trio.current_time() - started <= routing.header_timeout
             assert site.all_seen == []
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("sent", "timeout", "answer"),
+    [
+        (b"", "idle_timeout", b""),  # no request at all: closed without a word
+        (b"GET / HTTP/1.1\r\nHost: 1001.loc", "header_timeout", b"HTTP/1.1 408 "),
+        (b"GET / HTTP/1.1\r\nHost: 1005.localhost\r\n\r\n", "response_timeout", b"HTTP/1.1 504 "),
+    ],
+)
+async def test_each_wait_ends_at_its_own_timeout_with_its_answer(
+    sent: bytes, timeout: str, answer: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The wait for a request, for the rest of its head and for the response head each end
+    at their own timeout, not sooner: answered as each says, then the connection closes."""
+    async with trio.open_nursery() as nursery:
+        site = await start_site(nursery)
+        routing = dataclasses.replace(
+            site.routing, header_timeout=5, response_timeout=60, idle_timeout=75
+        )
+        with trio.fail_after(TIMEOUT + getattr(routing, timeout)):
+            caller = await connect(nursery, Site(routing, site.backends))
+            started = trio.current_time()
+            await caller.send_all(sent)
+            received = await read_until_closed(caller)
+        assert trio.current_time() - started == pytest.approx(getattr(routing, timeout))
+        assert received.startswith(answer), received
+        assert (b"\r\nconnection: close\r\n" in received.lower()) == bool(answer), received
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_in_use_outlives_its_timeouts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each wait is timed from its own start: requests that each come within idleTimeout of
+    the last keep one connection for many idleTimeouts."""
+    async with trio.open_nursery() as nursery:
+        site = await start_site(nursery)
+        routing = dataclasses.replace(site.routing, response_timeout=60, idle_timeout=75)
+        caller = Caller(await connect(nursery, Site(routing, site.backends)))
+        with trio.fail_after(TIMEOUT + 10 * routing.idle_timeout):
+            for _ in range(8):
+                await trio.sleep(0.9 * routing.idle_timeout)  # the silence under test
+                response, body = await caller.request("1001.localhost", b"/again")
+                assert (response.status_code, body) == (200, b"A /again "), response
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_body_may_take_longer_than_the_response_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """responseTimeout bounds the wait for a response's head; its body may take its time."""
+    async with trio.open_nursery() as nursery:
+        site = await start_site(nursery)
+        routing = dataclasses.replace(site.routing, response_timeout=SLOW_BODY_DELAY / 2)
+        caller = Caller(await connect(nursery, Site(routing, site.backends)))
+        with trio.fail_after(TIMEOUT + SLOW_BODY_DELAY):
+            response, body = await caller.request("1006.localhost")
+        assert (response.status_code, body) == (200, b"done"), response
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_http10_chunked_request_never_keeps_its_connection() -> None:
