@@ -28,14 +28,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from petit import __version__
 from petit.httpapi import HttpError, Reply, Request, allow, json_reply
 from petit.logs import audit
 from petit_server.edge.hub import Hub
-from petit_server.ops.metrics import Metrics
 from petit_server.policy import PolicyError
 from petit_server.registry.base import (
     Registration,
@@ -44,6 +43,9 @@ from petit_server.registry.base import (
     RegistryUnavailableError,
 )
 from petit_server.usage import RegistrationUsage, UsageStore
+
+if TYPE_CHECKING:
+    from petit_server.ops.metrics import Metrics
 
 COUNT_WINDOW: Final = 30 * 24 * 3600.0  # seconds: /counts/registers' default window
 COUNT_TYPES: Final = {
@@ -83,8 +85,17 @@ class AdminApi:
     def __init__(self, token: str, sources: AdminSources) -> None:
         self._token = token.encode()
         self._sources = sources
-        self._metrics = Metrics(sources.usage, sources.hub, self._registered_ids)
+        self._metrics: Metrics | None = None  # built at the first scrape (see ``_scrape``)
         self._dashboard = files("petit_server.ops").joinpath("dashboard.html").read_bytes()
+
+    def _scrape(self) -> bytes:
+        """/metrics. prometheus_client and its imports (1.3 MB of the server's RSS) are
+        loaded at the first scrape, not by a server nobody scrapes."""
+        if self._metrics is None:
+            from petit_server.ops.metrics import Metrics  # only once scraped
+
+            self._metrics = Metrics(self._sources.usage, self._sources.hub, self._registered_ids)
+        return self._metrics.render()
 
     async def answer(self, request: Request) -> Reply:
         """The reply to one request; HttpError becomes its JSON error."""
@@ -100,7 +111,7 @@ class AdminApi:
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if path == "/metrics":
             allow(method, "GET")
-            return Reply(200, self._metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+            return Reply(200, self._scrape(), b"text/plain; version=0.0.4; charset=utf-8")
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts == ["aliases"] and method == "POST":
             return json_reply(await self._add_alias(body, peer))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,24 @@ def test_server_imports_run_one_way() -> None:
         if target.startswith("petit_server.") and _layer(target) > _layer(module)
     ]
     assert not upward, "imports that run up the server's layers: " + "; ".join(upward)
+
+
+def test_what_only_some_servers_need_is_imported_when_needed() -> None:
+    """The server's modules, as `petit-server start` imports them, leave out what only some
+    configurations or uses need: redis-py (the Redis registry, cluster mode) and
+    prometheus_client (the first /metrics scrape). Each costs idle RSS on every server."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, petit_server.cli, petit_server.service, petit_server.ops.admin; "
+            "print(' '.join(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    assert "petit_server.service" in loaded
+    heavy = {name.split(".")[0] for name in loaded} & {"redis", "prometheus_client"}
+    assert not heavy, f"imported by every server: {heavy}"
