@@ -23,6 +23,9 @@ later free, and pays only when one moves earlier or fires.
   at once, and moves the watchdog's sleep if it is now the earliest.
 - Expiry cancels the connection's scope, so a timeout ends the connection: what it answers
   (a 408, a 504) it answers after the scope, from ``expired``, then closes.
+- An expiry and the event a phase waited for can land in one scheduling batch: the task
+  wakes with its event, and the cancel is only pending. So a phase ends with ``finish()``,
+  which delivers a pending expiry before anything acts on the event.
 - Bounded: a wake-up superseded or left by a closed connection stays in the heap until
   either its time comes or stale entries outnumber the live ones twice over, when the heap
   is rebuilt from the live ones. A peer cannot grow it faster than its requests.
@@ -67,6 +70,16 @@ class Deadline:
         self.when = math.inf
         self.phase = None
 
+    async def finish(self) -> None:
+        """The phase's wait is over: ``clear``, or deliver its expiry now (trio.Cancelled,
+        caught by the deadline's scope) if it expired. The watchdog can expire a phase in
+        the very scheduling batch in which its wait was answered; the task then runs on with
+        the answer, and the cancel would only land at its next checkpoint, in the middle of
+        whatever it does next. Call this before acting on what the wait brought."""
+        self.clear()
+        if self.expired is not None:
+            await trio.lowlevel.checkpoint()
+
     def __enter__(self) -> Deadline:
         self._scope.__enter__()
         return self
@@ -106,8 +119,7 @@ class Watchdog:
             self._live += 1
         deadline._wake = when
         heapq.heappush(self._heap, (when, next(self._order), deadline))
-        if len(self._heap) > 2 * self._live + _MIN_PRUNE:
-            self._prune()
+        self._prune_if_stale()
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
 
@@ -116,6 +128,7 @@ class Watchdog:
         if deadline._wake != math.inf:
             deadline._wake = math.inf
             self._live -= 1
+            self._prune_if_stale()
 
     def _ensure_task(self) -> None:
         token = trio.lowlevel.current_trio_token()
@@ -124,9 +137,12 @@ class Watchdog:
             self._heap, self._live, self._sleep = [], 0, None
             trio.lowlevel.spawn_system_task(self._run, name="petit deadlines")
 
-    def _prune(self) -> None:
-        self._heap = [entry for entry in self._heap if entry[2]._wake == entry[0]]
-        heapq.heapify(self._heap)
+    def _prune_if_stale(self) -> None:
+        """Rebuild the heap from its live entries once stale ones outnumber them twice over
+        (amortised: each rebuild follows at least ``_MIN_PRUNE`` new stale entries)."""
+        if len(self._heap) > 2 * self._live + _MIN_PRUNE:
+            self._heap = [entry for entry in self._heap if entry[2]._wake == entry[0]]
+            heapq.heapify(self._heap)
 
     async def _run(self) -> None:
         while True:

@@ -275,10 +275,7 @@ class IngressConnection:
                 await self._handle(request)
             else:
                 await self._redirect_to_https(request, self._redirect_to_port)
-            self._meter.end(
-                complete=self._reply in (_Reply.DONE, _Reply.SWITCHED),
-                read_ahead=self._requests.buffered if self._requests.done else 0,
-            )
+            self._end_metering()
             if not (self._reply is _Reply.DONE and self._keep_alive and self._requests.done):
                 return  # must close, or a response was cut short
             self._requests.next_message()
@@ -290,9 +287,17 @@ class IngressConnection:
         elif phase == _RESPONSE_TIMEOUT:
             await self._drop_upstream()
             self._keep_alive = False
-            with trio.move_on_after(self._routing.header_timeout):
+            # Discarding the request body takes at most headerTimeout, and so may the answer.
+            with trio.move_on_after(2 * self._routing.header_timeout):
                 await self._refuse(504)
-            self._meter.end(complete=self._reply is _Reply.DONE)
+            self._end_metering()
+
+    def _end_metering(self) -> None:
+        """The request's usage is complete; bytes read past it are the next request's."""
+        self._meter.end(
+            complete=self._reply in (_Reply.DONE, _Reply.SWITCHED),
+            read_ahead=self._requests.buffered if self._requests.done else 0,
+        )
 
     async def _receive(self) -> None:
         try:
@@ -324,9 +329,9 @@ class IngressConnection:
             if request is NEED_DATA:
                 deadline.start(self._routing.header_timeout, _HEAD_TIMEOUT)
                 request = await self._next_public_event()
-            deadline.clear()
+            await deadline.finish()
         except http1.ProtocolError as exc:
-            deadline.clear()
+            await deadline.finish()
             await self._refuse_head(exc.status, f"bad request: {exc}".encode())
             return None
         if not isinstance(request, http1.Request):
@@ -586,6 +591,8 @@ class IngressConnection:
                 await upstream.receive()
                 continue
             if isinstance(event, http1.Response):
+                if event.status == 101 or event.status >= 200:
+                    await self._deadline.finish()  # (a 1xx: the final head is still due)
                 if event.status == 101:
                     if not switch_asked:
                         raise http1.ProtocolError("a 101 to a request that asked no upgrade")
@@ -609,7 +616,6 @@ class IngressConnection:
                     length_known=b"content-length" in names or event.status in (204, 304),
                 )
                 self._queue_public(outgoing, head, status=event.status)
-                self._deadline.clear()
             elif isinstance(event, bytes):
                 pieces = http1.chunk(event) if chunked else [event]
                 self._meter.sent(sum(map(len, pieces)))

@@ -98,14 +98,22 @@ async def test_a_deadline_moved_earlier_wakes_the_watchdog_sooner(
 async def test_the_heap_stays_bounded_whatever_connections_do(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Deadlines armed and abandoned by the thousand, and one moved earlier again and
-    again (a caller trickling heads), leave the heap near the number of live ones."""
+    """Deadlines armed and abandoned by the thousand while the watchdog wakes, one moved
+    earlier again and again (a caller trickling heads) and one moved later past every wake-up
+    leave the heap near the number of live ones, and empty once all are gone."""
     watchdog = Watchdog()
-    for _ in range(5000):  # connections that each start a long wait, then close
-        with watchdog.deadline() as deadline:
-            deadline.start(75, "idle")
-    with watchdog.deadline() as trickled:
-        for step in range(5000):
-            trickled.start(10_000 - step, "head")  # earlier each time: a new wake-up
-        assert len(watchdog._heap) <= 2 * 1 + 64
-    assert watchdog._live == 0
+    with watchdog.deadline() as busy:
+        for step in range(5000):  # connections that each start a long wait, then close
+            with watchdog.deadline() as deadline:
+                deadline.start(75, "idle")
+            busy.start(10, "response")  # later each time: re-armed at each wake-up
+            if step % 50 == 0:
+                await trio.sleep(1)  # the watchdog runs: pops, re-arms, prunes
+            assert len(watchdog._heap) <= 2 * watchdog._live + 64
+        with watchdog.deadline() as trickled:
+            for step in range(5000):
+                trickled.start(10_000 - step, "head")  # earlier each time: a new wake-up
+                assert len(watchdog._heap) <= 2 * watchdog._live + 64
+    assert busy.expired is None
+    await trio.sleep(20_000)  # every wake-up left comes due
+    assert (watchdog._heap, watchdog._live) == ([], 0)

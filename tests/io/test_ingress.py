@@ -775,6 +775,83 @@ async def test_each_wait_ends_at_its_own_timeout_with_its_answer(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_response_timeout_during_an_upload_is_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 504 still goes out when the caller had not sent its whole body: what came is
+    discarded within headerTimeout, then the answer."""
+    async with trio.open_nursery() as nursery:
+        site = await start_site(nursery)
+        routing = dataclasses.replace(site.routing, header_timeout=5, response_timeout=60)
+        caller = await connect(nursery, Site(routing, site.backends))
+        started = trio.current_time()
+        with trio.fail_after(TIMEOUT + 65):
+            await caller.send_all(
+                b"POST / HTTP/1.1\r\nHost: 1005.localhost\r\nContent-Length: 100\r\n\r\n"
+                + b"x" * 10
+            )
+            received = await read_until_closed(caller)
+        assert received.startswith(b"HTTP/1.1 504 "), received
+        assert trio.current_time() - started == pytest.approx(65)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_response_that_comes_as_its_timeout_expires_is_answered_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The watchdog can expire the response wait in the scheduling batch in which the
+    response woke the connection: the caller then gets one answer, a 504, never the response
+    followed by a 504 (which a keep-alive client would take for its next request's answer).
+    The two orders of that batch come at random, so the race is run many times."""
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+
+        async def open_upstream(target: str) -> trio.abc.HalfCloseableStream:
+            requests = trio.testing.MemorySendStream()
+            responses = trio.testing.MemoryReceiveStream()
+
+            async def answer_at_the_timeout() -> None:
+                await requests.get_data()  # the request, when the wait begins
+                await trio.sleep(RESPONSE_TIMEOUT)
+                # Woken with the watchdog, this wakes the connection without a checkpoint.
+                with contextlib.suppress(trio.ClosedResourceError):  # (the 504 closed it)
+                    responses.put_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+            nursery.start_soon(answer_at_the_timeout)
+            return trio.StapledStream(requests, responses)
+
+        routing = Routing(
+            route=lambda host: "1001",
+            open_upstream=open_upstream,
+            open_timeout=5,
+            header_timeout=5,
+            response_timeout=RESPONSE_TIMEOUT,
+        )
+        for _ in range(RACES):
+            ours, theirs = trio.socket.socketpair()  # a real socket: its send is no checkpoint
+            caller, public = trio.SocketStream(ours), trio.SocketStream(theirs)
+
+            async def serve(public: trio.SocketStream) -> None:
+                try:
+                    await IngressConnection(public, routing, PEER_IP).run()
+                finally:
+                    await trio.aclose_forcefully(public)
+
+            with trio.fail_after(TIMEOUT + RESPONSE_TIMEOUT):
+                async with trio.open_nursery() as connection:
+                    connection.start_soon(serve, public)
+                    await caller.send_all(b"GET / HTTP/1.1\r\nHost: 1001.localhost\r\n\r\n")
+                    received.append(await read_until_closed(caller))
+            await caller.aclose()
+        nursery.cancel_scope.cancel()
+    answers = [(answer.count(b"HTTP/1.1 "), answer[:13]) for answer in received]
+    assert answers == [(1, b"HTTP/1.1 504 ")] * RACES, received
+
+
+RESPONSE_TIMEOUT = 60.0  # seconds, in the race above
+RACES = 16  # a broken ingress answers twice in about half of them
+
+
 async def test_a_connection_in_use_outlives_its_timeouts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
