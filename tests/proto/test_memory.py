@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from petit.memory import QUIET_CPU, TRIM_GROWTH, TrimPolicy, _malloc_trim, resident_bytes
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from petit.memory import (
+    QUIET_CPU,
+    TRIM_GROWTH,
+    TrimPolicy,
+    _malloc_trim,
+    resident_bytes,
+    trim_after_bursts,
+)
 
 MB = 1024 * 1024
 
@@ -36,3 +49,15 @@ def test_trimming_gives_freed_heap_back() -> None:
     after = resident_bytes()
     assert before - after >= 20 * MB, (before, after)
     assert top is not None
+
+
+async def test_start_up_counts_as_a_burst_and_is_trimmed_once(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What importing and reading the configuration freed goes back at the first quiet
+    check; later quiet checks without growth leave the heap alone."""
+    caplog.set_level(logging.DEBUG, logger="petit.memory")
+    with trio.move_on_after(3.5 * 10.0):  # three checks, ten (virtual) seconds apart
+        await trim_after_bursts(10.0)
+    trims = [r for r in caplog.records if r.getMessage().startswith("heap trimmed")]
+    assert len(trims) == 1, [r.getMessage() for r in caplog.records]
