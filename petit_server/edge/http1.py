@@ -72,6 +72,7 @@ class Request:
     version: bytes  # b"1.1", b"1.0"
     headers: Headers
     body: int  # Content-Length, or CHUNKED
+    connection: set[bytes]  # the Connection field's tokens, lowercase (``tokens``)
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class Response:
     version: bytes
     headers: Headers
     body: int  # Content-Length (0: none), CHUNKED or UNTIL_CLOSE
+    connection: set[bytes]  # the Connection field's tokens, lowercase (``tokens``)
 
 
 Event = Request | Response | bytes | Signal
@@ -322,7 +324,7 @@ class RequestReader(Reader):
         body = _framing(headers)
         self._state = _body_state(body)
         self._left = body
-        return Request(method, target, version, headers, body)
+        return Request(method, target, version, headers, body, tokens(headers, b"connection"))
 
 
 class ResponseReader(Reader):
@@ -354,7 +356,9 @@ class ResponseReader(Reader):
         else:
             self._state = _body_state(body)
             self._left = body
-        return Response(status, reason or b"", version, headers, body)
+        return Response(
+            status, reason or b"", version, headers, body, tokens(headers, b"connection")
+        )
 
 
 def _body_state(body: int) -> _State:

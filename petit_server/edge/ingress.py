@@ -337,7 +337,7 @@ class IngressConnection:
         if not isinstance(request, http1.Request):
             return None  # closed between requests
         self._request = request
-        connection = tokens(request.headers, b"connection")
+        connection = request.connection
         if request.version == b"1.0":  # RFC 9112 9.3: keep-alive only when asked
             self._keep_alive = (
                 b"keep-alive" in connection
@@ -357,13 +357,12 @@ class IngressConnection:
             await self._send_simple(status, body)
 
     async def _handle(self, request: http1.Request) -> None:
-        headers = request.headers
         if request.method == b"CONNECT":
             self._keep_alive = False  # what follows was meant for a tunnel, not as a request
             await self._discard_request_body()
             await self._send_simple(405, b"CONNECT is not served here: petit is no forward proxy")
             return
-        if tokens(headers, b"connection") & _NEVER_HOP_BY_HOP:
+        if request.connection & _NEVER_HOP_BY_HOP:
             await self._send_simple(400, b"Connection may not name Host or the message framing")
             return
         try:
@@ -495,7 +494,7 @@ class IngressConnection:
             await self._drop_upstream()
 
     def _upstream_headers(self, request: http1.Request, host: str) -> Headers:
-        named_in_connection = tokens(request.headers, b"connection")
+        named_in_connection = request.connection
         keep_forwarding = self._peer_trusted
         headers = [
             (name, value if name != b"host" else host.encode("latin-1"))
@@ -606,13 +605,13 @@ class IngressConnection:
                 names = {name for name, _ in event.headers}
                 upstream.keep_alive = (
                     event.version == b"1.1"
-                    and b"close" not in tokens(event.headers, b"connection")
+                    and b"close" not in event.connection
                     and event.body != http1.UNTIL_CLOSE
                 )
                 head, chunked = self._final_head(
                     event.status,
                     event.reason,
-                    _response_headers(event.headers),
+                    _response_headers(event),
                     length_known=b"content-length" in names or event.status in (204, 304),
                 )
                 self._queue_public(outgoing, head, status=event.status)
@@ -808,7 +807,7 @@ def _upgrade_asked(request: http1.Request) -> bytes | None:
     by one ("h2c smuggling")."""
     if request.version != b"1.1" or request.body:
         return None
-    if b"upgrade" not in tokens(request.headers, b"connection"):
+    if b"upgrade" not in request.connection:
         return None
     protocol = _first(request.headers, b"upgrade")
     return protocol if protocol is not None and protocol.lower() in UPGRADES else None
@@ -868,14 +867,14 @@ def _rate_key(visitor: str) -> str:
     return str(address)
 
 
-def _response_headers(headers: Headers) -> Headers:
+def _response_headers(response: http1.Response) -> Headers:
     """The service's fields the caller gets: no hop-by-hop ones, nor those its Connection
     names, except the framing (a Connection naming Content-Length must not leave the caller
     with a body and no length)."""
-    named_in_connection = tokens(headers, b"connection") - _NEVER_HOP_BY_HOP
+    named_in_connection = response.connection - _NEVER_HOP_BY_HOP
     return [
         (name, value)
-        for name, value in headers
+        for name, value in response.headers
         if name not in HOP_BY_HOP and name not in named_in_connection
     ]
 
