@@ -25,7 +25,8 @@ later free, and pays only when one moves earlier or fires.
   (a 408, a 504) it answers after the scope, from ``expired``, then closes.
 - An expiry and the event a phase waited for can land in one scheduling batch: the task
   wakes with its event, and the cancel is only pending. So a phase ends with ``finish()``,
-  which delivers a pending expiry before anything acts on the event.
+  and a task that acts on an event within a phase (a 1xx before the final response head)
+  calls ``deliver()`` first: either delivers a pending expiry before anything is done.
 - Bounded: a wake-up superseded or left by a closed connection stays in the heap until
   either its time comes or stale entries outnumber the live ones twice over, when the heap
   is rebuilt from the live ones. A peer cannot grow it faster than its requests.
@@ -70,15 +71,20 @@ class Deadline:
         self.when = math.inf
         self.phase = None
 
-    async def finish(self) -> None:
-        """The phase's wait is over: ``clear``, or deliver its expiry now (trio.Cancelled,
-        caught by the deadline's scope) if it expired. The watchdog can expire a phase in
-        the very scheduling batch in which its wait was answered; the task then runs on with
-        the answer, and the cancel would only land at its next checkpoint, in the middle of
-        whatever it does next. Call this before acting on what the wait brought."""
-        self.clear()
+    async def deliver(self) -> None:
+        """Deliver an expiry now (trio.Cancelled, caught by the deadline's scope) if there
+        was one. The watchdog can expire a phase in the very scheduling batch in which its
+        wait was answered; the task then runs on with the answer, and the cancel would only
+        land at its next checkpoint, in the middle of whatever it does next. Call this after
+        a timed wait, before acting on what it brought. (Until the task yields again, no
+        expiry can come: the watchdog is a task too.)"""
         if self.expired is not None:
             await trio.lowlevel.checkpoint()
+
+    async def finish(self) -> None:
+        """The phase's wait is over: ``clear``, then ``deliver``."""
+        self.clear()
+        await self.deliver()
 
     def __enter__(self) -> Deadline:
         self._scope.__enter__()

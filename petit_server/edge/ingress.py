@@ -591,7 +591,9 @@ class IngressConnection:
                 continue
             if isinstance(event, http1.Response):
                 if event.status == 101 or event.status >= 200:
-                    await self._deadline.finish()  # (a 1xx: the final head is still due)
+                    await self._deadline.finish()
+                else:  # a 1xx: the final head is still due, and so may be a 504
+                    await self._deadline.deliver()
                 if event.status == 101:
                     if not switch_asked:
                         raise http1.ProtocolError("a 101 to a request that asked no upgrade")

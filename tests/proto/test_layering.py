@@ -130,14 +130,19 @@ def test_server_imports_run_one_way() -> None:
 
 
 def test_what_only_some_servers_need_is_imported_when_needed() -> None:
-    """The server's modules, as `petit-server start` imports them, leave out what only some
-    configurations or uses need: redis-py (the Redis registry, cluster mode) and
-    prometheus_client (the first /metrics scrape). Each costs idle RSS on every server."""
+    """The server's modules, as `petit-server start` imports them, and its admin API, as it
+    starts, leave out what only some configurations or uses need: redis-py (the Redis
+    registry, cluster mode) and prometheus_client (the first /metrics scrape). Each costs
+    idle RSS on every server."""
     loaded = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys, petit_server.cli, petit_server.service, petit_server.ops.admin; "
+            "import sys, petit_server.cli, petit_server.service\n"
+            "from petit_server.edge.hub import Hub\n"
+            "from petit_server.ops.admin import AdminApi, AdminSources\n"
+            "from petit_server.usage import UsageStore\n"
+            "AdminApi('token', AdminSources(None, Hub(), UsageStore(), dict, None, 0.0))\n"
             "print(' '.join(sorted(sys.modules)))",
         ],
         capture_output=True,
