@@ -30,8 +30,9 @@ later free, and pays only when one moves earlier or fires.
 - Bounded: a wake-up superseded or left by a closed connection stays in the heap until
   either its time comes or stale entries outnumber the live ones twice over, when the heap
   is rebuilt from the live ones. A peer cannot grow it faster than its requests.
-- The watchdog's task is started by the first deadline armed in a trio run (a system task,
-  so any code that builds connections gets one without a nursery to pass around).
+- One watchdog serves a whole trio run, as trio's own deadlines do: ``new_deadline()`` finds
+  the run's (a ``RunVar``), and its task, a system task, starts with the first deadline armed,
+  so any code that builds connections gets one without a nursery to pass around.
 """
 
 from __future__ import annotations
@@ -106,21 +107,24 @@ class Deadline:
 
 
 class Watchdog:
-    """Expires the ``Deadline``s it hands out (``deadline()``) when their time comes."""
+    """Expires the ``Deadline``s it hands out (``deadline()``) when their time comes, in the
+    trio run that first armed one."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()  # ties in the heap never compare deadlines
         self._live = 0  # deadlines with a wake-up in the heap
         self._sleep: trio.CancelScope | None = None  # the task's sleep, while it sleeps
-        self._run_token: trio.lowlevel.TrioToken | None = None  # the run its task serves
+        self._started = False  # its task (it serves the trio run that started it)
 
     def deadline(self) -> Deadline:
         return Deadline(self)
 
     def arm(self, deadline: Deadline, when: float) -> None:
         """Wake up for ``deadline`` at ``when`` (earlier than its wake-up so far)."""
-        self._ensure_task()
+        if not self._started:
+            self._started = True
+            trio.lowlevel.spawn_system_task(self._run, name="petit deadlines")
         if deadline._wake == math.inf:
             self._live += 1
         deadline._wake = when
@@ -135,13 +139,6 @@ class Watchdog:
             deadline._wake = math.inf
             self._live -= 1
             self._prune_if_stale()
-
-    def _ensure_task(self) -> None:
-        token = trio.lowlevel.current_trio_token()
-        if token is not self._run_token:  # the first arm in this trio run
-            self._run_token = token
-            self._heap, self._live, self._sleep = [], 0, None
-            trio.lowlevel.spawn_system_task(self._run, name="petit deadlines")
 
     def _prune_if_stale(self) -> None:
         """Rebuild the heap from its live entries once stale ones outnumber them twice over
@@ -167,3 +164,16 @@ class Watchdog:
                     deadline._expire()
                 elif deadline.when != math.inf:
                     self.arm(deadline, deadline.when)
+
+
+_WATCHDOG: trio.lowlevel.RunVar[Watchdog] = trio.lowlevel.RunVar("petit_deadlines")
+
+
+def new_deadline() -> Deadline:
+    """A deadline timed by this trio run's watchdog."""
+    try:
+        watchdog = _WATCHDOG.get()
+    except LookupError:
+        watchdog = Watchdog()
+        _WATCHDOG.set(watchdog)
+    return watchdog.deadline()

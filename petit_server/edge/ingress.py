@@ -48,7 +48,7 @@ import trio
 from petit import sockio
 from petit.connection import PROBE, StreamKind, stream_target
 from petit.control import in_networks
-from petit.deadlines import Watchdog
+from petit.deadlines import new_deadline
 from petit.errors import first_leaf
 from petit.listen import serve_tcp
 from petit.logs import Throttled
@@ -162,7 +162,6 @@ class Routing:
     # Registration ID -> its own policy (what the registry holds for it).
     policy_of: Callable[[str], Policy] = lambda _: Policy()
     visitors: TokenBuckets = field(default_factory=TokenBuckets)  # requests per visitor
-    watchdog: Watchdog = field(default_factory=Watchdog)  # every connection's timeouts
 
     def timeouts(self, policy: Policy) -> tuple[float, float, float]:
         """(open, response, idle) seconds for a request under ``policy``."""
@@ -252,7 +251,7 @@ class IngressConnection:
         self._open_timeout, self._response_timeout, self._idle_timeout = routing.timeouts(Policy())
         self._body_left: int | None = None  # bytes the request body may still hold
         self._peer_trusted = in_networks(peer_ip, routing.trusted_proxies)
-        self._deadline = routing.watchdog.deadline()  # idle, head or response timeout
+        self._deadline = new_deadline()  # idle, head or response timeout
 
     async def run(self) -> None:
         """Serve requests until the connection should close, or one of its waits times out:
