@@ -36,17 +36,23 @@ over a memory channel), which cost a task switch and a copy per message.
   side). ``_CMasker`` does the same XOR with websockets' C ``apply_mask`` (23 us per MB) and is
   put in the place of wsproto's masker class at import. It reaches wsproto's module global
   ``XorMaskerSimple``: if wsproto renames it, or websockets comes without its C extension,
-  nothing is replaced (slower, same bytes) and tests/io/test_websocket.py says so.
+  nothing is replaced (slower, same bytes) and tests/io/test_websocket.py says so. The
+  extension is loaded from its file alone: importing ``websockets.speedups`` would run the
+  package's ``__init__``, which imports importlib.metadata, email and zipfile (1.8 MB of
+  every process's RSS) for one function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
+from pathlib import Path
 
 import trio
 from wsproto import ConnectionType, WSConnection, frame_protocol
@@ -69,13 +75,6 @@ from petit.listen import serve_tcp
 from petit.tls import server_handshake
 from petit.tlsio import TlsSocket
 
-try:
-    from websockets.speedups import apply_mask
-
-    _C_MASKING = True
-except ImportError:  # websockets without its C extension: wsproto's own masking stays
-    _C_MASKING = False
-
 log = logging.getLogger("petit.websocket")
 
 # Bytes per read from the stream: a bulk transfer's messages are 256 KiB of frames.
@@ -85,6 +84,31 @@ CLOSE_WAIT = 1.0  # seconds aclose waits for the peer's close frame at most
 NORMAL_CLOSURE = 1000
 UNSUPPORTED_DATA = 1003
 MESSAGE_TOO_BIG = 1009
+
+
+def _c_apply_mask() -> Callable[[bytes | bytearray, bytes], bytes] | None:
+    """websockets' C ``apply_mask``, from its extension module alone; None without it."""
+    package = importlib.util.find_spec("websockets")  # found, not imported
+    for directory in (package and package.submodule_search_locations) or ():
+        for suffix in EXTENSION_SUFFIXES:
+            path = Path(directory, "speedups" + suffix)
+            if not path.is_file():
+                continue
+            loader = ExtensionFileLoader("websockets.speedups", str(path))
+            spec = importlib.util.spec_from_loader(loader.name, loader)
+            if spec is None:
+                return None
+            try:
+                module = importlib.util.module_from_spec(spec)
+                loader.exec_module(module)
+            except ImportError:
+                return None
+            apply_mask: Callable[[bytes | bytearray, bytes], bytes] = module.apply_mask
+            return apply_mask
+    return None
+
+
+apply_mask = _c_apply_mask()
 
 
 class _CMasker:
@@ -97,13 +121,14 @@ class _CMasker:
         """XOR ``data`` with the key, continuing where the previous call stopped."""
         if not data:
             return b""
+        assert apply_mask is not None  # only installed with it
         masked = apply_mask(data, self._masking_key)
         if turn := len(data) % 4:  # the next call continues with the next key byte
             self._masking_key = self._masking_key[turn:] + self._masking_key[:turn]
         return masked
 
 
-if _C_MASKING and hasattr(frame_protocol, "XorMaskerSimple"):
+if apply_mask is not None and hasattr(frame_protocol, "XorMaskerSimple"):
     frame_protocol.XorMaskerSimple = _CMasker  # type: ignore[misc,assignment]
 
 

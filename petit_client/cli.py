@@ -44,7 +44,7 @@ from petit.errors import ConfigError, RemoteProtocolError
 from petit.listen import local_address
 from petit.lockfile import PidInfo, read_pid
 from petit.logs import audit, audit_to_file, cli_actor
-from petit.pki import client_ssl_context, pem_to_der
+from petit.pki import client_ssl_context
 from petit.statefile import write_atomic
 from petit.transport import (
     REGISTER_PATH,
@@ -164,9 +164,9 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
     address = _parse_server(server)
     with exit_codes():
         pem = None if ca is None else ca.read_bytes()
-        if pem is not None:
+        if ca is not None:
             try:
-                pem_to_der(pem)
+                client_ssl_context(ca)  # OpenSSL loads it as the client will
             except ConfigError:
                 raise ConfigError(
                     f"--ca {ca} holds no PEM certificate: give the server's "

@@ -33,7 +33,7 @@ from petit.config import LOG_LEVELS
 from petit.listen import local_address, show_address
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
 from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
-from petit.pki import create_ca, fingerprint_hex, issue_server_certificate
+from petit.pki import fingerprint_hex
 from petit.statefile import write_atomic
 from petit_server.config import (
     DEFAULT_CONFIG_PATH,
@@ -111,6 +111,10 @@ def init(
         path.parent.mkdir(parents=True, exist_ok=True)
         certificates = path.parent / "certificates"
         certificates.mkdir(mode=0o700, exist_ok=True)
+        # Issuing needs cryptography's X.509; the running server, which imports this module
+        # too, does not (petit.ca).
+        from petit.ca import create_ca, issue_server_certificate
+
         with progress("Generating the CA and the server certificate"):
             ca = create_ca()
             server = issue_server_certificate(ca, names)

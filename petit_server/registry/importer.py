@@ -29,7 +29,6 @@ from typing import Any
 
 import click
 import trio
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from petit.auth import is_valid_id
@@ -205,6 +204,10 @@ def _add_original(
 def _original_key(pem: object) -> tuple[bytes, dict[str, str]]:
     """The 32-byte key if the original stored an Ed25519 one, else keyless plus what the
     operator needs to recognise the old key."""
+    # Here, not at the top: the server's CLI module, which the running server imports too,
+    # registers this command; only an import reads PEM keys.
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_public_key(str(pem).encode())
     except (ValueError, TypeError):

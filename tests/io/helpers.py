@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from petit import pki
+from petit import ca as issuing, pki
 from petit.auth import (
     Hello,
     accepted_ids,
@@ -154,8 +154,8 @@ class SessionPair:
 
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) contexts for "localhost" under a fresh CA."""
-    ca = pki.create_ca()
-    issued = pki.issue_server_certificate(ca, ["localhost"])
+    ca = issuing.create_ca()
+    issued = issuing.issue_server_certificate(ca, ["localhost"])
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         (root / "ca.crt").write_bytes(ca.cert_pem)

@@ -14,18 +14,18 @@ import trio.testing
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from petit import pki
+from petit import ca as issuing, pki
 from petit.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def ca() -> pki.IssuedCertificate:
-    return pki.create_ca()
+def ca() -> issuing.IssuedCertificate:
+    return issuing.create_ca()
 
 
 @pytest.fixture(scope="module")
-def server_certificate(ca: pki.IssuedCertificate) -> pki.IssuedCertificate:
-    return pki.issue_server_certificate(ca, ["Tunnel.Example.com", "localhost", "10.1.2.3"])
+def server_certificate(ca: issuing.IssuedCertificate) -> issuing.IssuedCertificate:
+    return issuing.issue_server_certificate(ca, ["Tunnel.Example.com", "localhost", "10.1.2.3"])
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -34,14 +34,14 @@ def write(path: Path, data: bytes) -> Path:
 
 
 @pytest.fixture
-def server_context(tmp_path: Path, server_certificate: pki.IssuedCertificate) -> ssl.SSLContext:
+def server_context(tmp_path: Path, server_certificate: issuing.IssuedCertificate) -> ssl.SSLContext:
     return pki.server_ssl_context(
         write(tmp_path / "server.crt", server_certificate.cert_pem),
         write(tmp_path / "server.key", server_certificate.key_pem),
     )
 
 
-def pinned_client_context(tmp_path: Path, ca: pki.IssuedCertificate) -> ssl.SSLContext:
+def pinned_client_context(tmp_path: Path, ca: issuing.IssuedCertificate) -> ssl.SSLContext:
     context = pki.client_ssl_context(write(tmp_path / "ca.crt", ca.cert_pem))
     context.verify_flags |= ssl.VERIFY_X509_STRICT  # the default from Python 3.13 on
     return context
@@ -82,8 +82,8 @@ async def handshake(
 @pytest.mark.parametrize("hostname", ["localhost", "tunnel.example.com", "10.1.2.3", "::1"])
 async def test_pinned_ca_verifies_the_server(
     tmp_path: Path,
-    ca: pki.IssuedCertificate,
-    server_certificate: pki.IssuedCertificate,
+    ca: issuing.IssuedCertificate,
+    server_certificate: issuing.IssuedCertificate,
     server_context: ssl.SSLContext,
     hostname: str,
 ) -> None:
@@ -97,7 +97,7 @@ async def test_pinned_ca_verifies_the_server(
 
 
 async def test_hostname_mismatch_is_refused(
-    tmp_path: Path, ca: pki.IssuedCertificate, server_context: ssl.SSLContext
+    tmp_path: Path, ca: issuing.IssuedCertificate, server_context: ssl.SSLContext
 ) -> None:
     outcome = await handshake(server_context, pinned_client_context(tmp_path, ca), "evil.example")
 
@@ -108,7 +108,7 @@ async def test_hostname_mismatch_is_refused(
 async def test_certificate_from_another_ca_is_refused(
     tmp_path: Path, server_context: ssl.SSLContext
 ) -> None:
-    other_ca = pki.create_ca("someone else's CA")
+    other_ca = issuing.create_ca("someone else's CA")
     outcome = await handshake(
         server_context, pinned_client_context(tmp_path, other_ca), "localhost"
     )
@@ -125,7 +125,7 @@ async def test_system_trust_store_does_not_know_the_private_ca(
     assert isinstance(outcome, ssl.SSLCertVerificationError)
 
 
-def test_ca_extensions(ca: pki.IssuedCertificate) -> None:
+def test_ca_extensions(ca: issuing.IssuedCertificate) -> None:
     certificate = x509.load_pem_x509_certificate(ca.cert_pem)
     constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
     usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -139,7 +139,7 @@ def test_ca_extensions(ca: pki.IssuedCertificate) -> None:
 
 
 def test_server_certificate_names_and_extensions(
-    ca: pki.IssuedCertificate, server_certificate: pki.IssuedCertificate
+    ca: issuing.IssuedCertificate, server_certificate: issuing.IssuedCertificate
 ) -> None:
     certificate = x509.load_pem_x509_certificate(server_certificate.cert_pem)
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -158,7 +158,7 @@ def test_server_certificate_names_and_extensions(
 
 
 def test_fingerprint_forms() -> None:
-    ca = pki.create_ca()
+    ca = issuing.create_ca()
     der = pki.pem_to_der(ca.cert_pem)
 
     assert re.fullmatch(r"sha256(:[0-9a-f]{2}){32}", pki.fingerprint_hex(der))
@@ -169,7 +169,7 @@ def test_fingerprint_forms() -> None:
 
 
 def test_pem_to_der_takes_the_first_certificate_of_a_chain(
-    ca: pki.IssuedCertificate, server_certificate: pki.IssuedCertificate
+    ca: issuing.IssuedCertificate, server_certificate: issuing.IssuedCertificate
 ) -> None:
     chain = server_certificate.cert_pem + ca.cert_pem
 
@@ -179,7 +179,7 @@ def test_pem_to_der_takes_the_first_certificate_of_a_chain(
 
 
 def test_unloadable_files_are_config_errors(
-    tmp_path: Path, ca: pki.IssuedCertificate, server_certificate: pki.IssuedCertificate
+    tmp_path: Path, ca: issuing.IssuedCertificate, server_certificate: issuing.IssuedCertificate
 ) -> None:
     cert_file = write(tmp_path / "server.crt", server_certificate.cert_pem)
     wrong_key = write(tmp_path / "ca.key", ca.key_pem)
