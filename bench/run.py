@@ -205,6 +205,7 @@ GatewayPorts no
         """A petit server + registered client in front of ``backend_port``: the working
         tree's code, or with ``revision`` that git revision's."""
         env = None
+        source = REPO
         if revision is not None:
             source = self.root / f"source-{revision}"
             source.mkdir()
@@ -225,6 +226,7 @@ GatewayPorts no
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True, timeout=60)
             env = {**os.environ, "PYTHONPATH": str(source)}
+        byte_compile(source)
         server_config = self.root / f"server-{len(self.servers)}" / "config.toml"
         petit_server = str(VENV_BIN / "petit-server")
         self.run([petit_server, "init", "-c", str(server_config), "--hostname", "localhost"], env)
@@ -397,6 +399,15 @@ def _status(port: int, host: str, path: str) -> int:
         check=False,
     )
     return int(result.stdout or 0)
+
+
+def byte_compile(source: Path) -> None:
+    """Write the .pyc files of petit's packages under ``source``, as pip does when it installs
+    the wheel (the image, a user's venv). An editable install under PYTHONDONTWRITEBYTECODE
+    has none: each daemon then compiled every module at start, 2.2 MB more RSS, none of it
+    petit's when installed."""
+    packages = [str(source / package) for package in ("petit", "petit_server", "petit_client")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True, timeout=120)
 
 
 def rss_mb(pid: int) -> float:
