@@ -1,50 +1,35 @@
 """Click plumbing shared by ``petit-client`` and ``petit-server``.
 
 Library errors stay click-free and are translated here, in one place, into one line on
-stderr and a documented exit code. Daemons run in the foreground under ``run_service``, which
-turns SIGINT/SIGTERM into a graceful stop and exit 0; ``start`` without ``--foreground``
-spawns that same foreground command detached and waits until it reports ready.
+stderr and a documented exit code (petit.daemon says which). ``start`` runs the daemon
+process of petit.daemon: detached, waiting until it reports ready, or with ``--foreground``
+in place of the command, by exec.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
-import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 import trio
 
 from petit.control import ControlError, send_control
-from petit.errors import AuthError, ConfigError, PetitError
-from petit.lockfile import AlreadyRunningError, PidInfo, ProcessLock, read_pid
-from petit.logs import EXIT_CODE_FIELD, LOG_FILE_MODE, LogSettings, configure_daemon_logging
+from petit.daemon import FAILURES, Daemon, ExitCode, daemon_argv, failure
+from petit.lockfile import PidInfo, ProcessLock, read_pid
+from petit.logs import LOG_FILE_MODE
 
 START_TIMEOUT = 30.0  # seconds for a background daemon to report ready
 LOCK_RELEASE_WAIT = 1.0  # seconds from the pid file's removal to the lock file's
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after STOP, before SIGTERM
-
-
-class ExitCode(enum.IntEnum):
-    """Process exit status of petit-client and petit-server (part of the interface)."""
-
-    OK = 0  # success, including a graceful stop on SIGINT/SIGTERM/STOP
-    FAILURE = 1  # anything else that went wrong (click's own errors use 1 too)
-    USAGE = 2  # bad command line (click's UsageError)
-    CONFIG = 3  # config or state file missing, unreadable or invalid
-    AUTH = 4  # an identity was refused
-    UNAVAILABLE = 5  # server unreachable, port in use, or the daemon is not running
-    RUNNING = 6  # the daemon is already running
 
 
 class CliError(click.ClickException):
@@ -101,18 +86,8 @@ def exit_codes() -> Iterator[None]:
     """Turn petit errors reaching the CLI into one-line messages and exit codes."""
     try:
         yield
-    except ConfigError as exc:
-        raise CliError(str(exc), ExitCode.CONFIG) from None
-    except AuthError as exc:
-        raise CliError(str(exc), ExitCode.AUTH) from None
-    except AlreadyRunningError as exc:
-        raise CliError(str(exc), ExitCode.RUNNING) from None
-    except ControlError as exc:
-        raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
-    except PetitError as exc:
-        raise CliError(str(exc), ExitCode.UNAVAILABLE) from None
-    except OSError as exc:
-        raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
+    except FAILURES as exc:
+        raise CliError(*failure(exc)) from None
 
 
 SPIN_INTERVAL = 0.1  # seconds between two frames of a progress spinner
@@ -149,46 +124,6 @@ def progress(label: str) -> Iterator[None]:
         spinner.join()
         stream.write("\r\x1b[K")  # back to the line's start and erase it
         stream.flush()
-
-
-def run_service(service: Callable[[trio.Event], Awaitable[None]]) -> None:
-    """Run ``service(stop_event)`` until it returns; SIGINT/SIGTERM set the stop event.
-
-    A second signal cancels at once. The service owns its graceful shutdown.
-    """
-
-    async def main() -> None:
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        if stop.is_set():
-                            nursery.cancel_scope.cancel()
-                            return
-                        logging.getLogger("petit").info(
-                            "%s received, shutting down", signal.Signals(signum).name
-                        )
-                        stop.set()
-
-            nursery.start_soon(watch_signals)
-            await service(stop)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except ExceptionGroup as group:
-        raise _sole_failure(group) from None
-
-
-def _sole_failure(group: ExceptionGroup[Exception]) -> Exception:
-    """The one error nested nurseries wrapped (a bad certificate, a port in use), so that
-    ``exit_codes`` can report it in one line; the group itself if there were several."""
-    failure: Exception = group
-    while isinstance(failure, ExceptionGroup) and len(failure.exceptions) == 1:
-        failure = failure.exceptions[0]
-    return failure
 
 
 def start_in_background(argv: list[str], directory: Path, name: str, log_file: Path) -> PidInfo:
@@ -299,76 +234,29 @@ def _wait_gone(directory: Path, name: str) -> bool:
 
 
 def start_daemon(
-    *,
-    name: str,
-    module: str,
-    started: str,
-    config_path: Path,
-    log: LogSettings,
-    verbose: bool,
-    foreground: bool,
-    detached: bool,
-    serve: Callable[[trio.Event, ProcessLock], Awaitable[None]],
-) -> PidInfo | None:
-    """The ``start`` command of both daemons.
+    daemon: Daemon, *, module: str, started: str, verbose: bool, foreground: bool
+) -> PidInfo:
+    """The ``start`` command of both apps: the daemon process (petit.daemon) for ``module``.
 
-    In the foreground: log to the log file (and to stderr unless ``detached``), take the lock
-    (a stale one is taken over with one log line), run ``serve`` until a signal or STOP,
-    release the lock. Otherwise spawn the foreground command detached, print ``started``
-    (the original's wording, with ``{pid}``) and return the daemon's pid file.
+    With ``foreground``, exec it in this process (the same pid, for systemd and containers).
+    Otherwise spawn it detached, print ``started`` (the original's wording, with ``{pid}``)
+    and return its pid file once it is ready.
     """
-    directory = config_path.parent
-    if not foreground:
-        running = read_pid(directory, name)
-        if running is not None:
-            raise CliError(
-                f"{name.capitalize()} is already running on pid {running.pid}.", ExitCode.RUNNING
-            )
-        # -P: the working directory never goes on the daemon's import path, so a folder
-        # named petit/ where the command runs cannot shadow the installed package.
-        argv = [sys.executable, "-P", "-m", module, "start", "--foreground", "--detached"]
-        argv += ["-c", str(config_path)] + (["-v"] if verbose else [])
-        info = start_in_background(argv, directory, name, log.file.parent / f"{name}.stderr")
-        click.echo(started.format(pid=info.pid))
-        return info
-    with exit_codes():
-        configure_daemon_logging(log, verbose=verbose, to_stderr=not detached)
-    logger = logging.getLogger("petit")
-    if (raised := raise_open_file_limit()) is not None:
-        logger.info("open-file limit raised from %d to %d", *raised)
-    try:
-        with exit_codes():
-            lock = ProcessLock(directory, name)
-            if lock.acquire():
-                logger.warning("took over a stale lock left by a %s that is gone", name)
-            try:
-                run_service(lambda stop: serve(stop, lock))
-            finally:
-                lock.release()
-    except CliError as exc:
-        # The log file says why the daemon ended; stderr skips it (the error: line says it).
-        logger.error("%s", exc.format_message(), extra={EXIT_CODE_FIELD: int(exc.exit_code)})
-        raise
-    return None
-
-
-def raise_open_file_limit() -> tuple[int, int] | None:
-    """Raise the soft limit on open files to the hard one; (old, new), or None if unchanged.
-
-    Every public connection, tunnel and stream holds descriptors: systemd's soft default of
-    1,024 let 1,100 idle connections starve everyone else, while the hard limit is far higher.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft >= hard:
-        return None
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return soft, hard
-
-
-def detached_option(function: Callable[..., None]) -> Callable[..., None]:
-    """``--detached`` (hidden): the foreground daemon a background ``start`` spawns; it logs
-    only to its file, since its stderr is not a terminal anyone reads."""
-    return click.option("--detached", is_flag=True, hidden=True)(function)
+    argv = daemon_argv(module, daemon.config_path, verbose=verbose, detached=not foreground)
+    if foreground:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)  # noqa: S606 - our own interpreter, an argument list
+    running = read_pid(daemon.config_path.parent, daemon.name)
+    if running is not None:
+        raise CliError(
+            f"{daemon.name.capitalize()} is already running on pid {running.pid}.",
+            ExitCode.RUNNING,
+        )
+    log_file = daemon.log.file.parent / f"{daemon.name}.stderr"
+    info = start_in_background(argv, daemon.config_path.parent, daemon.name, log_file)
+    click.echo(started.format(pid=info.pid))
+    return info
 
 
 def config_option(default: Path, what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

@@ -26,10 +26,8 @@ from petit.auth import (
 from petit.cli import (
     CliError,
     CommandGroup,
-    ExitCode,
     config_option as shared_config_option,
     control_command,
-    detached_option,
     exit_codes,
     progress,
     running_daemon,
@@ -40,6 +38,7 @@ from petit.cli import (
 )
 from petit.config import LOG_LEVELS
 from petit.control import ControlError, send_control
+from petit.daemon import ExitCode
 from petit.errors import ConfigError, RemoteProtocolError
 from petit.listen import local_address
 from petit.lockfile import PidInfo, read_pid
@@ -61,7 +60,7 @@ from petit_client.config import (
     default_config_text,
     load_client_config,
 )
-from petit_client.service import ClientService
+from petit_client.daemon import open_daemon
 from petit_client.tenants import (
     DEFAULT_TENANT,
     Registration,
@@ -515,32 +514,22 @@ def evict(config_path: Path, verbose: bool, registration_id: str | None, name: s
 @config_option
 @verbose_option
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
-@detached_option
-def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) -> None:
+def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Open the tunnel (in the background unless --foreground) and keep it up.
 
     In the background, wait until the tunnel is up, or until the first attempt failed
     (the client keeps trying), and say which.
     """
-    config = _load(config_path)
     with exit_codes():
-        if not registered_tenants(config):
-            raise ConfigError(
-                f"This client isn't registered: run petit-client register -c {config.path}"
-            )
+        daemon = open_daemon(config_path)
     started = start_daemon(
-        name="client",
+        daemon,
         module="petit_client",
         started="Client started on pid {pid}.",
-        config_path=config.path,
-        log=config.log,
         verbose=verbose,
         foreground=foreground,
-        detached=detached,
-        serve=ClientService(config).serve,
     )
-    if started is not None:
-        _report_tunnel(config, started)
+    _report_tunnel(_load(config_path), started)
 
 
 def _report_tunnel(config: ClientConfig, started: PidInfo) -> None:

@@ -17,10 +17,8 @@ from petit import __version__
 from petit.cli import (
     CliError,
     CommandGroup,
-    ExitCode,
     config_option as shared_config_option,
     control_command,
-    detached_option,
     exit_codes,
     progress,
     running_daemon,
@@ -30,6 +28,7 @@ from petit.cli import (
     verbose_option,
 )
 from petit.config import LOG_LEVELS
+from petit.daemon import ExitCode
 from petit.listen import local_address, show_address
 from petit.lockfile import AlreadyRunningError, ProcessLock, read_pid
 from petit.logs import LogSettings, audit_to_file, cli_actor, log_keys
@@ -42,12 +41,12 @@ from petit_server.config import (
     default_config_text,
     load_server_config,
 )
+from petit_server.daemon import open_daemon
 from petit_server.policy import Policy
 from petit_server.registry.backend import open_registry
 from petit_server.registry.base import Registry, apply_command
 from petit_server.registry.file_backend import FileRegistry
 from petit_server.registry.importer import import_registry, migrate_registry
-from petit_server.service import ServerService
 
 config_option = shared_config_option(DEFAULT_CONFIG_PATH, "Server")
 
@@ -152,22 +151,16 @@ def init(
 @config_option
 @verbose_option
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
-@detached_option
-def start(config_path: Path, verbose: bool, foreground: bool, detached: bool) -> None:
+def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Start the server (in the background unless --foreground)."""
     with exit_codes():
-        config = load_server_config(config_path)
-        service = ServerService(config)  # reads the registry: a corrupt one is a one-line error
+        daemon = open_daemon(config_path)
     start_daemon(
-        name="server",
+        daemon,
         module="petit_server",
         started="Server started with pid {pid}.",
-        config_path=config.path,
-        log=config.log,
         verbose=verbose,
         foreground=foreground,
-        detached=detached,
-        serve=service.serve,
     )
 
 

@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from petit.auth import is_valid_id
 from petit.cli import (
     CliError,
-    ExitCode,
     config_option as shared_config_option,
     exit_codes,
     verbose_option,
 )
+from petit.daemon import ExitCode
 from petit.errors import ConfigError, PetitError
 from petit.lockfile import AlreadyRunningError, ProcessLock
 from petit.logs import audit, audit_to_file, cli_actor

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from petit.cli import ExitCode
+from petit.daemon import ExitCode
 from tests.integration.harness import (
     PETIT_CLIENT,
     PETIT_SERVER,

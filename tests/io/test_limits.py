@@ -15,7 +15,7 @@ def test_a_daemon_raises_its_open_file_limit_to_the_hard_one() -> None:
     if hard == resource.RLIM_INFINITY or hard <= 64:
         pytest.skip(f"the hard open-file limit here is {hard}")
     code = (
-        "import resource; from petit.cli import raise_open_file_limit as r;"
+        "import resource; from petit.daemon import raise_open_file_limit as r;"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, (64, {hard}));"
         "print(r(), resource.getrlimit(resource.RLIMIT_NOFILE))"
     )

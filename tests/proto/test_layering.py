@@ -106,7 +106,7 @@ SERVER_LAYERS = [
     ("petit_server.registry",),
     ("petit_server.edge",),
     ("petit_server.ops",),
-    ("petit_server.cli", "petit_server.service", "petit_server.__main__"),
+    ("petit_server.cli", "petit_server.service", "petit_server.daemon", "petit_server.__main__"),
 ]
 
 
@@ -129,37 +129,43 @@ def test_server_imports_run_one_way() -> None:
     assert not upward, "imports that run up the server's layers: " + "; ".join(upward)
 
 
-def test_what_only_some_servers_need_is_imported_when_needed() -> None:
-    """The server's modules, as `petit-server start` imports them, and its admin API, as it
-    starts, leave out what only some configurations or uses need: redis-py (the Redis
-    registry, cluster mode), prometheus_client (the first /metrics scrape), cryptography's
-    X.509 (`init`, the HTTPS ingress) and PEM serialization (the client's key files,
-    `import-registry`), and importlib.metadata (which websockets' package imports, though
-    petit needs only its C masking). Each costs idle RSS on every server."""
+# What a running daemon leaves out, and why: each costs idle RSS in every process.
+ONLY_WHEN_NEEDED = {
+    "click": "the CLI: the daemon process is petit.daemon's",
+    "redis": "the Redis registry and cluster mode",
+    "prometheus_client": "the first /metrics scrape",
+    "cryptography.x509": "petit-server init, and the HTTPS ingress at its first certificate",
+    "cryptography.hazmat.primitives.serialization": "reading and writing key files",
+    "importlib.metadata": "nothing: websockets' package imports it, petit needs its C masking",
+}
+
+
+@pytest.mark.parametrize(
+    "daemon",
+    [
+        # The server's daemon module, and its admin API as it starts (on by default).
+        "import petit_server.daemon\n"
+        "from petit_server.edge.hub import Hub\n"
+        "from petit_server.ops.admin import AdminApi, AdminSources\n"
+        "from petit_server.usage import UsageStore\n"
+        "AdminApi('token', AdminSources(None, Hub(), UsageStore(), dict, None, 0.0))\n",
+        "import petit_client.daemon\n",
+    ],
+    ids=["server", "client"],
+)
+def test_a_daemon_imports_only_what_it_runs(daemon: str) -> None:
     loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, petit_server.cli, petit_server.service\n"
-            "from petit_server.edge.hub import Hub\n"
-            "from petit_server.ops.admin import AdminApi, AdminSources\n"
-            "from petit_server.usage import UsageStore\n"
-            "AdminApi('token', AdminSources(None, Hub(), UsageStore(), dict, None, 0.0))\n"
-            "print(' '.join(sorted(sys.modules)))",
-        ],
+        [sys.executable, "-c", f"import sys\n{daemon}print(' '.join(sorted(sys.modules)))"],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     ).stdout.split()
-    assert "petit_server.service" in loaded
     assert "petit.websocket" in loaded
-    heavy = {
-        "redis",
-        "prometheus_client",
-        "cryptography.x509",
-        "cryptography.hazmat.primitives.serialization",
-        "importlib.metadata",
+    imported = {
+        name: ONLY_WHEN_NEEDED[heavy]
+        for name in loaded
+        for heavy in ONLY_WHEN_NEEDED
+        if name == heavy or name.startswith(heavy + ".")
     }
-    imported = {name for name in loaded if name in heavy or name.split(".")[0] in heavy}
-    assert not imported, f"imported by every server: {imported}"
+    assert not imported, f"imported by every daemon: {imported}"
