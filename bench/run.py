@@ -8,9 +8,10 @@ the time of one request on a new connection, the CPU petit's server and client s
 request, and the RSS of petit's processes idle, under load and after. Only ratios from the
 same run mean anything: absolute figures drift.
 
-The raw TCP rows (redis-benchmark through a registration's TCP port) have a fourth path,
-the floor: petit's relay with none of its features (``floor.py``). petit/floor is what the
-features and layers cost; floor/ssh is what trio and Python cost.
+The raw TCP rows (redis-benchmark through a registration's TCP port) have two more paths,
+the floors: petit's relay with none of its features, on trio (``floor.py``) and on OS
+threads with blocking sockets (``floor_threads.py``). petit/floor is what the features and
+layers cost; floor/ssh is what trio and Python cost, and the threads' floor tells which.
 
 ``--baseline REF`` adds a second petit, the code of git revision REF (same venv, its
 packages first on PYTHONPATH), measured in the same run beside the working tree's: the
@@ -42,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+# The floors of petit's design, for the TCP rows: script -> path name in the table.
+FLOORS = {"floor.py": "floor", "floor_threads.py": "floor, threads"}
 REPO = Path(__file__).resolve().parents[1]
 ONE_KIB = "1k.bin"
 TEN_MIB = "10m.bin"
@@ -315,11 +318,11 @@ GatewayPorts no
         reply = json.loads(self.run([*argv, "-c", str(server.config)], server.env))
         return int(reply["connections"][0]["port"])
 
-    def start_floor(self, server: PetitServer, target_port: int) -> Route:
-        """The floor of petit's design (floor.py) in front of ``target_port``, with the
-        certificates of petit's ``server``."""
+    def start_floor(self, server: PetitServer, target_port: int, script: str) -> Route:
+        """A floor of petit's design (``script``: floor.py, floor_threads.py) in front of
+        ``target_port``, with the certificates of petit's ``server``."""
         certificates = server.config.parent / "certificates"
-        floor = [sys.executable, str(Path(__file__).with_name("floor.py"))]
+        floor = [sys.executable, str(Path(__file__).with_name(script))]
         public_port, tunnel_port = free_port(), free_port()
         floor_server = self.spawn(
             [
@@ -339,7 +342,11 @@ GatewayPorts no
         )
         wait_listening(public_port, "the floor's public port")
         return Route(
-            "floor", public_port, "", client_pid=floor_client.pid, server_pid=floor_server.pid
+            FLOORS[script],
+            public_port,
+            "",
+            client_pid=floor_client.pid,
+            server_pid=floor_server.pid,
         )
 
     def start_delay(self, target_port: int, one_way_ms: float) -> int:
@@ -590,7 +597,7 @@ def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
             f"{role}_idle_mb": rss_mb(pid) for role, pid in petits[0].pids.items()
         }
         results: dict[str, dict[str, float]] = {p.name: {} for p in paths}
-        results["floor"] = {}  # the TCP rows only (floor.py)
+        results.update({name: {} for name in FLOORS.values()})  # the TCP rows only
         # Each measure runs on every path one after the other, so a neighbour's load on a
         # shared machine hits all of them alike instead of whichever path ran last.
         for connections in (16, 64):
@@ -624,14 +631,14 @@ WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
 
 
 def redis_paths(bench: Bench, petits: list[Route]) -> list[Route]:
-    """redis-server reached directly, through ssh -R, through the floor of petit's design
-    (floor.py), and through each petit's raw TCP port (one more client per server, whose
+    """redis-server reached directly, through ssh -R, through the floors of petit's design
+    (FLOORS), and through each petit's raw TCP port (one more client per server, whose
     private service is the redis-server)."""
     redis_port = bench.start_redis()
     ssh_port = bench.start_ssh_forward(bench.sshd_port, redis_port)
     routes = [Route("direct", redis_port, ""), Route("ssh -R", ssh_port, "")]
     assert petits[0].server is not None
-    routes.append(bench.start_floor(petits[0].server, redis_port))
+    routes += [bench.start_floor(petits[0].server, redis_port, script) for script in FLOORS]
     for petit in petits:
         assert petit.server is not None
         server = petit.server

@@ -60,12 +60,13 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
             value = figures["paths"][path][name]
             assert math.isfinite(value), (path, name)
             assert value > 0, (path, name)
-    for name in TCP_FIGURES:  # the floor of petit's design (bench/floor.py)
-        value = figures["paths"]["floor"][name]
-        assert math.isfinite(value), name
-        assert value > 0, name
-    assert figures["paths"]["floor"]["tcp_get_c1_cpu_us_server"] >= 0
-    assert "/floor" in stdout
+    for floor in ("floor", "floor, threads"):  # the floors of petit's design (bench/floor*.py)
+        for name in TCP_FIGURES:
+            value = figures["paths"][floor][name]
+            assert math.isfinite(value), (floor, name)
+            assert value > 0, (floor, name)
+        assert figures["paths"][floor]["tcp_get_c1_cpu_us_server"] >= 0
+        assert f"/{floor}" in stdout
     for path in PATHS[2:]:  # CPU per request of petit's own processes
         for name in CPU_FIGURES:
             assert figures["paths"][path][name] >= 0, (path, name)
