@@ -98,9 +98,12 @@ class Tunnel:
                 self.incoming.write(data)
                 while True:
                     try:
-                        buffer += self.tls.read(READ_SIZE)
+                        plaintext = self.tls.read(READ_SIZE)
                     except ssl.SSLWantReadError:
                         break
+                    if not plaintext:  # the peer's close_notify
+                        return
+                    buffer += plaintext
             offset = 0
             while len(buffer) - offset >= HEADER.size:
                 kind, stream_id, size = HEADER.unpack_from(buffer, offset)

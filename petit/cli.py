@@ -127,7 +127,7 @@ def progress(label: str) -> Iterator[None]:
 
 
 def start_in_background(argv: list[str], directory: Path, name: str, log_file: Path) -> PidInfo:
-    """Spawn ``argv`` (a ``start --foreground --detached`` command) and wait until it is ready.
+    """Spawn ``argv`` (a detached daemon, petit.daemon) and wait until it is ready.
 
     Ready means its pid file says so. The daemon logs to its own rotating file; ``log_file``
     catches what it prints on stdout and stderr (the ``error:`` line of a failed start, a
@@ -234,19 +234,29 @@ def _wait_gone(directory: Path, name: str) -> bool:
 
 
 def start_daemon(
-    daemon: Daemon, *, module: str, started: str, verbose: bool, foreground: bool
+    module: str,
+    config_path: Path,
+    *,
+    open_daemon: Callable[[Path], Daemon],
+    started: str,
+    verbose: bool,
+    foreground: bool,
 ) -> PidInfo:
-    """The ``start`` command of both apps: the daemon process (petit.daemon) for ``module``.
+    """The ``start`` command of both apps: the daemon process (petit.daemon) of ``module``.
 
-    With ``foreground``, exec it in this process (the same pid, for systemd and containers).
-    Otherwise spawn it detached, print ``started`` (the original's wording, with ``{pid}``)
-    and return its pid file once it is ready.
+    With ``foreground``, exec it in this process at once (the same pid, for systemd and
+    containers; it checks its config itself). Otherwise check the config with
+    ``open_daemon``, spawn the daemon detached, print ``started`` (the original's wording,
+    with ``{pid}``) and return its pid file once it is ready.
     """
-    argv = daemon_argv(module, daemon.config_path, verbose=verbose, detached=not foreground)
     if foreground:
+        argv = daemon_argv(module, config_path, verbose=verbose, detached=False)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(argv[0], argv)  # noqa: S606 - our own interpreter, an argument list
+    with exit_codes():
+        daemon = open_daemon(config_path)
+    argv = daemon_argv(module, daemon.config_path, verbose=verbose, detached=True)
     running = read_pid(daemon.config_path.parent, daemon.name)
     if running is not None:
         raise CliError(
@@ -254,7 +264,8 @@ def start_daemon(
             ExitCode.RUNNING,
         )
     log_file = daemon.log.file.parent / f"{daemon.name}.stderr"
-    info = start_in_background(argv, daemon.config_path.parent, daemon.name, log_file)
+    with exit_codes():  # the log directory may not be creatable: one line, not a traceback
+        info = start_in_background(argv, daemon.config_path.parent, daemon.name, log_file)
     click.echo(started.format(pid=info.pid))
     return info
 

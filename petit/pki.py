@@ -67,6 +67,8 @@ def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA certificate {ca_file}: {exc}") from None
+    if ca_file is not None and not context.cert_store_stats()["x509"]:  # a CRL alone loads
+        raise ConfigError(f"cannot load the CA certificate {ca_file}: it holds no certificate")
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED  # already the default: stated, never relaxed
     context.check_hostname = True

@@ -520,11 +520,10 @@ def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     In the background, wait until the tunnel is up, or until the first attempt failed
     (the client keeps trying), and say which.
     """
-    with exit_codes():
-        daemon = open_daemon(config_path)
     started = start_daemon(
-        daemon,
-        module="petit_client",
+        "petit_client",
+        config_path,
+        open_daemon=open_daemon,
         started="Client started on pid {pid}.",
         verbose=verbose,
         foreground=foreground,

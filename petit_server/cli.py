@@ -153,11 +153,10 @@ def init(
 @click.option("--foreground", is_flag=True, help="Stay attached instead of backgrounding.")
 def start(config_path: Path, verbose: bool, foreground: bool) -> None:
     """Start the server (in the background unless --foreground)."""
-    with exit_codes():
-        daemon = open_daemon(config_path)
     start_daemon(
-        daemon,
-        module="petit_server",
+        "petit_server",
+        config_path,
+        open_daemon=open_daemon,
         started="Server started with pid {pid}.",
         verbose=verbose,
         foreground=foreground,

@@ -170,6 +170,8 @@ async def test_server_stops_cleanly(
     log = tmp_path / "server-foreground.log"
     child = server.spawn_foreground(log)
     server.adopt(await wait_pid_file(server.directory, "server", child, log))
+    # start --foreground exec'd the daemon: the pid it was started as, under the app's name
+    assert Path(f"/proc/{child.pid}/comm").read_text() == "petit-server\n"
     client = await client_factory(server, python_backend.port)  # a registration to keep
     registry = json.loads(server.registry.read_text())
     assert client.registration_id in json.dumps(registry)
@@ -195,6 +197,7 @@ async def test_client_stops_cleanly(
     log = tmp_path / "client-foreground.log"
     child = client.spawn_foreground(log)
     client.adopt(await wait_pid_file(client.directory, "client", child, log))
+    assert Path(f"/proc/{child.pid}/comm").read_text() == "petit-client\n"
     await client.wait_connected()
     online = await curl(
         "-w", "%{http_code}", "-o", "/dev/null", *curl_url(server.http_port, client.host, "/")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from petit_client.cli import main
 
@@ -53,11 +58,27 @@ def test_misuse_is_one_line_and_exit_2_before_reading_the_config(
     assert result.output == f"error: {message}\n"
 
 
-def test_init_refuses_a_ca_that_is_no_certificate(tmp_path: Path) -> None:
-    """--ca given the server's config (or anything but a certificate) fails at init, with
-    exit 3 and one line, and writes nothing, rather than at the first register."""
+def _revocation_list() -> bytes:
+    """A PEM file OpenSSL loads as a CA file, though it holds no certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone")]))
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("content", [b"[server]\n", _revocation_list()], ids=["toml", "crl"])
+def test_init_refuses_a_ca_that_is_no_certificate(tmp_path: Path, content: bytes) -> None:
+    """--ca given the server's config (or anything but a certificate, even a PEM file OpenSSL
+    loads) fails at init, with exit 3 and one line, and writes nothing, rather than at the
+    first register."""
     not_a_certificate = tmp_path / "config.toml"
-    not_a_certificate.write_text("[server]\n")
+    not_a_certificate.write_bytes(content)
     config = tmp_path / "client" / "config.toml"
     argv = ["init", "-c", str(config), "--server", "localhost:3014"]
     result = CliRunner().invoke(main, [*argv, "--ca", str(not_a_certificate)])
