@@ -68,26 +68,30 @@ class Tunnel:
     async def pump_in(self, on_open: object = None) -> None:
         """The tunnel into the sockets: each payload written straight into its socket."""
         buffer = b""
-        while True:
-            data = await self.tls.receive_some(READ_SIZE)
-            if not data:
-                return
-            buffer += data
-            offset = 0
-            while len(buffer) - offset >= HEADER.size:
-                kind, stream_id, size = HEADER.unpack_from(buffer, offset)
-                end = offset + HEADER.size + size
-                if end > len(buffer):
-                    break
-                payload = buffer[offset + HEADER.size : end]
-                offset = end
+        while data := await self.tls.receive_some(READ_SIZE):
+            frames, buffer = split_frames(buffer + data)
+            for kind, stream_id, payload in frames:
                 if kind == OPEN and callable(on_open):
                     await on_open(stream_id)
                 elif kind == DATA and (sock := self.sockets.get(stream_id)) is not None:
                     await _write_all(sock, payload)
                 elif kind == END and (sock := self.sockets.get(stream_id)) is not None:
                     sock.shutdown(trio.socket.SHUT_WR)
-            buffer = buffer[offset:]
+
+
+def split_frames(buffer: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
+    """The complete frames at the start of ``buffer``, as (kind, stream id, payload), and
+    the bytes after them (the start of the next frame)."""
+    frames = []
+    offset = 0
+    while len(buffer) - offset >= HEADER.size:
+        kind, stream_id, size = HEADER.unpack_from(buffer, offset)
+        end = offset + HEADER.size + size
+        if end > len(buffer):
+            break
+        frames.append((kind, stream_id, buffer[offset + HEADER.size : end]))
+        offset = end
+    return frames, buffer[offset:]
 
 
 async def _write_all(sock: trio.socket.SocketType, data: bytes) -> None:

@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from floor import DATA, END, HEADER, OPEN, READ_SIZE
+from floor import DATA, END, HEADER, OPEN, READ_SIZE, split_frames
 
 
 class Tunnel:
@@ -104,14 +104,8 @@ class Tunnel:
                     if not plaintext:  # the peer's close_notify
                         return
                     buffer += plaintext
-            offset = 0
-            while len(buffer) - offset >= HEADER.size:
-                kind, stream_id, size = HEADER.unpack_from(buffer, offset)
-                end = offset + HEADER.size + size
-                if end > len(buffer):
-                    break
-                payload = buffer[offset + HEADER.size : end]
-                offset = end
+            frames, buffer = split_frames(buffer)
+            for kind, stream_id, payload in frames:
                 if kind == OPEN and on_open is not None:
                     on_open(stream_id)
                 elif kind == DATA and (sock := self.sockets.get(stream_id)) is not None:
@@ -120,7 +114,6 @@ class Tunnel:
                 elif kind == END and (sock := self.sockets.get(stream_id)) is not None:
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_WR)
-            buffer = buffer[offset:]
 
 
 def _connected(sock: socket.socket) -> socket.socket:

@@ -2,10 +2,11 @@
 
 # Theory of operation
 
-- ``petit-server start`` and ``petit-client start`` check the config, then run
-  ``python -P -m petit_server.daemon CONFIG`` (or petit_client's): detached, waiting for its
-  ready pid file; or, with ``--foreground``, by exec in their own process, so systemd and
-  containers keep the pid they started. A running daemon is therefore always
+- ``petit-server start`` and ``petit-client start`` run ``python -P -m
+  petit_server.daemon CONFIG`` (or petit_client's). In the background they check the config
+  first, spawn it detached and wait for its ready pid file. With ``--foreground`` they exec
+  it at once in their own process, so systemd and containers keep the pid they started;
+  the daemon checks its config itself. A running daemon is therefore always
   ``daemon_main``, which imports neither click nor the CLI's other commands (1.5 MB of the
   server's RSS, 1.3 MB of the client's). It names itself petit-server or petit-client, as
   ps, top and journald show it.
