@@ -101,9 +101,7 @@ def daemon_main(module: str, open_daemon: Callable[[Path], Daemon]) -> NoReturn:
     try:
         daemon = open_daemon(Path(config))
     except FAILURES as exc:
-        message, code = failure(exc)
-        _say_error(message)
-        sys.exit(code)
+        sys.exit(_end(exc))
     sys.exit(run_daemon(daemon, verbose="--verbose" in flags, detached="--detached" in flags))
 
 
@@ -112,9 +110,7 @@ def run_daemon(daemon: Daemon, *, verbose: bool, detached: bool) -> ExitCode:
     try:
         configure_daemon_logging(daemon.log, verbose=verbose, to_stderr=not detached)
     except FAILURES as exc:
-        message, code = failure(exc)
-        _say_error(message)  # there is no log yet
-        return code
+        return _end(exc)  # there is no log yet
     logger = logging.getLogger("petit")
     if (raised := raise_open_file_limit()) is not None:
         logger.info("open-file limit raised from %d to %d", *raised)
@@ -127,12 +123,18 @@ def run_daemon(daemon: Daemon, *, verbose: bool, detached: bool) -> ExitCode:
         finally:
             lock.release()
     except FAILURES as exc:
-        message, code = failure(exc)
-        # The log file says why the daemon ended; stderr skips it (the error: line says it).
-        logger.error("%s", message, extra={EXIT_CODE_FIELD: int(code)})
-        _say_error(message)
-        return code
+        return _end(exc, logger)
     return ExitCode.OK
+
+
+def _end(exc: PetitError | OSError, logger: logging.Logger | None = None) -> ExitCode:
+    """Say why the daemon ends, on stderr and, once logging is set up, in the log with the
+    exit code (stderr's copy of the log skips it: the error: line says it); that code."""
+    message, code = failure(exc)
+    if logger is not None:
+        logger.error("%s", message, extra={EXIT_CODE_FIELD: int(code)})
+    _say_error(message)
+    return code
 
 
 def _name_process(name: str) -> None:
