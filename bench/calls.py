@@ -1,0 +1,217 @@
+"""What one request costs petit in work that does not depend on the machine's speed: Python
+function calls (cProfile) and syscalls (strace) per request, in the server and the client.
+
+``run.py`` and ``ab.py`` measure time, and on a shared 2-core machine the same code reads
+30-70% apart from one hour to the next (a Python loop's speed moves that much). These
+counts do not move: they say whether a change removed work, on any machine, in one run of
+a few seconds. Two workloads, each on one connection, so nothing is batched:
+
+- a redis GET through a registration's raw TCP port (redis-benchmark, one connection);
+- a 1 KiB HTTP GET through the HTTP ingress (curl, one keep-alive connection, to nginx).
+
+Each daemon runs in the foreground under ``python -m cProfile`` and ends on SIGTERM (it exits
+0, and cProfile writes its stats). The calls of a run without requests (start, tunnel up,
+one check request, stop) are subtracted from those of a run with them; strace counts the
+syscalls during the requests only. ``--baseline REF`` counts git revision REF's petit too,
+beside the working tree's.
+
+Usage: python bench/calls.py [--requests N] [--baseline REF]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pstats
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from run import (
+    ONE_KIB,
+    Bench,
+    PetitServer,
+    _set,
+    _status,
+    bench_environment,
+    wait_listening,
+)
+
+ROLES = ("server", "client")
+
+
+@dataclass
+class Petit:
+    """One petit's configs, stopped between counted runs (daemons under cProfile)."""
+
+    name: str
+    server: PetitServer
+    http_client: Path  # config of the client whose backend is nginx
+    tcp_client: Path  # config of the client whose backend is redis
+    tcp_port: int
+    host: str  # the HTTP client's registration (Host header)
+
+
+def prepare(bench: Bench, name: str, backend: int, redis_port: int, revision: str | None) -> Petit:
+    """A petit server with its two clients registered, then stopped, its ports pinned in its
+    config so the clients find it again when it runs under cProfile."""
+    route = bench.start_petit(name, backend, revision)
+    server = route.server
+    assert server is not None
+    host, _ = bench.start_petit_client(server, server.tunnel_port, redis_port, http=False)
+    tcp_port = bench.petit_tcp_port(server, host)
+    configs = [
+        p
+        for p in bench.root.glob("client-*/config.toml")
+        if str(server.tunnel_port) in p.parent.name
+    ]
+    http_client, tcp_client = sorted(
+        configs, key=lambda p: p.parent.name.endswith(f"-{redis_port}")
+    )
+    for config in (tcp_client, http_client):
+        bench.run(
+            [str(Path(sys.executable).parent / "petit-client"), "stop", "-c", str(config)],
+            server.env,
+        )
+    bench.run(
+        [str(Path(sys.executable).parent / "petit-server"), "stop", "-c", str(server.config)],
+        server.env,
+    )
+    _set(server.config, backPort=str(server.tunnel_port), proxyPort=str(server.http_port))
+    return Petit(name, server, http_client, tcp_client, tcp_port, route.host)
+
+
+@contextlib.contextmanager
+def profiled(bench: Bench, petit: Petit, run: int) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """petit's server and both clients under cProfile, tunnels up; stopped on exit (SIGTERM),
+    their stats written to ``{role}-{run}.prof`` in the run directory."""
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(role: str, module: str, config: Path) -> None:
+        output = bench.root / f"{petit.name}-{role}-{run}.prof"
+        argv = [sys.executable, "-m", "cProfile", "-o", str(output), "-m", module, str(config)]
+        # cwd: ``-m`` puts it first on sys.path, and a revision's code must come from PYTHONPATH
+        with (bench.root / f"{petit.name}-{role}.log").open("ab") as log:
+            processes[role] = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=bench.root,
+                env=petit.server.env,
+            )
+
+    try:
+        start("server", "petit_server.daemon", petit.server.config)
+        wait_listening(petit.server.tunnel_port, "the profiled server's tunnel port")
+        start("client", "petit_client.daemon", petit.tcp_client)
+        start("http client", "petit_client.daemon", petit.http_client)
+        wait_listening(petit.tcp_port, "the registration's TCP port")
+        while _status(petit.server.http_port, petit.host, ONE_KIB) != 200:
+            pass  # each try is one request: the tunnel comes up within the first few
+        yield processes
+    finally:
+        for role in ("client", "http client", "server"):
+            if role in processes:
+                processes[role].send_signal(signal.SIGTERM)
+                processes[role].wait(timeout=30)
+
+
+def calls(path: Path) -> int:
+    """Every Python and C function call cProfile counted."""
+    return sum(stat[1] for stat in pstats.Stats(str(path)).stats.values())  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def syscalls(pid: int, counted: dict[str, float], role: str) -> Iterator[None]:
+    """Count ``pid``'s syscalls (all threads) while the block runs, into ``counted[role]``."""
+    with subprocess.Popen(
+        ["strace", "-c", "-f", "-q", "-p", str(pid)], stderr=subprocess.PIPE, text=True
+    ) as strace:
+        try:
+            yield
+        finally:
+            strace.send_signal(signal.SIGINT)
+            _, report = strace.communicate(timeout=30)
+    total = re.search(r"^-+.*\n100\.00\s+\S+\s+\S+\s+(\d+)", report, re.MULTILINE)
+    counted[role] = float(total.group(1)) if total else float("nan")
+
+
+def redis_gets(petit: Petit, requests: int) -> None:
+    argv = [
+        "redis-benchmark",
+        "-p",
+        str(petit.tcp_port),
+        "-t",
+        "get",
+        "-c",
+        "1",
+        "-n",
+        str(requests),
+        "-q",
+    ]
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+
+
+def http_gets(petit: Petit, requests: int) -> None:
+    url = f"http://127.0.0.1:{petit.server.http_port}/{ONE_KIB}?[1-{requests}]"  # one connection
+    argv = ["curl", "-sf", "-H", f"Host: {petit.host}", url]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=600)
+
+
+# workload -> (the load, the profiled client it goes through)
+WORKLOADS: dict[str, tuple[Callable[[Petit, int], None], str]] = {
+    "redis GET, TCP port": (redis_gets, "client"),
+    "HTTP 1 KiB GET": (http_gets, "http client"),
+}
+PROFILES = ("server", "client", "http client")
+
+
+def count(bench: Bench, petit: Petit, requests: int) -> dict[str, float]:
+    """Per workload: calls and syscalls per request in the server and the client."""
+    with profiled(bench, petit, 0):
+        pass
+    idle = {profile: calls(bench.root / f"{petit.name}-{profile}-0.prof") for profile in PROFILES}
+    figures: dict[str, float] = {}
+    for run, (workload, (load, client)) in enumerate(WORKLOADS.items(), start=1):
+        traced: dict[str, float] = {}
+        with profiled(bench, petit, run) as processes:
+            server, relay = processes["server"].pid, processes[client].pid
+            with syscalls(server, traced, "server"), syscalls(relay, traced, client):
+                load(petit, requests)
+        for role, profile in (("server", "server"), ("client", client)):
+            made = calls(bench.root / f"{petit.name}-{profile}-{run}.prof") - idle[profile]
+            figures[f"{workload}: Python calls, {role}"] = made / requests
+            figures[f"{workload}: syscalls, {role}"] = traced[profile] / requests
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=5000, help="requests per workload")
+    parser.add_argument("--baseline", metavar="REF", help="also count git revision REF's petit")
+    options = parser.parse_args()
+    with bench_environment() as bench:
+        backend, redis_port = bench.start_nginx(), bench.start_redis()
+        petits = [prepare(bench, "petit", backend, redis_port, None)]
+        if options.baseline:
+            petits.append(prepare(bench, options.baseline, backend, redis_port, options.baseline))
+        columns = {petit.name: count(bench, petit, options.requests) for petit in petits}
+    names = list(columns)
+    width = max(len(row) for row in columns[names[0]]) + 2
+    header = f"{'per request':<{width}}" + "".join(f"{name:>12}" for name in names)
+    print(header + ("   petit/" + names[1] if len(names) > 1 else ""))
+    for row in columns[names[0]]:
+        values = [columns[name][row] for name in names]
+        line = f"{row:<{width}}" + "".join(f"{value:12.1f}" for value in values)
+        if len(values) > 1:
+            line += f"{values[0] / values[1]:12.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
