@@ -15,13 +15,14 @@ one check request, stop) are subtracted from those of a run with them; strace co
 syscalls during the requests only. ``--baseline REF`` counts git revision REF's petit too,
 beside the working tree's.
 
-Usage: python bench/calls.py [--requests N] [--baseline REF]
+Usage: python bench/calls.py [--requests N] [--baseline REF] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import pstats
 import re
 import signal
@@ -194,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000, help="requests per workload")
     parser.add_argument("--baseline", metavar="REF", help="also count git revision REF's petit")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     options = parser.parse_args()
     with bench_environment() as bench:
         backend, redis_port = bench.start_nginx(), bench.start_redis()
@@ -201,6 +203,8 @@ def main() -> None:
         if options.baseline:
             petits.append(prepare(bench, options.baseline, backend, redis_port, options.baseline))
         columns = {petit.name: count(bench, petit, options.requests) for petit in petits}
+    if options.json:
+        options.json.write_text(json.dumps({"requests": options.requests, "figures": columns}))
     names = list(columns)
     width = max(len(row) for row in columns[names[0]]) + 2
     header = f"{'per request':<{width}}" + "".join(f"{name:>12}" for name in names)
