@@ -10,8 +10,8 @@ a few seconds. Two workloads, each on one connection, so nothing is batched:
 - a 1 KiB HTTP GET through the HTTP ingress (curl, one keep-alive connection, to nginx).
 
 Each daemon runs in the foreground under ``python -m cProfile`` and ends on SIGTERM (it exits
-0, and cProfile writes its stats). The calls of a run without requests (start, tunnel up,
-one check request, stop) are subtracted from those of a run with them; strace counts the
+0, and cProfile writes its stats). The calls of a run without requests (start, the checks
+that the tunnel is up, stop) are subtracted from those of a run with them; strace counts the
 syscalls during the requests only. ``--baseline REF`` counts git revision REF's petit too,
 beside the working tree's.
 
@@ -28,21 +28,23 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from run import (
     ONE_KIB,
+    VENV_BIN,
     Bench,
     PetitServer,
     _set,
-    _status,
     bench_environment,
+    wait_answered,
     wait_listening,
 )
 
-ROLES = ("server", "client")
+STOP_TIMEOUT = 30.0  # seconds a profiled daemon has to exit after SIGTERM
 
 
 @dataclass
@@ -65,46 +67,28 @@ def prepare(bench: Bench, name: str, backend: int, redis_port: int, revision: st
     assert server is not None
     host, _ = bench.start_petit_client(server, server.tunnel_port, redis_port, http=False)
     tcp_port = bench.petit_tcp_port(server, host)
-    configs = [
-        p
-        for p in bench.root.glob("client-*/config.toml")
-        if str(server.tunnel_port) in p.parent.name
-    ]
-    http_client, tcp_client = sorted(
-        configs, key=lambda p: p.parent.name.endswith(f"-{redis_port}")
-    )
+    http_client = bench.client_config(server.tunnel_port, backend)
+    tcp_client = bench.client_config(server.tunnel_port, redis_port)
     for config in (tcp_client, http_client):
-        bench.run(
-            [str(Path(sys.executable).parent / "petit-client"), "stop", "-c", str(config)],
-            server.env,
-        )
-    bench.run(
-        [str(Path(sys.executable).parent / "petit-server"), "stop", "-c", str(server.config)],
-        server.env,
-    )
+        bench.run([str(VENV_BIN / "petit-client"), "stop", "-c", str(config)], server.env)
+    bench.run([str(VENV_BIN / "petit-server"), "stop", "-c", str(server.config)], server.env)
     _set(server.config, backPort=str(server.tunnel_port), proxyPort=str(server.http_port))
     return Petit(name, server, http_client, tcp_client, tcp_port, route.host)
 
 
 @contextlib.contextmanager
 def profiled(bench: Bench, petit: Petit, run: int) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    """petit's server and both clients under cProfile, tunnels up; stopped on exit (SIGTERM),
-    their stats written to ``{role}-{run}.prof`` in the run directory."""
+    """petit's server and both clients under cProfile, tunnels up; stopped on exit (SIGTERM;
+    killed if one outlives STOP_TIMEOUT), their stats written to
+    ``{petit.name}-{profile}-{run}.prof`` in the run directory (profile: PROFILES)."""
     processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(role: str, module: str, config: Path) -> None:
-        output = bench.root / f"{petit.name}-{role}-{run}.prof"
-        argv = [sys.executable, "-m", "cProfile", "-o", str(output), "-m", module, str(config)]
-        # cwd: ``-m`` puts it first on sys.path, and a revision's code must come from PYTHONPATH
-        with (bench.root / f"{petit.name}-{role}.log").open("ab") as log:
-            processes[role] = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                cwd=bench.root,
-                env=petit.server.env,
-            )
+    def start(profile: str, module: str, config: Path) -> None:
+        output = bench.root / f"{petit.name}-{profile}-{run}.prof"
+        # -P: a revision's code comes from PYTHONPATH, never from the current directory
+        argv = [sys.executable, "-P", "-m", "cProfile", "-o", str(output), "-m", module]
+        log = f"{petit.name}-{profile}.log"
+        processes[profile] = bench.spawn([*argv, str(config)], log, petit.server.env)
 
     try:
         start("server", "petit_server.daemon", petit.server.config)
@@ -112,14 +96,17 @@ def profiled(bench: Bench, petit: Petit, run: int) -> Iterator[dict[str, subproc
         start("client", "petit_client.daemon", petit.tcp_client)
         start("http client", "petit_client.daemon", petit.http_client)
         wait_listening(petit.tcp_port, "the registration's TCP port")
-        while _status(petit.server.http_port, petit.host, ONE_KIB) != 200:
-            pass  # each try is one request: the tunnel comes up within the first few
+        wait_answered(petit.server.http_port, petit.host)
         yield processes
     finally:
-        for role in ("client", "http client", "server"):
-            if role in processes:
-                processes[role].send_signal(signal.SIGTERM)
-                processes[role].wait(timeout=30)
+        for profile in ("client", "http client", "server"):
+            if profile in processes:
+                processes[profile].send_signal(signal.SIGTERM)
+                try:
+                    processes[profile].wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    processes[profile].kill()
+                    raise SystemExit(f"bench: the profiled {profile} ignored SIGTERM") from None
 
 
 def calls(path: Path) -> int:
@@ -129,20 +116,37 @@ def calls(path: Path) -> int:
 
 @contextlib.contextmanager
 def syscalls(pid: int, counted: dict[str, float], role: str) -> Iterator[None]:
-    """Count ``pid``'s syscalls (all threads) while the block runs, into ``counted[role]``."""
+    """Count ``pid``'s syscalls (all threads) while the block runs, into ``counted[role]``.
+    The block starts once strace is attached, so no early syscall goes uncounted."""
     with subprocess.Popen(
         ["strace", "-c", "-f", "-q", "-p", str(pid)], stderr=subprocess.PIPE, text=True
     ) as strace:
         try:
+            _wait_traced(pid, strace)
             yield
         finally:
             strace.send_signal(signal.SIGINT)
             _, report = strace.communicate(timeout=30)
-    total = re.search(r"^-+.*\n100\.00\s+\S+\s+\S+\s+(\d+)", report, re.MULTILINE)
-    counted[role] = float(total.group(1)) if total else float("nan")
+    # the summary's last line: % time, seconds, usecs/call, calls, [errors,] "total"
+    total = re.search(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total$", report, re.M)
+    if total is None:
+        raise SystemExit(f"bench: strace counted nothing for pid {pid}: {report.strip()[-300:]}")
+    counted[role] = float(total.group(1))
+
+
+def _wait_traced(pid: int, strace: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """Block until ``strace`` has attached to ``pid`` (its TracerPid), bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and strace.poll() is None:
+        status = Path(f"/proc/{pid}/status").read_text()
+        if re.search(r"^TracerPid:\s*[1-9]", status, re.M):
+            return
+        time.sleep(0.01)  # noqa: TID251 - a benchmark script, polling another process
+    raise SystemExit(f"bench: strace did not attach to pid {pid} (is ptrace allowed here?)")
 
 
 def redis_gets(petit: Petit, requests: int) -> None:
+    """``requests`` redis GETs through the registration's TCP port, on one connection."""
     argv = [
         "redis-benchmark",
         "-p",
@@ -159,6 +163,8 @@ def redis_gets(petit: Petit, requests: int) -> None:
 
 
 def http_gets(petit: Petit, requests: int) -> None:
+    """``requests`` GETs of a 1 KiB file through the HTTP ingress, on one keep-alive
+    connection (curl's URL range)."""
     url = f"http://127.0.0.1:{petit.server.http_port}/{ONE_KIB}?[1-{requests}]"  # one connection
     argv = ["curl", "-sf", "-H", f"Host: {petit.host}", url]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=600)

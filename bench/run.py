@@ -77,11 +77,18 @@ class Bench:
     sshd_port: int = 0
     servers: list[PetitServer] = field(default_factory=list)
 
-    def spawn(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: list[str], log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start a helper process whose output goes to a log file in the run directory."""
         with (self.root / log).open("ab") as output:
             process = subprocess.Popen(
-                argv, stdout=output, stderr=output, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=output,
+                stderr=output,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
         self.processes.append(process)
         return process
@@ -259,7 +266,7 @@ GatewayPorts no
         """A registered, started petit client of ``server`` dialling ``dial_port`` (its
         tunnel port, or a relay to it); (Host, pid). With ``http``, returns once a request
         through it is answered (its backend is nginx)."""
-        client_config = self.root / f"client-{dial_port}-{backend_port}" / "config.toml"
+        client_config = self.client_config(dial_port, backend_port)
         petit_client = str(VENV_BIN / "petit-client")
         self.run(
             [
@@ -285,12 +292,13 @@ GatewayPorts no
         self.at_close([petit_client, "stop", "-c", str(client_config)], server.env)
         client_pid, _ = _pid_file(client_config.parent / "client.pid")
         host = f"{match.group(1)}.localhost"
-        deadline = time.monotonic() + 20
-        while http and _status(server.http_port, host, ONE_KIB) != 200:
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: the petit tunnel did not come up within 20 s")
-            time.sleep(0.05)  # noqa: TID251
+        if http:
+            wait_answered(server.http_port, host)
         return host, client_pid
+
+    def client_config(self, dial_port: int, backend_port: int) -> Path:
+        """The config of the client dialling ``dial_port`` in front of ``backend_port``."""
+        return self.root / f"client-{dial_port}-{backend_port}" / "config.toml"
 
     def start_redis(self) -> int:
         """A private redis-server on loopback, nothing persisted: the raw TCP ports' backend."""
@@ -395,6 +403,16 @@ def curl_argv(port: int, host: str, path: str, write_out: str = "") -> list[str]
     """curl for one GET of ``path`` on a loopback port: body discarded, ``write_out`` shown."""
     url = f"http://127.0.0.1:{port}/{path}"
     return ["curl", "-s", "-o", "/dev/null", "-w", write_out, "-H", f"Host: {host}", url]
+
+
+def wait_answered(port: int, host: str, timeout: float = 20.0) -> None:
+    """Block until a GET through the petit HTTP ingress on ``port`` for ``host`` gets a 200:
+    the tunnel is up (bounded)."""
+    deadline = time.monotonic() + timeout
+    while _status(port, host, ONE_KIB) != 200:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: the petit tunnel did not come up within {timeout:g} s")
+        time.sleep(0.05)  # noqa: TID251 - a benchmark script, polling another process
 
 
 def _status(port: int, host: str, path: str) -> int:
