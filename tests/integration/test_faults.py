@@ -15,6 +15,7 @@ import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -329,15 +330,15 @@ async def test_slow_caller_does_not_slow_a_fast_one(
     server = await server_factory()
     client = await client_factory(server, python_backend.port)
     # A fresh size per phase: the backend's progress counter of a cancelled caller stays behind.
-    slow_targets = [f"/bytes/{shape.slow_size + phase}" for phase in range(shape.phases)]
-    for size in (shape.fast_size, *(shape.slow_size + p for p in range(shape.phases))):
+    slow_sizes = [shape.slow_size + phase for phase in range(shape.phases)]
+    for size in (shape.fast_size, *slow_sizes):
         payload(size)  # the backend's bodies, made before timing
     peak_rss = 0
     samples: dict[bool, list[float]] = {False: [], True: []}  # beside slow -> bytes/s
 
-    async def fast_downloads(beside_slow: bool, rounds: int = shape.fast_rounds) -> None:
+    async def fast_downloads(beside_slow: bool) -> None:
         nonlocal peak_rss
-        for _ in range(rounds):
+        for _ in range(shape.fast_rounds):
             started = trio.current_time()
             response = await http_request(
                 server.http_port, client.host, target=f"/bytes/{shape.fast_size}"
@@ -347,35 +348,35 @@ async def test_slow_caller_does_not_slow_a_fast_one(
             assert response.body == payload(shape.fast_size)
             peak_rss = max(peak_rss, rss_kib(server.pid))
 
-    async def beside_a_slow_caller(slow_target: str) -> None:
-        slow_done = trio.Event()
-
-        async def slow_caller() -> None:
-            await download(server.http_port, client.host, slow_target, rate=shape.slow_rate)
-            slow_done.set()
-
+    async def beside_a_slow_caller(slow_size: int) -> None:
+        slow_target = f"/bytes/{slow_size}"
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow_caller)
+            nursery.start_soon(
+                partial(download, rate=shape.slow_rate),
+                server.http_port,
+                client.host,
+                slow_target,
+            )
             await wait_until(
                 lambda: python_backend.progress(slow_target) > 2 * WINDOW,
                 10,
                 what="the slow download to fill its window",
             )
             await fast_downloads(beside_slow=True)
-            assert not slow_done.is_set(), "the slow caller finished before the fast ones"
+            # still held back by the slow caller, so the fast ones ran beside it throughout
+            assert python_backend.progress(slow_target) < slow_size
             nursery.cancel_scope.cancel()
 
-    await fast_downloads(beside_slow=False, rounds=1)  # warm-up
-    samples[False].clear()
+    warm_up = await http_request(server.http_port, client.host, target=f"/bytes/{shape.fast_size}")
+    assert warm_up.status == 200, warm_up.status
     before = rss_kib(server.pid)
-    peak_rss = 0
-    for phase, slow_target in enumerate(slow_targets):
+    for phase, slow_size in enumerate(slow_sizes):
         if phase % 2:
-            await beside_a_slow_caller(slow_target)
+            await beside_a_slow_caller(slow_size)
             await fast_downloads(beside_slow=False)
         else:
             await fast_downloads(beside_slow=False)
-            await beside_a_slow_caller(slow_target)
+            await beside_a_slow_caller(slow_size)
     growth = peak_rss - before
     alone, beside_slow = (statistics.median(samples[beside]) for beside in (False, True))
     ratio = beside_slow / alone
