@@ -19,16 +19,18 @@ first quiet check trims whatever the size.
 During a burst the opposite holds: the heap must keep what each buffer freed for the next
 one. glibc's dynamic thresholds do not: once its mmap threshold has risen to 256 KiB, its
 trim threshold is twice that, so when the few buffers a chunk of a transfer holds at once
-(the read, its frame, the masked copy) are freed together, the heap's top is returned to the
-system, and the next chunk maps it again and faults on every page. A client that had served
-a few seconds of small requests (wrk, 64 connections) before four parallel downloads took
-61-277 page faults per MiB moved and 15-20% more CPU per MiB. ``keep_heap_between_buffers`` fixes
-both thresholds at start (``mallopt``): allocations under ``HEAP_ALLOCATION_LIMIT`` come
-from the heap, and up to ``HEAP_KEPT_FREE`` bytes free at its top stay there; the same
-downloads then fault 1-2 times per MiB. The trim after a burst returns them as before.
+(the read, its frame, the masked copy, the ciphertext) are freed together, the heap's top
+is returned to the system, and the next chunk maps it again and faults on every page. A
+client that had served a few seconds of small requests (wrk, 64 connections) before four
+parallel downloads took 61-277 page faults per MiB moved and 15-20% more CPU per MiB.
+``keep_heap_between_buffers`` fixes both thresholds at start (``mallopt``): allocations
+under ``HEAP_ALLOCATION_LIMIT`` come from the heap, and up to ``HEAP_KEPT_FREE`` bytes free
+at its top stay there; the same downloads then fault 1-2 times per MiB. The trim after a
+burst returns them as before.
 
 ``TrimPolicy`` decides, without a clock or the process: the task feeds it readings. Where the
-C library has no ``malloc_trim`` or ``mallopt`` (not glibc) the task returns at once.
+C library has no ``malloc_trim`` or ``mallopt`` (not glibc) the task returns at once; where
+glibc refuses the thresholds, it says so and trims after bursts all the same.
 """
 
 from __future__ import annotations
@@ -120,8 +122,10 @@ async def trim_after_bursts(interval: float = TRIM_CHECK) -> None:
     """Keep the heap between a burst's buffers, then run forever, trimming it after each
     burst (see the module doc)."""
     malloc_trim = _malloc_trim()
-    if malloc_trim is None or not keep_heap_between_buffers():
+    if malloc_trim is None:
         return
+    if not keep_heap_between_buffers():
+        log.info("glibc refused fixed heap thresholds: its own stay (more page faults per MiB)")
     policy = TrimPolicy(interval, 0, time.process_time())  # 0: start-up was a burst
     while True:
         await trio.sleep(interval)

@@ -33,8 +33,9 @@ def test_a_trim_waits_for_growth_and_for_a_quiet_interval() -> None:
 
 
 def test_trimming_gives_freed_heap_back() -> None:
-    """Buffers of a tunnel's size, freed after glibc raised its mmap threshold over them, stay
-    resident until a trim."""
+    """Buffers of a tunnel's size, freed from the heap, stay resident until a trim: whether
+    glibc put them there (its threshold raised over them) or ``keep_heap_between_buffers``
+    did (another test in this process may have called it)."""
     malloc_trim = _malloc_trim()
     assert malloc_trim is not None, "glibc's malloc_trim (this is a glibc system)"
     malloc_trim(0)
