@@ -316,6 +316,22 @@ SLOW_CALLER = (
     else SlowCallerShape(20 * MIB, MIB, 10 * MIB, 2, 5, 0.7)
 )
 SERVER_OVERHEAD = 8 * MIB  # RSS the server may add beyond the windows of the streams in flight
+SETTLE_POLL = 0.1  # seconds between readings of the slow download's progress
+
+
+def _settled(progress: Callable[[], int], rate: float) -> Callable[[], bool]:
+    """A predicate for ``wait_until(..., poll=SETTLE_POLL)``: true once ``progress`` (bytes the
+    backend wrote) passed two windows and grew by less than ``rate`` bytes/s since the last
+    reading. The windows and buffers of a new download fill at the link's speed; measured
+    while that lasts, the fast callers shared the tunnel with several MiB of it."""
+    last = progress()
+
+    def check() -> bool:
+        nonlocal last
+        previous, last = last, progress()
+        return last > 2 * WINDOW and last - previous < rate * SETTLE_POLL
+
+    return check
 
 
 async def test_slow_caller_does_not_slow_a_fast_one(
@@ -358,9 +374,10 @@ async def test_slow_caller_does_not_slow_a_fast_one(
                 slow_target,
             )
             await wait_until(
-                lambda: python_backend.progress(slow_target) > 2 * WINDOW,
+                _settled(lambda: python_backend.progress(slow_target), 2 * shape.slow_rate),
                 10,
-                what="the slow download to fill its window",
+                what="the slow download to fill its windows and slow to its reader's pace",
+                poll=SETTLE_POLL,
             )
             await fast_downloads(beside_slow=True)
             # still held back by the slow caller, so the fast ones ran beside it throughout
