@@ -38,6 +38,7 @@ from run import (
     VENV_BIN,
     Bench,
     PetitServer,
+    _redis_benchmark,
     _set,
     bench_environment,
     wait_answered,
@@ -147,19 +148,7 @@ def _wait_traced(pid: int, strace: subprocess.Popen[str], timeout: float = 10.0)
 
 def redis_gets(petit: Petit, requests: int) -> None:
     """``requests`` redis GETs through the registration's TCP port, on one connection."""
-    argv = [
-        "redis-benchmark",
-        "-p",
-        str(petit.tcp_port),
-        "-t",
-        "get",
-        "-c",
-        "1",
-        "-n",
-        str(requests),
-        "-q",
-    ]
-    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+    _redis_benchmark(petit.tcp_port, "get", 1, requests)
 
 
 def http_gets(petit: Petit, requests: int) -> None:

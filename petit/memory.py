@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import time
@@ -77,9 +78,11 @@ class TrimPolicy:
         self.resident_after_trim = resident
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library, if it has glibc's ``malloc_trim`` and ``mallopt`` and there is a /proc
-    to read the resident size from; None otherwise."""
+    to read the resident size from; None otherwise. Looked up once: ``find_library`` runs
+    ``ldconfig``."""
     name = ctypes.util.find_library("c")
     if name is None or not os.path.exists("/proc/self/statm"):
         return None
