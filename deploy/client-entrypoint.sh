@@ -12,9 +12,10 @@ fi
 if ! ls /var/lib/petit/tenants/*/registration >/dev/null 2>&1; then
   tries=0
   token_file=${PETIT_TOKEN_FILE:-/server-state/demo-client.token}
-  token=""
-  [ -r "$token_file" ] && token=$(cat "$token_file")
-  until petit-client register -c "$config" ${token:+--token "$token"}; do
+  # The server may still be making the token when this starts (depends_on waits for the
+  # container, not its first-start init), so each try reads the file afresh.
+  until token=$(cat "$token_file" 2>/dev/null || true)
+    petit-client register -c "$config" ${token:+--token "$token"}; do
     tries=$((tries + 1))
     [ "$tries" -lt 30 ] || exit 1
     sleep 1

@@ -16,8 +16,9 @@ if [ ! -f "$config" ]; then
   # Registration needs a one-time token. The compose demo asks for one for its client, in a
   # file on this state volume (the client mounts it read-only).
   if [ -n "${PETIT_DEMO_TOKEN_FILE:-}" ]; then
+    # Written beside and renamed, so the client never reads a half-written file.
     (umask 077 && petit-server token create -c "$config" --note "compose demo client" \
-      >"$PETIT_DEMO_TOKEN_FILE")
+      >"$PETIT_DEMO_TOKEN_FILE.new" && mv "$PETIT_DEMO_TOKEN_FILE.new" "$PETIT_DEMO_TOKEN_FILE")
   fi
 fi
 exec petit-server start --foreground -c "$config"
