@@ -70,6 +70,14 @@ from petit.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_hea
 #   overshoots its need by one step at most. A slow or absent reader takes little, so its
 #   window never grows. No clock: a round trip is measured in bytes. A new probe waits for
 #   _PROBE_SPACING bytes of DATA.
+# - Bytes the application consumed may still wait below it: in the send queue of the socket
+#   it relays them into, which the kernel grows to megabytes for a caller that reads slowly.
+#   Filling that queue looks like a fast reader, and windows grown then would keep growth
+#   budget from streams that need it while the slow reader lives. So the driver tells the
+#   connection how to read that queue (``backlog_of``: stream id -> bytes), and what a
+#   window-limited round trip added to it does not count as read. Only streams that were
+#   window-limited are asked (at a PONG, and at the next probe): the cost is per round trip
+#   of a bulk stream, never per message.
 # - Memory bound: what the peer can make us buffer is what we granted, so received-but-unread
 #   bytes on one connection stay within live streams x initial receive window +
 #   WINDOW_GROWTH_BUDGET (the growth of all its streams together), whatever the peer does.
@@ -97,6 +105,11 @@ _PROBE_SPACING: Final = 16 * 1024  # DATA bytes received before a BDP probe: a t
 _LARGEST_STREAM_ID: Final = 2**32 - 1  # the u32 stream_id field
 _UNBOUNDED: Final = 2**32 - 1  # the u32 length field: only max_payload limits the payload
 _U32: Final = struct.Struct("!I")
+
+
+def _nothing_queued(stream_id: int) -> int:
+    """The backlog below an application whose driver keeps none: always empty."""
+    return 0
 
 
 class StreamKind(enum.Enum):
@@ -300,6 +313,10 @@ class _Stream:
     # The receive window the round trip in progress runs on: growth granted at the last PONG
     # reaches the peer, and its DATA us, only as the next PONG does.
     measured_window: int = 0
+    # Bytes of consumed DATA still queued below the application when the probe in flight was
+    # sent, or None when it was not read: only for a stream window-limited in the round trip
+    # before, the others start from 0 (an under-estimate of what it drains: no growth unearned).
+    backlog_at_probe: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +328,7 @@ class ConnectionStatistics:
     data_bytes_received: int
     frames_sent: int  # frames of every type
     frames_received: int
+    window_growth: int  # bytes the live streams' receive windows grew beyond the initial one
 
 
 class TunnelConnection:
@@ -350,6 +368,9 @@ class TunnelConnection:
         self._peer_goaway: GoAwayReceived | None = None
         self._window_growth = 0  # bytes the live streams' receive windows grew in all
         self._probe: bytes | None = None  # the BDP probe in flight
+        # Bytes of a stream's consumed DATA still queued below the application (set by the
+        # driver; nothing is known to be queued until it says how to read it).
+        self.backlog_of: Callable[[int], int] = _nothing_queued
         self._probes_sent = 0
         self._since_probe = 0  # DATA bytes received since the last probe was answered
         self._data_bytes_sent = 0
@@ -617,6 +638,7 @@ class TunnelConnection:
             data_bytes_received=self._data_bytes_received,
             frames_sent=self._frames_sent,
             frames_received=self._frames_received,
+            window_growth=self._window_growth,
         )
 
     # Transitions.
@@ -786,6 +808,9 @@ class TunnelConnection:
                 self._probes_sent += 1
                 self._probe = _BDP_PROBE + self._probes_sent.to_bytes(5, "big")
                 self._queue_frame(Frame(FrameType.PING, 0, self._probe))
+                for watched in self._streams.values():
+                    if watched.backlog_at_probe is not None:
+                        watched.backlog_at_probe = self.backlog_of(watched.stream_id)
         return DataReceived(stream.stream_id, frame.payload)
 
     def _on_end(self, stream: _Stream, frame: Frame) -> TunnelEvent:
@@ -815,7 +840,12 @@ class TunnelConnection:
             window = stream.receive_window
             measured, stream.measured_window = stream.measured_window, window.size
             if 3 * sample < 2 * measured:
+                stream.backlog_at_probe = None
                 continue  # the link or the reader, not the window, limited this round trip
+            backlog = self.backlog_of(stream.stream_id)
+            queued, stream.backlog_at_probe = backlog - (stream.backlog_at_probe or 0), backlog
+            if 3 * (sample - queued) < 2 * measured:
+                continue  # a queue below the reader took it: the reader is slower than that
             budget = WINDOW_GROWTH_BUDGET - self._window_growth
             target = min(max(4 * window.size, DEFAULT_WINDOW), MAX_WINDOW)
             if (extra := min(target - window.size, budget)) > 0:

@@ -34,6 +34,9 @@
 - Received DATA goes into the stream's buffer, or, while a relay into a socket waits with
   nothing buffered (``TunnelStream.relay_some``), straight into that socket with one
   non-blocking write from the reader; the part the socket cannot take is buffered as usual.
+- A stream knows the socket its bytes end in when a relay writes them there (``relay_some``)
+  or its reader says so (``drains_into``): the connection reads that socket's send queue
+  (``backlog_of``) to tell a fast reader from a kernel buffer filling in front of a slow one.
 - The reader stops reading while the replies the peer's input queued (PONGs, refusals) pass
   ``MAX_REPLY_BACKLOG`` bytes and waits for them to drain: a peer that floods
   PINGs and never reads fills its own socket buffers, not our memory. Only replies count:
@@ -59,6 +62,7 @@ from typing import Protocol
 
 import trio
 
+from petit import sockio
 from petit.connection import TunnelConnection
 from petit.errors import (
     AuthError,
@@ -237,6 +241,7 @@ class TunnelSession:
         stream_handler: StreamHandler | None = None,
     ) -> None:
         self.connection = connection
+        connection.backlog_of = self._backlog_of
         self._carrier = carrier
         self._ping_interval = ping_interval
         self._stream_handler = stream_handler
@@ -536,6 +541,12 @@ class TunnelSession:
         else:
             self._send_needed.set()
 
+    def _backlog_of(self, stream_id: int) -> int:
+        """Bytes of a stream's consumed DATA still in the send queue of the socket it ends in."""
+        stream = self._streams.get(stream_id)
+        drain = None if stream is None else stream.drain
+        return 0 if drain is None else sockio.unsent_bytes(drain)
+
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
         if (target := self._targets.pop(stream_id, None)) is not None:
@@ -671,6 +682,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         # socket from the session's reader (see ``relay_some``); -1 when not.
         self._relay_fd = -1
         self._relay_counted: Callable[[int], None] = _ignore
+        self.drain: trio.socket.SocketType | None = None  # the socket our bytes end in, if known
         self._send_conflict = _ConflictDetector("sending on this stream")
         self._receive_conflict = _ConflictDetector("receiving on this stream")
 
@@ -754,6 +766,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._session._forget(self.stream_id)
 
+    def drains_into(self, sock: trio.socket.SocketType) -> None:
+        """Name the socket this stream's bytes are written into, when it is not through
+        ``relay_some``: a reader slower than the tunnel then shows as that socket's send
+        queue growing, and does not grow its window (see petit.connection)."""
+        self.drain = sock
+
     # trio.abc.HalfCloseableStream
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``, waiting for flow-control credit as needed."""
@@ -833,6 +851,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         task (``counted(n)`` for each write); what the socket cannot take at once is
         buffered and returned as usual. The caller is ``sink``'s only writer; order holds
         because the reader bypasses only an empty buffer while this task waits."""
+        self.drain = sink.socket
         return await self._receive(RECEIVE_CHUNK, sink.socket.fileno(), counted)
 
     async def _receive(

@@ -16,9 +16,16 @@ receive is one).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
+import termios
 
 import trio
+
+# The ioctl that reads a socket's send queue (Linux: SIOCOUTQ, the same number); None where
+# the platform has none, and then nothing is known to be queued.
+_OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 
 async def receive(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
@@ -67,3 +74,15 @@ async def send(stream: trio.abc.SendStream, data: bytes) -> None:
         raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
     if written < len(data):
         await stream.send_all(memoryview(data)[written:])
+
+
+def unsent_bytes(sock: trio.socket.SocketType) -> int:
+    """Bytes written into ``sock`` that its peer has not acknowledged yet: what a caller that
+    reads slowly leaves in the kernel. 0 when closed or unknown."""
+    fileno = sock.fileno()
+    if _OUTQ is None or fileno == -1:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(fileno, _OUTQ, bytes(4)), sys.byteorder, signed=True)
+    except OSError:
+        return 0

@@ -53,7 +53,7 @@ from petit.errors import first_leaf
 from petit.listen import serve_tcp
 from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
-from petit.session import SessionClosedError, StreamRefusedError, Traffic, splice
+from petit.session import SessionClosedError, StreamRefusedError, Traffic, TunnelStream, splice
 from petit_server.edge import http1
 from petit_server.edge.http1 import END, NEED_DATA, Headers, tokens
 from petit_server.edge.rates import TokenBuckets
@@ -234,8 +234,11 @@ class IngressConnection:
         *,
         proto: str = "http",
         redirect_to_port: int | None = None,
+        socket: trio.socket.SocketType | None = None,
     ) -> None:
+        """``socket``: the one ``stream`` runs over, when there is one (see ``drains_into``)."""
         self._stream = stream
+        self._socket = socket
         self._routing = routing
         self._peer_ip = peer_ip
         self._proto = proto
@@ -449,6 +452,8 @@ class IngressConnection:
             raise _UpstreamFailedError(504) from None
         except SessionClosedError:
             raise _UpstreamFailedError(503) from None
+        if self._socket is not None and isinstance(stream, TunnelStream):
+            stream.drains_into(self._socket)
         self._upstream = _Upstream(target, stream)
         return self._upstream
 
@@ -919,7 +924,12 @@ async def handle_public_connection(
             stream = await tls(stream)
         proto = "http" if tls is None else "https"
         await IngressConnection(
-            stream, routing, peer_ip, proto=proto, redirect_to_port=redirect_to_port
+            stream,
+            routing,
+            peer_ip,
+            proto=proto,
+            redirect_to_port=redirect_to_port,
+            socket=connection.socket,
         ).run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         log.debug("public connection dropped: %r", exc)

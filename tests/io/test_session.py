@@ -34,6 +34,7 @@ from .helpers import (
     Served,
     StallableCarrier,
     handshake,
+    loopback_tcp_pair,
     session_pair,
 )
 
@@ -541,4 +542,32 @@ async def test_a_peer_that_grants_huge_windows_and_stops_reading_costs_the_send_
             assert 0 < server.connection.queued_bytes <= MAX_SEND_QUEUE
             assert server.connection.send_window(stream.stream_id) > 16 * 1024 * 1024
             assert not sent_all.is_set()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("reader_keeps_up", [True, False])
+async def test_a_relay_tells_the_connection_what_its_socket_still_holds(
+    reader_keeps_up: bool,
+) -> None:
+    """What the relay wrote into a socket whose reader is slow (here: never reads) left the
+    stream as if read, but waits in the kernel's send queue: the connection reads that queue
+    (``backlog_of``) before it grows the stream's window. Empty once the reader took all."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await session_pair(nursery)
+            public, tunnel_end = await pair.open_stream_pair()
+            service_end, relay_end = await loopback_tcp_pair()
+            nursery.start_soon(splice, tunnel_end, relay_end)
+            size = 4 * DEFAULT_WINDOW
+            nursery.start_soon(public.send_all, bytes(size))
+            if reader_keeps_up:
+                received = 0
+                while received < size:
+                    received += len(await service_end.receive_some())
+            await trio.testing.wait_all_tasks_blocked()  # all the kernel takes, it took
+            backlog = pair.client.session.connection.backlog_of(tunnel_end.stream_id)
+            if reader_keeps_up:
+                assert backlog == 0
+            else:  # the kernel's buffers take less than was sent; its send queue some of it
+                assert 0 < backlog < size
             nursery.cancel_scope.cancel()

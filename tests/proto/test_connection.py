@@ -682,6 +682,7 @@ def test_statistics() -> None:
     assert (server.open_streams, server.data_bytes_sent, server.frames_sent) == (1, 100, 4)
     assert (client.data_bytes_received, client.frames_received, client.frames_sent) == (100, 4, 2)
     assert (server.frames_received, server.data_bytes_received) == (2, 0)
+    assert server.window_growth == client.window_growth == 0
 
 
 def test_replies_the_peer_caused_count_in_the_reply_backlog_until_drained() -> None:
@@ -700,15 +701,18 @@ def test_replies_the_peer_caused_count_in_the_reply_backlog_until_drained() -> N
 # Windows that grow with the link.
 
 
-def _window_limited_round_trip(pair: ConnectionPair, stream_id: int) -> None:
-    """The server sends all its credit; the client reads each piece as it comes. The PONG of
-    the BDP probe the client sends meanwhile comes back after the last byte: one round trip
-    carried the whole window."""
+def _window_limited_round_trip(
+    pair: ConnectionPair, stream_id: int, consumed: Callable[[int], object] = int
+) -> None:
+    """The server sends all its credit; the client reads each piece as it comes (and tells
+    ``consumed`` how much). The PONG of the BDP probe the client sends meanwhile comes back
+    after the last byte: one round trip carried the whole window."""
     window = pair.server.send_window(stream_id)
     pair.server.send_data(stream_id, bytes(window))
     for chunk in decode_all(pair.server.data_to_send()):
         pair.client.receive_data(encode_frame(chunk))
         pair.client.acknowledge_received_data(stream_id, len(chunk.payload))
+        consumed(len(chunk.payload))
         pair.deliver(to=Role.SERVER)  # credit, and the probe: its PONG waits at the server
     pair.deliver(to=Role.CLIENT)  # the PONG, and with it the grown window's credit
     pair.deliver(to=Role.SERVER)
@@ -741,6 +745,43 @@ def test_a_slow_reader_never_grows_its_window(window: int) -> None:
         pair.server.send_data(stream_id, bytes(pair.server.send_window(stream_id)))
         pair.deliver(to=Role.CLIENT)
     assert pair.server.send_window(stream_id) <= window
+
+
+class _SendQueue:
+    """The send queue of a socket whose reader never reads: all that was written stays."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def take(self, size: int) -> None:
+        self.size += size
+
+
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, SMALL])
+def test_a_queue_below_the_reader_that_takes_the_window_does_not_grow_it(window: int) -> None:
+    """A relay writes each piece into a socket whose reader is slow: the kernel queues it all
+    (the socket's send queue grows by what was consumed). Reading faster than the window
+    allows is what it looks like; it is not, and the window stays as it was."""
+    pair = ConnectionPair(client_window=window)
+    queue = _SendQueue()
+    pair.client.backlog_of = lambda stream_id: queue.size
+    stream_id = pair.open_stream()
+    for _ in range(8):
+        _window_limited_round_trip(pair, stream_id, consumed=queue.take)
+    assert pair.server.send_window(stream_id) == window
+    assert pair.client.statistics().window_growth == 0
+
+
+def test_a_steady_queue_below_a_fast_reader_does_not_stop_its_growth() -> None:
+    """Bytes in flight to a far reader sit in the socket's send queue too, but as many each
+    round trip: all that was consumed left, and the window grows as without a queue."""
+    pair = ConnectionPair()
+    pair.client.backlog_of = lambda stream_id: 300_000
+    stream_id = pair.open_stream()
+    for _ in range(8):
+        _window_limited_round_trip(pair, stream_id)
+    assert pair.server.send_window(stream_id) == MAX_WINDOW
+    assert pair.client.statistics().window_growth == MAX_WINDOW - DEFAULT_WINDOW
 
 
 @pytest.mark.parametrize("window", [DEFAULT_WINDOW, SMALL])
