@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -644,6 +645,9 @@ def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
         for target in long_link_paths(bench, backend, petits, WAN_ONE_WAY_MS):
             median, _ = download_rounds(target, 1, plan.download_rounds)
             results[target.name]["wan_download_mb_s"] = median
+            with slow_readers(target, SLOW_READERS):
+                median, _ = download_rounds(target, 1, plan.download_rounds)
+            results[target.name]["wan_beside_slow_mb_s"] = median
         # Last: its rounds load the working tree's petit only, and a row measured after them
         # would compare a petit just out of 5 load rounds with a baseline that had none.
         memory.update(leak_check(petits[0], plan))
@@ -651,6 +655,38 @@ def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
 
 
 WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
+SLOW_READERS = 4  # callers reading a download at SLOW_PIECE / SLOW_PACE beside the long-link row
+SLOW_PIECE = 4096  # bytes per read
+SLOW_PACE = 0.04  # seconds between reads: 100 KB/s
+SLOW_SETTLE = 3.0  # seconds the slow downloads run first: the buffers on their way fill
+
+
+@contextlib.contextmanager
+def slow_readers(target: Route, count: int) -> Iterator[None]:
+    """``count`` callers downloading through ``target``, each reading at 100 KB/s: a client
+    on a slow link, or an application that reads slowly. Their kernels keep small receive
+    buffers, so what the path sends them waits in its own send queues. The block runs once
+    their buffers have filled, and the readers stop when it ends."""
+    done = threading.Event()
+    request = f"GET /{TEN_MIB} HTTP/1.1\r\nHost: {target.host}\r\n\r\n".encode()
+
+    def read_slowly(caller: socket.socket) -> None:
+        with caller:
+            caller.sendall(request)
+            while not done.wait(SLOW_PACE) and caller.recv(SLOW_PIECE):
+                pass
+
+    callers = [socket.create_connection(("127.0.0.1", target.port)) for _ in range(count)]
+    threads = [threading.Thread(target=read_slowly, args=(caller,)) for caller in callers]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(SLOW_SETTLE)  # noqa: TID251 - the load's shape: its buffers fill first
+        yield
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 def redis_paths(bench: Bench, petits: list[Route]) -> list[Route]:
@@ -745,6 +781,7 @@ ROWS = [
     ("download_4x_best_mb_s", "  best of the rounds", True),
     ("new_connection_ms", "ms, one request, new conn", False),
     ("wan_download_mb_s", "MB/s, one 10 MiB, 50 ms RTT", True),
+    ("wan_beside_slow_mb_s", "MB/s, same, beside 4 slow readers", True),
     ("tcp_get_c1_req_s", "TCP port: redis GET/s, 1 conn", True),
     ("tcp_get_c50_req_s", "TCP port: redis GET/s, 50 conns", True),
     ("tcp_set_c50_req_s", "TCP port: redis SET/s, 50 conns", True),

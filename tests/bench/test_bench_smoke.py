@@ -73,6 +73,7 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
         assert figures["paths"][path]["c64_cpu_us_server"] > 0, path
     for path in PATHS[1:]:  # the long-link row: through the delay relay
         assert figures["paths"][path]["wan_download_mb_s"] > 0, path
+        assert figures["paths"][path]["wan_beside_slow_mb_s"] > 0, path
     assert math.isnan(figures["paths"]["direct"]["wan_download_mb_s"])
     memory = figures["memory"]
     for role in ("server", "client"):
