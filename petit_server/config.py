@@ -298,8 +298,8 @@ openTimeout = 15
 responseTimeout = 60
 # Seconds a public keep-alive connection may wait for its next request.
 idleTimeout = 75
-# Public connections (HTTP and HTTPS together) open at once, in all and from one address;
-# past either a new one is refused at once (HTTP: 503).
+# Public connections (HTTP, HTTPS and the raw TCP ports together) open at once, in all and
+# from one address; past either a new one is refused at once (HTTP: 503; TCP: closed).
 maxConnections = 10000
 maxConnectionsPerAddress = 256
 # Streams (public connections, HTTP or raw TCP) one registration may have open at once, over

@@ -71,6 +71,9 @@ class ServerService:
             )
         )
         self.upstreams: Upstreams = self.hub if self.cluster is None else self.cluster
+        self.public_limits = ConnectionLimits(
+            total=config.max_connections, per_address=config.max_connections_per_address
+        )
         self.tcp_ports = TcpPorts(
             self.upstreams,
             lambda rid: self.registry.get(rid),  # late-bound: serve() reloads the registry
@@ -78,9 +81,7 @@ class ServerService:
             open_timeout=config.open_timeout,
             usage=self.usage,
             policy_of=self.policy_of,
-        )
-        self.public_limits = ConnectionLimits(
-            total=config.max_connections, per_address=config.max_connections_per_address
+            limits=self.public_limits,
         )
         self._stop = trio.Event()
 

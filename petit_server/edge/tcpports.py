@@ -9,7 +9,9 @@
 - Each accepted connection opens one tunnel stream to the registration (bounded by
   ``open_timeout``) and is spliced to it; a refused or timed-out open closes the connection.
   The registration's policy holds here too: a visitor its allow/deny lists refuse is closed
-  at once, and its own openTimeout and maxStreams apply.
+  at once, and its own openTimeout and maxStreams apply. So do the public connection limits
+  (``ConnectionLimits``, shared with the HTTP ingress): past maxConnections in all or
+  maxConnectionsPerAddress from the visitor's address, the connection is closed at once.
 - Accepted connections run in the server's handler nursery, not under their listener: closing
   a listener does not cut them. They end with their tunnel stream, which is at once when the
   registration went offline because its session died; on shutdown they get the drain grace.
@@ -36,6 +38,7 @@ from petit.listen import open_listeners, serve_listeners, show_address
 from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
 from petit_server.edge.hub import Upstreams
+from petit_server.edge.ingress import ConnectionLimits
 from petit_server.policy import Policy
 from petit_server.registry.base import Registration
 from petit_server.usage import UsageStore
@@ -67,8 +70,12 @@ class TcpPorts:
         open_timeout: float,
         usage: UsageStore | None = None,
         policy_of: Callable[[str], Policy] = lambda _: Policy(),
+        limits: ConnectionLimits | None = None,
     ) -> None:
+        """``limits``: the public connection limits, shared with the HTTP ingress (else
+        the defaults, for these ports alone)."""
         self._upstreams = upstreams
+        self._limits = ConnectionLimits() if limits is None else limits
         self._registration_for = registration_for
         self._policy_of = policy_of  # the policy a registration's visitors meet
         self._host = host
@@ -185,6 +192,16 @@ class TcpPorts:
                 "TCP connection for %s from %s refused by its policy", registration_id, visitor
             )
             return
+        if not self._limits.admit(visitor):
+            return
+        try:
+            await self._carry_admitted(registration_id, connection, policy)
+        finally:
+            self._limits.release(visitor)
+
+    async def _carry_admitted(
+        self, registration_id: str, connection: trio.SocketStream, policy: Policy
+    ) -> None:
         try:
             with trio.fail_after(policy.open_timeout or self._open_timeout):
                 stream = await self._upstreams.open_stream(

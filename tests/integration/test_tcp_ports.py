@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -127,6 +128,59 @@ async def test_many_concurrent_connections_are_carried_byte_for_byte(
     assert sorted(received) == list(range(connections))
     for seed, echoed in received.items():
         assert echoed == random.Random(seed).randbytes(size), f"connection {seed} differs"
+
+
+async def test_connections_past_the_per_address_limit_are_closed_at_once(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """maxConnectionsPerAddress holds on the TCP ports as on HTTP: the next connection from
+    the address is closed unanswered, the ones open keep working, and a closed one makes room."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async for chunk in stream:
+            await stream.send_all(chunk)
+
+    async def echoes(stream: trio.SocketStream) -> bool:
+        echoed = b""
+        with contextlib.suppress(trio.BrokenResourceError):  # reset instead of closed
+            await stream.send_all(b"ping")
+            while len(echoed) < 4 and (chunk := await stream.receive_some()):
+                echoed += chunk
+        return echoed == b"ping"
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as backend:
+            listeners = await backend.start(trio.serve_tcp, echo, 0)
+            backend_port = listeners[0].socket.getsockname()[1]
+            server = await server_factory(
+                firstPort=free_port_block(), tcpAddr=LOOPBACK, maxConnectionsPerAddress=2
+            )
+            client = await client_factory(server, backend_port)
+            port = await registration_port(server, client.registration_id)
+            await wait_until(lambda: accepts(port), PORT_BOUND, what=f"TCP port {port} to open")
+
+            held: list[trio.SocketStream] = []
+
+            async def let_in() -> bool:
+                """Whether a new connection was let in (then it is held). A connection the
+                server is still closing (the probe above, one we closed) still counts."""
+                stream = await trio.open_tcp_stream(LOOPBACK, port)
+                if await echoes(stream):
+                    held.append(stream)
+                    return True
+                await stream.aclose()
+                return False
+
+            for _ in range(2):
+                await wait_until(let_in, 10, what="a connection to be let in")
+            assert not await let_in()  # a third from the same address
+            assert [await echoes(stream) for stream in held] == [True, True]
+            await held.pop().aclose()
+            await wait_until(let_in, 10, what="room for a new connection once one closed")
+            for stream in held:
+                assert await echoes(stream)
+                await stream.aclose()
+            backend.cancel_scope.cancel()
 
 
 async def test_a_port_in_use_is_logged_and_the_tunnel_still_serves(
