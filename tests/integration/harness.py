@@ -896,9 +896,13 @@ class _BackendHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             body = bytearray()
-            while size := int(self.rfile.readline().split(b";")[0], 16):
+            while size_line := self.rfile.readline():
+                if not (size := int(size_line.split(b";")[0], 16)):
+                    break
                 body += self.rfile.read(size)
                 self.rfile.readline()
+            else:  # the caller was cut off mid-body (tests do that on purpose)
+                raise ConnectionAbortedError("the chunked body ended early")
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             return bytes(body)
