@@ -600,6 +600,7 @@ class Plan:
     download_rounds: int  # timed downloads per figure (median and best)
     load_rounds: int  # extra petit load rounds for the leak check, RSS after each
     redis_requests: int  # redis-benchmark requests at 50 connections (a tenth at one)
+    slow_settle: float = 3.0  # seconds slow readers run before the download beside them
 
 
 def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
@@ -645,7 +646,7 @@ def measure(plan: Plan, baseline: str | None) -> dict[str, object]:
         for target in long_link_paths(bench, backend, petits, WAN_ONE_WAY_MS):
             median, _ = download_rounds(target, 1, plan.download_rounds)
             results[target.name]["wan_download_mb_s"] = median
-            with slow_readers(target, SLOW_READERS):
+            with slow_readers(target, SLOW_READERS, plan.slow_settle):
                 median, _ = download_rounds(target, 1, plan.download_rounds)
             results[target.name]["wan_beside_slow_mb_s"] = median
         # Last: its rounds load the working tree's petit only, and a row measured after them
@@ -658,15 +659,14 @@ WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
 SLOW_READERS = 4  # callers reading a download at SLOW_PIECE / SLOW_PACE beside the long-link row
 SLOW_PIECE = 4096  # bytes per read
 SLOW_PACE = 0.04  # seconds between reads: 100 KB/s
-SLOW_SETTLE = 3.0  # seconds the slow downloads run first: the buffers on their way fill
 
 
 @contextlib.contextmanager
-def slow_readers(target: Route, count: int) -> Iterator[None]:
+def slow_readers(target: Route, count: int, settle: float) -> Iterator[None]:
     """``count`` callers downloading through ``target``, each reading at 100 KB/s: a client
     on a slow link, or an application that reads slowly. Their kernels keep small receive
-    buffers, so what the path sends them waits in its own send queues. The block runs once
-    their buffers have filled, and the readers stop when it ends."""
+    buffers, so what the path sends them waits in its own send queues. The block runs after
+    ``settle`` seconds, once their buffers have filled; the readers stop when it ends."""
     done = threading.Event()
     request = f"GET /{TEN_MIB} HTTP/1.1\r\nHost: {target.host}\r\n\r\n".encode()
 
@@ -681,7 +681,7 @@ def slow_readers(target: Route, count: int) -> Iterator[None]:
     for thread in threads:
         thread.start()
     try:
-        time.sleep(SLOW_SETTLE)  # noqa: TID251 - the load's shape: its buffers fill first
+        time.sleep(settle)  # noqa: TID251 - the load's shape: its buffers fill first
         yield
     finally:
         done.set()
@@ -869,7 +869,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench/results/latest.json"))
     options = parser.parse_args()
     if options.smoke:
-        plan = Plan(duration=1.0, repeats=3, download_rounds=1, load_rounds=2, redis_requests=2000)
+        plan = Plan(
+            duration=1.0,
+            repeats=3,
+            download_rounds=1,
+            load_rounds=2,
+            redis_requests=2000,
+            slow_settle=0.5,
+        )
     else:
         plan = Plan(
             options.duration,
