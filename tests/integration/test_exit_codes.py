@@ -27,7 +27,9 @@ from tests.integration.harness import (
     run_cli,
 )
 
-pytestmark = pytest.mark.integration
+# One worker runs the whole module (./run-tests distributes by --dist loadgroup): each worker
+# that ran a row built the module's setup anew, 13 s each.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("exit-codes")]
 
 USAGE, CONFIG, AUTH = ExitCode.USAGE, ExitCode.CONFIG, ExitCode.AUTH
 FAILURE, UNAVAILABLE, RUNNING = ExitCode.FAILURE, ExitCode.UNAVAILABLE, ExitCode.RUNNING
