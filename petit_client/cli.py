@@ -136,6 +136,25 @@ def _reload_running_client(config: ClientConfig) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
+def _can_anchor_trust(pem: bytes) -> bool:
+    """Whether a certificate in ``pem`` can be the anchor of the server's chain: a CA, or a
+    self-signed certificate (a server's own, pinned). A certificate a CA issued to a server
+    cannot: OpenSSL then fails every handshake with "unable to get local issuer certificate"
+    (Python 3.13 accepts it as a partial chain; pinned or not, it breaks when the server's
+    certificate is re-issued)."""
+    from cryptography import x509  # only this command parses X.509; the daemon never does
+
+    for certificate in x509.load_pem_x509_certificates(pem):
+        try:
+            if certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                return True
+        except x509.ExtensionNotFound:
+            pass
+        if certificate.issuer == certificate.subject:
+            return True
+    return False
+
+
 @main.command()
 @config_option
 @verbose_option
@@ -163,7 +182,7 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
     address = _parse_server(server)
     with exit_codes():
         pem = None if ca is None else ca.read_bytes()
-        if ca is not None:
+        if ca is not None and pem is not None:
             try:
                 client_ssl_context(ca)  # OpenSSL loads it as the client will
             except ConfigError:
@@ -171,6 +190,11 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
                     f"--ca {ca} holds no PEM certificate: give the server's "
                     "certificates/ca.crt (from petit-server init)"
                 ) from None
+            if not _can_anchor_trust(pem):
+                raise ConfigError(
+                    f"--ca {ca} is a certificate some CA issued to a server, not a CA: give "
+                    "the CA that issued it (petit-server init made certificates/ca.crt)"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         if pem is not None:
             write_atomic(path.parent / "ca.crt", pem, mode=0o644)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from petit.ca import create_ca, issue_server_certificate
 from petit_client.cli import main
 
 COMMANDS = sorted(main.commands)
@@ -88,3 +89,43 @@ def test_init_refuses_a_ca_that_is_no_certificate(tmp_path: Path, content: bytes
         "certificates/ca.crt (from petit-server init)"
     ]
     assert not config.parent.exists()
+
+
+def test_init_refuses_a_server_certificate_in_place_of_its_ca(tmp_path: Path) -> None:
+    """The server's certificates/server.crt given as --ca would fail every handshake ("unable
+    to get local issuer certificate"): refused at init with the file to give instead. The CA
+    itself, and a server's self-signed certificate, are taken."""
+    authority = create_ca()
+    issued = issue_server_certificate(authority, ["localhost"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    self_signed = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    ).public_bytes(serialization.Encoding.PEM)
+    for file_name, pem, taken in [
+        ("server.crt", issued.cert_pem, False),
+        ("ca.crt", authority.cert_pem, True),
+        ("self-signed.crt", self_signed, True),
+    ]:
+        anchor = tmp_path / file_name
+        anchor.write_bytes(pem)
+        config = tmp_path / file_name.replace(".", "-") / "config.toml"
+        argv = ["init", "-c", str(config), "--server", "localhost:3014", "--ca", str(anchor)]
+        result = CliRunner().invoke(main, argv)
+        if taken:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 3
+            assert result.output.strip().splitlines() == [
+                f"error: --ca {anchor} is a certificate some CA issued to a server, not a CA: "
+                "give the CA that issued it (petit-server init made certificates/ca.crt)"
+            ]
+            assert not config.parent.exists()
