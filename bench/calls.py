@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from run import (
+    DIE_WITH_BENCH,
     ONE_KIB,
     VENV_BIN,
     Bench,
@@ -120,7 +121,9 @@ def syscalls(pid: int, counted: dict[str, float], role: str) -> Iterator[None]:
     """Count ``pid``'s syscalls (all threads) while the block runs, into ``counted[role]``.
     The block starts once strace is attached, so no early syscall goes uncounted."""
     with subprocess.Popen(
-        ["strace", "-c", "-f", "-q", "-p", str(pid)], stderr=subprocess.PIPE, text=True
+        [*DIE_WITH_BENCH, "strace", "-c", "-f", "-q", "-p", str(pid)],
+        stderr=subprocess.PIPE,
+        text=True,
     ) as strace:
         try:
             _wait_traced(pid, strace)
@@ -155,7 +158,7 @@ def http_gets(petit: Petit, requests: int) -> None:
     """``requests`` GETs of a 1 KiB file through the HTTP ingress, on one keep-alive
     connection (curl's URL range)."""
     url = f"http://127.0.0.1:{petit.server.http_port}/{ONE_KIB}?[1-{requests}]"  # one connection
-    argv = ["curl", "-sf", "-H", f"Host: {petit.host}", url]
+    argv = [*DIE_WITH_BENCH, "curl", "-sf", "-H", f"Host: {petit.host}", url]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=600)
 
 

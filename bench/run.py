@@ -48,6 +48,10 @@ VENV_BIN = Path(sys.executable).parent
 FLOORS = {"floor.py": "floor", "floor_threads.py": "floor, threads"}
 REPO = Path(__file__).resolve().parents[1]
 ONE_KIB = "1k.bin"
+# Put before every command the bench starts that could outlive it: the kernel kills it when
+# the bench dies, also by SIGKILL or a test's timeout, where no cleanup runs (a redis-benchmark
+# left behind once kept loading the machine). Empty without util-linux's setpriv.
+DIE_WITH_BENCH = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 TEN_MIB = "10m.bin"
 
 
@@ -84,7 +88,7 @@ class Bench:
         """Start a helper process whose output goes to a log file in the run directory."""
         with (self.root / log).open("ab") as output:
             process = subprocess.Popen(
-                argv,
+                [*DIE_WITH_BENCH, *argv],
                 stdout=output,
                 stderr=output,
                 stdin=subprocess.DEVNULL,
@@ -403,7 +407,10 @@ def _pid_file(path: Path) -> tuple[int, dict[str, int]]:
 def curl_argv(port: int, host: str, path: str, write_out: str = "") -> list[str]:
     """curl for one GET of ``path`` on a loopback port: body discarded, ``write_out`` shown."""
     url = f"http://127.0.0.1:{port}/{path}"
-    return ["curl", "-s", "-o", "/dev/null", "-w", write_out, "-H", f"Host: {host}", url]
+    return [
+        *DIE_WITH_BENCH,
+        *["curl", "-s", "-o", "/dev/null", "-w", write_out, "-H", f"Host: {host}", url],
+    ]
 
 
 def wait_answered(port: int, host: str, timeout: float = 20.0) -> None:
@@ -497,6 +504,7 @@ def wrk(target: Route, connections: int, duration: float) -> dict[str, float]:
     """req/s, p50 and p99 (ms) for the 1 KiB file at ``connections`` keep-alive connections."""
     output = subprocess.run(
         [
+            *DIE_WITH_BENCH,
             "wrk",
             "--latency",
             "-t",
@@ -731,7 +739,7 @@ def redis_figures(target: Route, test: tuple[str, int, int], plan: Plan) -> dict
 
 
 def _redis_benchmark(port: int, test: str, clients: int, requests: int) -> dict[str, float]:
-    argv = ["redis-benchmark", "-p", str(port), "-t", test, "-c", str(clients)]
+    argv = [*DIE_WITH_BENCH, "redis-benchmark", "-p", str(port), "-t", test, "-c", str(clients)]
     argv += ["-n", str(requests), "--csv", "--precision", "3"]
     output = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
     header, values = (line.replace('"', "").split(",") for line in output.strip().splitlines()[:2])
