@@ -58,7 +58,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -110,6 +110,15 @@ MAX_SEND_QUEUE = 1024 * 1024
 
 def _ignore(size: int) -> None:
     """A byte count nobody keeps."""
+
+
+@runtime_checkable
+class Drained(Protocol):
+    """A stream that can be told the socket its received bytes are written into (a tunnel
+    stream, or a wrapper of one): see ``TunnelStream.drains_into``."""
+
+    def drains_into(self, sock: trio.socket.SocketType) -> None:
+        """Name the socket this stream's bytes are written into."""
 
 
 class Carrier(Protocol):
@@ -951,6 +960,8 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream, traffic: Traffic | None
             if isinstance(source, trio.SocketStream) and isinstance(sink, TunnelStream):
                 await _relay_socket(source, sink, counted)
             else:
+                if isinstance(source, Drained) and isinstance(sink, trio.SocketStream):
+                    source.drains_into(sink.socket)
                 while True:
                     if isinstance(source, TunnelStream) and isinstance(sink, trio.SocketStream):
                         chunk = await source.relay_some(sink, counted)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import trio
 
+from petit.session import Drained
+
 MIN_BURST = 16 * 1024  # bytes: even a tiny cap passes one TCP segment's worth at once
 PIECE = 64 * 1024  # bytes read at most per receive, so waits stay short and even
 
@@ -64,6 +66,12 @@ class CappedStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
+
+    def drains_into(self, sock: trio.socket.SocketType) -> None:
+        """Pass on the socket the bytes end in (``petit.session.Drained``) to the tunnel
+        stream, when it is one."""
+        if isinstance(self._stream, Drained):
+            self._stream.drains_into(sock)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         # Read, then pay: a cancellation while paying keeps the bytes for the next call, since

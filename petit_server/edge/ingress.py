@@ -53,7 +53,7 @@ from petit.errors import first_leaf
 from petit.listen import serve_tcp
 from petit.logs import Throttled
 from petit.proxyprotocol import V1_MAX, ProxyProtocolError, read_header
-from petit.session import SessionClosedError, StreamRefusedError, Traffic, TunnelStream, splice
+from petit.session import Drained, SessionClosedError, StreamRefusedError, Traffic, splice
 from petit_server.edge import http1
 from petit_server.edge.http1 import END, NEED_DATA, Headers, tokens
 from petit_server.edge.rates import TokenBuckets
@@ -452,7 +452,7 @@ class IngressConnection:
             raise _UpstreamFailedError(504) from None
         except SessionClosedError:
             raise _UpstreamFailedError(503) from None
-        if self._socket is not None and isinstance(stream, TunnelStream):
+        if self._socket is not None and isinstance(stream, Drained):
             stream.drains_into(self._socket)
         self._upstream = _Upstream(target, stream)
         return self._upstream

@@ -643,6 +643,33 @@ async def test_connections_past_the_limits_are_refused_and_others_still_served()
             nursery.cancel_scope.cancel()
 
 
+async def test_the_upstream_stream_knows_the_callers_socket() -> None:
+    """The tunnel stream a public connection opens is told the socket its response bytes
+    go into: the session reads that socket's send queue before it grows the window."""
+    opened: list[trio.abc.HalfCloseableStream] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            site = await start_site(nursery)
+
+            async def open_upstream(target: str) -> trio.abc.HalfCloseableStream:
+                opened.append(await site.routing.open_upstream(target))
+                return opened[-1]
+
+            routing = dataclasses.replace(site.routing, open_upstream=open_upstream)
+            port = await nursery.start(
+                partial(serve_ingress, routing, host="127.0.0.1", port=0, handler_nursery=nursery)
+            )
+            connection = await trio.open_tcp_stream("127.0.0.1", port)
+            response, _ = await Caller(connection).request("1001.localhost")
+            assert response.status_code == 200
+            (upstream,) = opened
+            assert isinstance(upstream, TunnelStream)
+            assert upstream.drain is not None
+            assert upstream.drain.getpeername() == connection.socket.getsockname()
+            await connection.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_bug_a_caller_can_trigger_at_will_logs_one_traceback_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
