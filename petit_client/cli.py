@@ -144,7 +144,11 @@ def _can_anchor_trust(pem: bytes) -> bool:
     certificate is re-issued)."""
     from cryptography import x509  # only this command parses X.509; the daemon never does
 
-    for certificate in x509.load_pem_x509_certificates(pem):
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:  # a form OpenSSL reads and cryptography does not (TRUSTED CERTIFICATE)
+        return True  # OpenSSL loaded it: its handshake is the judge
+    for certificate in certificates:
         try:
             if certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
                 return True

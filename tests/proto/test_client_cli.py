@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import shutil
+import subprocess
 from pathlib import Path
 
 import click
@@ -110,11 +112,21 @@ def test_init_refuses_a_server_certificate_in_place_of_its_ca(tmp_path: Path) ->
         .not_valid_after(now + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
     ).public_bytes(serialization.Encoding.PEM)
-    for file_name, pem, taken in [
+    cases = [
         ("server.crt", issued.cert_pem, False),
         ("ca.crt", authority.cert_pem, True),
         ("self-signed.crt", self_signed, True),
-    ]:
+    ]
+    if openssl := shutil.which("openssl"):  # a form OpenSSL reads and cryptography does not
+        trusted = subprocess.run(
+            [openssl, "x509", "-addtrust", "serverAuth"],
+            input=authority.cert_pem,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert trusted.startswith(b"-----BEGIN TRUSTED CERTIFICATE-----")
+        cases.append(("trusted.crt", trusted, True))
+    for file_name, pem, taken in cases:
         anchor = tmp_path / file_name
         anchor.write_bytes(pem)
         config = tmp_path / file_name.replace(".", "-") / "config.toml"
