@@ -13,12 +13,13 @@ if [ ! -f "$config" ]; then
   sed -i \
     -e "s|^listenAllow = .*|listenAllow = [\"127.0.0.1\", \"::1\", \"${PETIT_CONTROL_ALLOW:-172.28.0.0/16}\"]|" \
     -e "s|^endpoint = .*|endpoint = \"${PETIT_ENDPOINT:-http://REGID.localhost:8090}\"|" "$config"
-  # Registration needs a one-time token. The compose demo asks for one for its client, in a
-  # file on this state volume (the client mounts it read-only).
-  if [ -n "${PETIT_DEMO_TOKEN_FILE:-}" ]; then
-    # Written beside and renamed, so the client never reads a half-written file.
-    (umask 077 && petit-server token create -c "$config" --note "compose demo client" \
-      >"$PETIT_DEMO_TOKEN_FILE.new" && mv "$PETIT_DEMO_TOKEN_FILE.new" "$PETIT_DEMO_TOKEN_FILE")
-  fi
+fi
+# Registration needs a one-time token. The compose demo asks for one for its client, in a file
+# on this state volume (the client mounts it read-only). Made when the file is missing, so a
+# start cut short between init and here makes it on the next; written beside and renamed, so
+# the client never reads a half-written file.
+if [ -n "${PETIT_DEMO_TOKEN_FILE:-}" ] && [ ! -f "$PETIT_DEMO_TOKEN_FILE" ]; then
+  (umask 077 && petit-server token create -c "$config" --note "compose demo client" \
+    >"$PETIT_DEMO_TOKEN_FILE.new" && mv "$PETIT_DEMO_TOKEN_FILE.new" "$PETIT_DEMO_TOKEN_FILE")
 fi
 exec petit-server start --foreground -c "$config"
