@@ -50,7 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 ONE_KIB = "1k.bin"
 # Put before every command the bench starts that could outlive it: the kernel kills it when
 # the bench dies, also by SIGKILL or a test's timeout, where no cleanup runs (a redis-benchmark
-# left behind once kept loading the machine). Empty without util-linux's setpriv.
+# left behind once kept loading the machine). Empty without util-linux's setpriv. A process
+# that forks away (petit's daemons, started with `start`; nginx's worker) is not covered: the
+# fork clears the signal, and only Bench.close stops them.
 DIE_WITH_BENCH = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 TEN_MIB = "10m.bin"
 
@@ -667,6 +669,7 @@ WAN_ONE_WAY_MS = 25.0  # the long-link row: 50 ms round trip on the tunnel leg
 SLOW_READERS = 4  # callers reading a download at SLOW_PIECE / SLOW_PACE beside the long-link row
 SLOW_PIECE = 4096  # bytes per read
 SLOW_PACE = 0.04  # seconds between reads: 100 KB/s
+SLOW_TIMEOUT = 10.0  # seconds a slow reader's connect or read may take before it gives up
 
 
 @contextlib.contextmanager
@@ -679,22 +682,30 @@ def slow_readers(target: Route, count: int, settle: float) -> Iterator[None]:
     request = f"GET /{TEN_MIB} HTTP/1.1\r\nHost: {target.host}\r\n\r\n".encode()
 
     def read_slowly(caller: socket.socket) -> None:
-        with caller:
+        with contextlib.suppress(OSError):  # the path failed, or the block ended mid-read
             caller.sendall(request)
             while not done.wait(SLOW_PACE) and caller.recv(SLOW_PIECE):
                 pass
 
-    callers = [socket.create_connection(("127.0.0.1", target.port)) for _ in range(count)]
-    threads = [threading.Thread(target=read_slowly, args=(caller,)) for caller in callers]
-    for thread in threads:
-        thread.start()
+    callers: list[socket.socket] = []
+    threads: list[threading.Thread] = []
     try:
+        for _ in range(count):
+            caller = socket.create_connection(("127.0.0.1", target.port), timeout=SLOW_TIMEOUT)
+            callers.append(caller)
+            threads.append(threading.Thread(target=read_slowly, args=(caller,), daemon=True))
+            threads[-1].start()
         time.sleep(settle)  # noqa: TID251 - the load's shape: its buffers fill first
         yield
     finally:
         done.set()
+        for caller in callers:
+            with contextlib.suppress(OSError):
+                caller.shutdown(socket.SHUT_RDWR)  # ends a recv that waits
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=SLOW_TIMEOUT)
+        for caller in callers:
+            caller.close()
 
 
 def redis_paths(bench: Bench, petits: list[Route]) -> list[Route]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +37,11 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
-def test_a_killed_bench_takes_its_helpers_with_it() -> None:
+def test_a_killed_bench_takes_its_helpers_with_it(tmp_path: Path) -> None:
+    # The killed bench cannot remove its run directory: it makes it under tmp_path.
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}
     with subprocess.Popen(
-        [sys.executable, "-c", BENCH], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", BENCH], stdout=subprocess.PIPE, text=True, env=environment
     ) as bench:
         assert bench.stdout is not None
         helper = int(bench.stdout.readline())
