@@ -34,9 +34,10 @@
 - Received DATA goes into the stream's buffer, or, while a relay into a socket waits with
   nothing buffered (``TunnelStream.relay_some``), straight into that socket with one
   non-blocking write from the reader; the part the socket cannot take is buffered as usual.
-- A stream knows the socket its bytes end in when a relay writes them there (``relay_some``)
-  or its reader says so (``drains_into``): the connection reads that socket's send queue
-  (``backlog_of``) to tell a fast reader from a kernel buffer filling in front of a slow one.
+- A stream knows the socket its bytes end in once its reader names it (``drains_into``:
+  ``splice`` does for a relay into a socket, the HTTP ingress for its caller's): the
+  connection reads that socket's send queue (``backlog_of``) to tell a fast reader from a
+  kernel buffer filling in front of a slow one.
 - The reader stops reading while the replies the peer's input queued (PONGs, refusals) pass
   ``MAX_REPLY_BACKLOG`` bytes and waits for them to drain: a peer that floods
   PINGs and never reads fills its own socket buffers, not our memory. Only replies count:
@@ -776,9 +777,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._session._forget(self.stream_id)
 
     def drains_into(self, sock: trio.socket.SocketType) -> None:
-        """Name the socket this stream's bytes are written into, when it is not through
-        ``relay_some``: a reader slower than the tunnel then shows as that socket's send
-        queue growing, and does not grow its window (see petit.connection)."""
+        """Name the socket this stream's bytes are written into: a reader slower than the
+        tunnel then shows as that socket's send queue growing, and does not grow its window
+        (see petit.connection)."""
         self.drain = sock
 
     # trio.abc.HalfCloseableStream
@@ -860,7 +861,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         task (``counted(n)`` for each write); what the socket cannot take at once is
         buffered and returned as usual. The caller is ``sink``'s only writer; order holds
         because the reader bypasses only an empty buffer while this task waits."""
-        self.drain = sink.socket
         return await self._receive(RECEIVE_CHUNK, sink.socket.fileno(), counted)
 
     async def _receive(

@@ -185,8 +185,9 @@ def init(config_path: Path, verbose: bool, server: str, ca: Path | None, local: 
         raise CliError(f'Configuration file "{path}" exists.', ExitCode.CONFIG)
     address = _parse_server(server)
     with exit_codes():
-        pem = None if ca is None else ca.read_bytes()
-        if ca is not None and pem is not None:
+        pem = None
+        if ca is not None:
+            pem = ca.read_bytes()
             try:
                 client_ssl_context(ca)  # OpenSSL loads it as the client will
             except ConfigError:
