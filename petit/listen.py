@@ -16,6 +16,9 @@
   All of them share one port, also when the port is 0 (the first bind picks it); trio's own
   ``open_tcp_listeners`` gave each family its own random port. An IPv6 socket is IPv6 only,
   so ``"::"`` and ``"0.0.0.0"`` can be bound side by side.
+- ``shared=True`` sets ``SO_REUSEPORT``: the server's workers (``petit_server.workers``)
+  each bind the same public ports, and the kernel spreads new connections over their
+  listening sockets by a hash of the 4-tuple. Only processes of the same user can join.
 """
 
 from __future__ import annotations
@@ -78,14 +81,32 @@ def show_address(spec: str, port: int) -> str:
     )
 
 
-async def open_listeners(port: int, spec: str) -> list[trio.SocketListener]:
-    """Listen on every address ``spec`` names, all on one port (see the module's notes).
+async def open_listeners(
+    port: int, spec: str, *, shared: bool = False
+) -> list[trio.SocketListener]:
+    """Listen on every address ``spec`` names, all on one port (see the module's notes);
+    ``shared``: with the other workers' sockets on that port.
+
+    Raises:
+        OSError: an address cannot be resolved or bound (in use, not ours).
+    """
+    sockets = await bind_sockets(port, spec, shared=shared)
+    for sock in sockets:
+        sock.listen(0xFFFF)  # as trio does: the kernel caps it at somaxconn
+    return [trio.SocketListener(sock) for sock in sockets]
+
+
+async def bind_sockets(port: int, spec: str, *, shared: bool) -> list[trio.socket.SocketType]:
+    """Bound, not yet listening sockets for every address ``spec`` names, on one port.
+
+    A bound socket that never listens receives no connection: the workers' supervisor holds
+    such ``shared`` sockets to keep each public port (and the one port 0 picked) theirs.
 
     Raises:
         OSError: an address cannot be resolved or bound (in use, not ours).
     """
     hosts = [None if host == EVERY_ADDRESS else host for host in split_addresses(spec)]
-    listeners: list[trio.SocketListener] = []
+    sockets: list[trio.socket.SocketType] = []
     try:
         for host in hosts:
             infos = await trio.socket.getaddrinfo(
@@ -93,22 +114,19 @@ async def open_listeners(port: int, spec: str) -> list[trio.SocketListener]:
             )
             for family, kind, protocol, _, address in infos:
                 sock = trio.socket.socket(family, kind, protocol)
-                try:
-                    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-                    if family == trio.socket.AF_INET6:
-                        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
-                    await sock.bind((address[0], port, *address[2:]))
-                    sock.listen(0xFFFF)  # as trio does: the kernel caps it at somaxconn
-                except BaseException:
-                    sock.close()
-                    raise
-                listeners.append(trio.SocketListener(sock))
+                sockets.append(sock)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                if shared:
+                    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind((address[0], port, *address[2:]))
                 port = port or sock.getsockname()[1]  # the rest share the port chosen first
     except BaseException:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+        for sock in sockets:
+            sock.close()
         raise
-    return listeners
+    return sockets
 
 
 async def serve_tcp(
@@ -118,11 +136,12 @@ async def serve_tcp(
     host: str,
     what: str,
     handler_nursery: trio.Nursery | None = None,
+    shared: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host``:``port`` (see ``open_listeners``), report the bound port, and serve
     forever."""
-    listeners = await open_listeners(port, host)
+    listeners = await open_listeners(port, host, shared=shared)
     task_status.started(listeners[0].socket.getsockname()[1])
     await serve_listeners(handler, listeners, what=what, handler_nursery=handler_nursery)
 

@@ -408,9 +408,11 @@ async def serve_websocket(
     port: int,
     handler_nursery: trio.Nursery,
     handshake_timeout: float,
+    shared: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen for WebSocket-over-TLS connections; report the bound port.
+    """Listen for WebSocket-over-TLS connections; report the bound port (``shared``: with
+    the other workers' sockets, ``petit.listen``).
 
     TLS and the upgrade request must complete within ``handshake_timeout`` of the TCP accept.
     The WebSocket is closed once ``handler`` returns.
@@ -445,6 +447,7 @@ async def serve_websocket(
         host=host,
         what="tunnel endpoint",
         handler_nursery=handler_nursery,
+        shared=shared,
         task_status=task_status,
     )
 

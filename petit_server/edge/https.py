@@ -195,9 +195,11 @@ async def serve_https(
     port: int,
     handshake_timeout: float,
     handler_nursery: trio.Nursery,
+    shared: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen for public HTTPS; report the bound port; handlers run in ``handler_nursery``."""
+    """Listen for public HTTPS; report the bound port; handlers run in ``handler_nursery``
+    (``shared``: the port is the workers', ``petit.listen``)."""
     tls = _Handshake(certificates, handshake_timeout)
 
     async def handler(connection: trio.SocketStream) -> None:
@@ -209,6 +211,7 @@ async def serve_https(
         host=host,
         what="HTTPS ingress",
         handler_nursery=handler_nursery,
+        shared=shared,
         task_status=task_status,
     )
 

@@ -994,9 +994,11 @@ async def serve_ingress(
     port: int,
     handler_nursery: trio.Nursery,
     redirect_to_port: int | None = None,
+    shared: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen for public HTTP; report the bound port; handlers run in ``handler_nursery``.
+    """Listen for public HTTP; report the bound port; handlers run in ``handler_nursery``
+    (``shared``: the port is the workers', ``petit.listen``).
 
     With ``redirect_to_port`` every request is redirected (308) to HTTPS on that port.
     """
@@ -1010,5 +1012,6 @@ async def serve_ingress(
         host=host,
         what="HTTP ingress",
         handler_nursery=handler_nursery,
+        shared=shared,
         task_status=task_status,
     )

@@ -71,10 +71,13 @@ class TcpPorts:
         usage: UsageStore | None = None,
         policy_of: Callable[[str], Policy] = lambda _: Policy(),
         limits: ConnectionLimits | None = None,
+        shared: bool = False,
     ) -> None:
         """``limits``: the public connection limits, shared with the HTTP ingress (else
-        the defaults, for these ports alone)."""
+        the defaults, for these ports alone); ``shared``: each port is bound by every
+        worker (``petit.listen``)."""
         self._upstreams = upstreams
+        self._shared = shared
         self._limits = ConnectionLimits() if limits is None else limits
         self._registration_for = registration_for
         self._policy_of = policy_of  # the policy a registration's visitors meet
@@ -150,7 +153,7 @@ class TcpPorts:
         self, registration_id: str, port: int, handler_nursery: trio.Nursery
     ) -> None:
         try:
-            sockets = await open_listeners(port, self._host)
+            sockets = await open_listeners(port, self._host, shared=self._shared)
         except OSError as exc:
             reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             message = f"cannot listen on TCP {show_address(self._host, port)}: {reason}"
