@@ -97,11 +97,11 @@ def daemon_main(module: str, open_daemon: Callable[[Path], Daemon]) -> NoReturn:
         case _:
             _say_error(f"usage: python -m {module}.daemon CONFIG [--verbose] [--detached]")
             sys.exit(ExitCode.USAGE)
-    _name_process(f"petit-{module.removeprefix('petit_')}")
+    name_process(f"petit-{module.removeprefix('petit_')}")
     try:
         daemon = open_daemon(Path(config))
     except FAILURES as exc:
-        sys.exit(_end(exc))
+        sys.exit(end_with_error(exc))
     sys.exit(run_daemon(daemon, verbose="--verbose" in flags, detached="--detached" in flags))
 
 
@@ -110,7 +110,7 @@ def run_daemon(daemon: Daemon, *, verbose: bool, detached: bool) -> ExitCode:
     try:
         configure_daemon_logging(daemon.log, verbose=verbose, to_stderr=not detached)
     except FAILURES as exc:
-        return _end(exc)  # there is no log yet
+        return end_with_error(exc)  # there is no log yet
     logger = logging.getLogger("petit")
     if (raised := raise_open_file_limit()) is not None:
         logger.info("open-file limit raised from %d to %d", *raised)
@@ -123,11 +123,11 @@ def run_daemon(daemon: Daemon, *, verbose: bool, detached: bool) -> ExitCode:
         finally:
             lock.release()
     except FAILURES as exc:
-        return _end(exc, logger)
+        return end_with_error(exc, logger)
     return ExitCode.OK
 
 
-def _end(exc: PetitError | OSError, logger: logging.Logger | None = None) -> ExitCode:
+def end_with_error(exc: PetitError | OSError, logger: logging.Logger | None = None) -> ExitCode:
     """Say why the daemon ends, on stderr and, once logging is set up, in the log with the
     exit code (stderr's copy of the log skips it: the error: line says it); that code."""
     message, code = failure(exc)
@@ -137,7 +137,7 @@ def _end(exc: PetitError | OSError, logger: logging.Logger | None = None) -> Exi
     return code
 
 
-def _name_process(name: str) -> None:
+def name_process(name: str) -> None:
     """What ps, top, pgrep -x and journald show: the app, not "python" (Linux; elsewhere
     the name stays)."""
     with contextlib.suppress(OSError):

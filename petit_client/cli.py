@@ -656,19 +656,23 @@ def status(config_path: Path, verbose: bool, as_json: bool) -> None:
 
 def _echo_servers(config: ClientConfig, reply: dict[str, object]) -> None:
     """One line per server: each configured one (then any other the daemon, started with an
-    older config, has a session to), with its session's state, since when, its last error."""
-    sessions = {str(session.get("server")): session for session in _objects(reply.get("servers"))}
+    older config, has a session to), with its session's state, since when, its last error;
+    a server with workers has a line per worker session."""
+    sessions: dict[str, list[dict[str, object]]] = {}
+    for session in _objects(reply.get("servers")):
+        sessions.setdefault(str(session.get("server")), []).append(session)
     for server in dict.fromkeys([*map(str, config.tunnel_servers), *sessions]):
-        session = sessions.get(server)
-        if session is None:  # serverSessions < servers: a spare for a session that fails
+        if server not in sessions:  # serverSessions < servers: a spare for a session that fails
             click.echo(f"Server {server}: standby (serverSessions = {config.session_count})")
             continue
-        state = str(session.get("status"))
-        if state == "connected":
-            state += f" since {_when(session.get('connectedSince'))}"
-        if session.get("lastError"):
-            state += f", last error: {session.get('lastError')}"
-        click.echo(f"Server {server}: {state}")
+        for session in sorted(sessions[server], key=lambda s: str(s.get("worker", ""))):
+            state = str(session.get("status"))
+            if state == "connected":
+                state += f" since {_when(session.get('connectedSince'))}"
+            if session.get("lastError"):
+                state += f", last error: {session.get('lastError')}"
+            worker = "" if session.get("worker") is None else f" worker {session['worker']}"
+            click.echo(f"Server {server}{worker}: {state}")
 
 
 def _objects(value: object) -> list[dict[str, object]]:

@@ -3,7 +3,12 @@
 With one server there is one session. With several (``servers``, for a cluster of server
 nodes) the client keeps ``serverSessions`` of them, each to a different server and each with
 its own reconnect loop, so losing a node loses no registration: a session whose server fails
-moves to a server no other session uses. Each reconnect loop retries forever with capped
+moves to a server no other session uses. A server with several worker processes says so
+in its WELCOME (``worker``, ``workers``: petit_server.workers): the client then keeps a
+session to each of its workers, dialling the same address until it holds one per worker (the
+kernel picks the worker of each new connection; a session to a worker already held is
+dropped and dialled again shortly), so that every worker serves its registrations without
+forwarding. Each reconnect loop retries forever with capped
 exponential backoff and full jitter, so a fleet of clients does not stampede a server that
 comes back. Each stream the server opens is
 dialled to its registration's local target (over verified TLS when the target says so)
@@ -67,6 +72,9 @@ from petit_client.tenants import Tenant, registered_tenants
 log = logging.getLogger("petit.client")
 
 STABLE_SESSION = 10.0  # seconds up after which the backoff starts again from the bottom
+MAX_WORKERS = 64  # sessions kept to one server's workers, whatever its WELCOME says
+REDIAL_DELAY = 0.05  # seconds, first delay after reaching a worker already held; doubles
+MAX_REDIAL_DELAY = 2.0
 PING_TIMEOUT = 5.0  # seconds a control PING waits for the server's pong
 RETRYABLE = (
     ServerUnreachableError,
@@ -76,6 +84,10 @@ RETRYABLE = (
     trio.TooSlowError,
     OSError,
 )
+
+
+class HeldWorkerError(PetitError):
+    """The kernel gave this connection to a server worker another session already holds."""
 
 
 # The original petit's answer to its tunnel check, byte for byte.
@@ -133,6 +145,8 @@ class _Link:
     """One tunnel session slot: the server it uses now and the state of its session."""
 
     server: ServerAddress
+    per_worker: bool = False  # added for one of the server's workers: stays on its server
+    worker: int | None = None  # the server worker its session is with, if the server has them
     session: TunnelSession | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reconnect_now: trio.Event = field(default_factory=trio.Event)
@@ -171,6 +185,8 @@ class ClientService:
         self._links = [
             _Link(servers[(first + i) % len(servers)]) for i in range(config.session_count)
         ]
+        self._workers: dict[ServerAddress, int] = {}  # each server's worker count, if > 1
+        self._link_nursery: trio.Nursery | None = None  # where each link's loop runs
         self._listening = False  # no registration to claim until RELOAD
         self._started = time.time()
         self._reconnects = 0  # dials after the first: after a failure, a drop or a RELOAD
@@ -244,6 +260,7 @@ class ClientService:
             "servers": [
                 {
                     "server": str(link.server),
+                    **({} if link.worker is None else {"worker": link.worker}),
                     "status": link.state,
                     "connectedSince": link.connected_since,
                     "lastError": link.last_error,
@@ -341,6 +358,7 @@ class ClientService:
                 control_port,
                 status_port,
             )
+            self._link_nursery = nursery
             for link in self._links:
                 nursery.start_soon(self._keep_connected, link)
             if self.config.loopback_interval:
@@ -388,6 +406,7 @@ class ClientService:
 
     async def _keep_connected(self, link: _Link) -> None:
         delays = backoff(self.config.reconnect_max_delay)
+        redials = backoff(MAX_REDIAL_DELAY, first=REDIAL_DELAY)
         dialled = False
         while True:
             link.reconnect_now = trio.Event()
@@ -400,16 +419,28 @@ class ClientService:
             dialled = True
             began = trio.current_time()
             failure = ""
+            held = False
             with trio.CancelScope() as link.scope:
                 try:
                     await self._run_session(link)
+                except* HeldWorkerError:
+                    held = True
                 except* RETRYABLE as group:
                     failure = str(group.exceptions[0])
             if link.reconnect_now.is_set() or trio.current_time() - began > STABLE_SESSION:
                 delays = backoff(self.config.reconnect_max_delay)
+                redials = backoff(MAX_REDIAL_DELAY, first=REDIAL_DELAY)
             link.state = "disconnected"
             link.connected_since = None
             link.accepted = set()
+            if held:
+                if self._surplus(link):
+                    self._links.remove(link)  # the server has fewer workers now
+                    return
+                link.state = "connecting"  # not a failure: the next dial may reach another
+                with trio.move_on_after(next(redials)):
+                    await link.reconnect_now.wait()
+                continue
             link.record_error(failure or (link.session.close_reason if link.session else ""))
             if link.reconnect_now.is_set():
                 continue
@@ -417,9 +448,25 @@ class ClientService:
             log.warning(
                 "tunnel to %s down (%s); reconnecting in %.1fs", link.server, link.last_error, delay
             )
-            link.server = self._next_server(link)
+            if not link.per_worker:
+                link.server = self._next_server(link)
             with trio.move_on_after(delay):
                 await link.reconnect_now.wait()
+
+    def _add_worker_links(self, server: ServerAddress, workers: int) -> None:
+        """A link per worker of ``server`` (its WELCOME says how many), each in its loop."""
+        self._workers[server] = workers
+        missing = workers - sum(link.server == server for link in self._links)
+        for _ in range(missing):
+            link = _Link(server, per_worker=True)
+            self._links.append(link)
+            if self._link_nursery is not None:
+                self._link_nursery.start_soon(self._keep_connected, link)
+
+    def _surplus(self, link: _Link) -> bool:
+        """True for an added link its server no longer has a worker for."""
+        serving = sum(other.server == link.server for other in self._links)
+        return link.per_worker and serving > self._workers.get(link.server, 1)
 
     def _next_server(self, link: _Link) -> ServerAddress:
         """After a failure: the next server in the list that no other session uses, if any."""
@@ -470,6 +517,18 @@ class ClientService:
             link.record_error(f"the server refused registration(s) {rejected}")
             log.error("the server refused registration(s) %s: their keys do not match", rejected)
         accepted = welcome.get("accepted")
+        worker, workers = _worker_place(welcome)
+        if workers > 1:
+            self._add_worker_links(link.server, workers)
+        if worker is not None and any(
+            other is not link
+            and other.server == link.server
+            and other.worker == worker
+            and other.state == "connected"
+            for other in self._links
+        ):
+            raise HeldWorkerError(f"worker {worker} of {link.server} already has a session")
+        link.worker = worker
         link.accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()
         link.state = "connected"
         link.connected_since = time.time()
@@ -532,3 +591,12 @@ class ClientService:
             await trio.aclose_forcefully(tcp)
             raise
         return tls
+
+
+def _worker_place(welcome: dict[str, object]) -> tuple[int | None, int]:
+    """(this worker's index, the server's worker count) from a WELCOME; (None, 1) from a
+    server without workers. A count past ``MAX_WORKERS`` is held to it."""
+    worker, workers = welcome.get("worker"), welcome.get("workers")
+    if not isinstance(worker, int) or not isinstance(workers, int) or not 0 <= worker < workers:
+        return None, 1
+    return worker, min(workers, MAX_WORKERS)

@@ -189,6 +189,9 @@ def status(config_path: Path, verbose: bool, registration_id: str | None, as_jso
         click.echo(json.dumps({"pid": info.pid, **reply}, indent=2))
         return
     click.echo(f'Server has status "{reply.get("status")}" on pid {info.pid}.')
+    if workers := _objects(reply.get("workers")):
+        each = (f"{w.get('index')} {w.get('state')} (pid {w.get('pid')})" for w in workers)
+        click.echo(f"Workers: {', '.join(each)}.")
     for connection in _objects(reply.get("connections")):
         mark = "+" if connection.get("connected") else "-"
         click.echo(

@@ -19,6 +19,7 @@ MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
 MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
 DEFAULT_REGISTRY_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REGISTRY_PREFIX = "petit:"  # of every Redis key petit writes
+MAX_WORKERS = 64  # each holds a session per client: see docs/many-cores.md, "Costs"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +35,15 @@ class ClusterConfig:
     secret: str = field(repr=False)
     heartbeat_interval: float = 1.0
     node_timeout: float = 5.0
+    key_prefix: str | None = None  # of the node directory's keys; None: the registry's prefix
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlace:
+    """Which of the server's worker processes this one is (``petit_server.workers``)."""
+
+    index: int  # 0 .. count - 1
+    count: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +94,8 @@ class ServerConfig:
     admin_port: int = 8100
     admin_token: str | None = field(default=None, repr=False)
     cluster: ClusterConfig | None = None  # None: a single node
+    workers: int = 1  # processes serving the public ports (petit_server.workers)
+    worker: WorkerPlace | None = None  # set in a worker process only, never read from TOML
     default_policy: Policy = field(default_factory=Policy)  # [server.policy]
 
     @property
@@ -163,10 +175,22 @@ def load_server_config(path: Path) -> ServerConfig:
         admin_port=server.port("adminPort", 8100),
         admin_token=_admin_token(server.optional_string("adminToken")),
         cluster=read_cluster(server.table("cluster"), registry_url if backend == "redis" else None),
+        workers=server.integer("workers", 1, low=1, high=MAX_WORKERS),
         default_policy=_default_policy(server),
     )
     registry.finish()
     server.finish()
+    if config.workers > 1 and backend != "redis":
+        raise ConfigError(
+            f"server.workers: {config.workers} workers share their registrations through "
+            'Redis: set [server.registry] backend = "redis" (scripts/bootstrap redis), '
+            "or workers = 1"
+        )
+    if config.workers > 1 and config.cluster is not None:
+        raise ConfigError(
+            "server.workers: workers on a cluster node are not supported yet: remove "
+            "[server.cluster], or run one node per core (docs/many-cores.md)"
+        )
     return config
 
 
@@ -309,6 +333,9 @@ maxStreamsPerRegistration = 1000
 registrationsPerMinute = 10
 # Seconds in-flight requests get to finish on STOP, SIGINT or SIGTERM.
 shutdownGrace = 5
+# Processes serving the public ports, one per core to use; more than 1 needs the Redis
+# registry below (docs/many-cores.md).
+workers = 1
 # debug, info, warning or error (petit-server log LEVEL changes it while running)
 logLevel = "info"
 # JSON lines, rotated at logMaxBytes keeping logBackups old files; changes to

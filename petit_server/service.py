@@ -28,7 +28,7 @@ from petit.memory import trim_after_bursts
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.statefile import remove_stale_temporaries
 from petit.websocket import serve_websocket
-from petit_server.config import ServerConfig
+from petit_server.config import ServerConfig, WorkerPlace
 from petit_server.edge.cluster import Cluster
 from petit_server.edge.gateway import Gateway, SourceRate
 from petit_server.edge.https import ReloadingContext, certificate_source, serve_https
@@ -43,12 +43,19 @@ from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
 
+FIRST_WORKER = WorkerPlace(0, 1)  # a single server serves as worker 0 does: the admin API too
+
 
 class ServerService:
-    """One running server: its registry, its live sessions and its listeners."""
+    """One running server: its registry, its live sessions and its listeners. In a worker
+    (``petit_server.workers``), one of several: its public ports are shared with the others,
+    ``on_ready`` tells the supervisor its ports, and only worker 0 serves the admin API."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, on_ready: Callable[[dict[str, int]], None] | None = None
+    ) -> None:
         self.config = config
+        self._on_ready = on_ready
         # A bad or unreachable registry is a one-line error here, before start backgrounds.
         self.registry: Registry = open_registry(config)
         self.registry.close()
@@ -64,7 +71,8 @@ class ServerService:
             else Cluster(
                 config.cluster,
                 self.hub,
-                key_prefix=config.registry_prefix,  # one prefix for all petit keeps in Redis
+                # One prefix for all petit keeps in Redis; workers keep their own directory.
+                key_prefix=config.cluster.key_prefix or config.registry_prefix,
                 ping_interval=config.ping_interval,
                 open_timeout=config.open_timeout,
                 handshake_timeout=config.handshake_timeout,
@@ -82,6 +90,7 @@ class ServerService:
             usage=self.usage,
             policy_of=self.policy_of,
             limits=self.public_limits,
+            shared=config.worker is not None,
         )
         self._stop = trio.Event()
 
@@ -199,6 +208,7 @@ class ServerService:
             proxy_protocol=config.proxy_protocol,
         )
         public = config.bind_addr
+        shared = config.worker is not None  # the public ports are every worker's
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as listeners:
                 await listeners.start(self.registry.run)
@@ -213,6 +223,7 @@ class ServerService:
                     # From TCP accept through TLS and the WebSocket upgrade; the hello then
                     # has its own handshakeTimeout (gateway).
                     handshake_timeout=config.handshake_timeout,
+                    shared=shared,
                 )
                 ports: dict[str, int] = {
                     "tunnel": await _bind(
@@ -226,6 +237,7 @@ class ServerService:
                         https_context,
                         handshake_timeout=config.handshake_timeout,
                         handler_nursery=handlers,
+                        shared=shared,
                     )
                     ports["https"] = await _bind(
                         listeners,
@@ -240,6 +252,7 @@ class ServerService:
                     routing,
                     handler_nursery=handlers,
                     redirect_to_port=ports.get("https") if config.https_redirect else None,
+                    shared=shared,
                 )
                 ports["http"] = await _bind(
                     listeners, "HTTP ingress", "proxyPort", public, config.proxy_port, http
@@ -257,7 +270,9 @@ class ServerService:
                     ports["cluster"] = await self._join_cluster(
                         self.cluster, listeners, handlers, ssl_context, fingerprint
                     )
-                if config.admin_token is not None:
+                if config.admin_token is not None and (
+                    config.worker is None or not config.worker.index
+                ):
                     api = self._admin_api(config.admin_token)
                     admin = partial(serve_api, api.answer, handler_nursery=handlers)
                     ports["admin"] = await _bind(
@@ -272,6 +287,8 @@ class ServerService:
                     log.warning("admin API off: set adminToken in [server] to turn it on")
                 await listeners.start(self.tcp_ports.run, handlers)
                 lock.write_pid(ports["control"], ready=True, ports=ports)
+                if self._on_ready is not None:
+                    self._on_ready(ports)
                 log.info("server %s ready: %s", __version__, _describe(config, ports))
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()

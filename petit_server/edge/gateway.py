@@ -124,6 +124,8 @@ class Gateway:
                 "vitae": self.config.vitae,
                 "window": session.connection.offered_window,
             }
+            if (worker := self.config.worker) is not None:  # the client keeps one per worker
+                welcome |= {"worker": worker.index, "workers": worker.count}
             return json.dumps(welcome).encode()
 
         try:

@@ -106,7 +106,14 @@ SERVER_LAYERS = [
     ("petit_server.registry",),
     ("petit_server.edge",),
     ("petit_server.ops",),
-    ("petit_server.cli", "petit_server.service", "petit_server.daemon", "petit_server.__main__"),
+    (
+        "petit_server.cli",
+        "petit_server.service",
+        "petit_server.workers",
+        "petit_server.worker",
+        "petit_server.daemon",
+        "petit_server.__main__",
+    ),
 ]
 
 
