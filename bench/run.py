@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,9 +218,16 @@ GatewayPorts no
         wait_listening(forwarded_port, "the ssh -R forward")
         return forwarded_port
 
-    def start_petit(self, name: str, backend_port: int, revision: str | None = None) -> Route:
+    def start_petit(
+        self,
+        name: str,
+        backend_port: int,
+        revision: str | None = None,
+        configure: Callable[[Path], None] | None = None,
+    ) -> Route:
         """A petit server + registered client in front of ``backend_port``: the working
-        tree's code, or with ``revision`` that git revision's."""
+        tree's code, or with ``revision`` that git revision's; ``configure`` edits the
+        server's config before it starts."""
         env = None
         source = REPO
         if revision is not None:
@@ -259,6 +266,8 @@ GatewayPorts no
             listenPort="0",
             adminPort="0",
         )
+        if configure is not None:
+            configure(server_config)
         self.run([petit_server, "start", "-c", str(server_config)], env)
         self.at_close([petit_server, "stop", "-c", str(server_config)], env)
         server_pid, ports = _pid_file(server_config.parent / "server.pid")
