@@ -597,6 +597,6 @@ def _worker_place(welcome: dict[str, object]) -> tuple[int | None, int]:
     """(this worker's index, the server's worker count) from a WELCOME; (None, 1) from a
     server without workers. A count past ``MAX_WORKERS`` is held to it."""
     worker, workers = welcome.get("worker"), welcome.get("workers")
-    if not isinstance(worker, int) or not isinstance(workers, int) or not 0 <= worker < workers:
-        return None, 1
+    if type(worker) is not int or type(workers) is not int or not 0 <= worker < workers:
+        return None, 1  # absent, or not numbers as JSON has them (true is no index)
     return worker, min(workers, MAX_WORKERS)

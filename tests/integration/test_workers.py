@@ -4,12 +4,14 @@ back, and stop (or the supervisor's death) ends them all."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from tests.integration.harness import (
     REDIS_SERVER,
@@ -20,6 +22,7 @@ from tests.integration.harness import (
     RedisServer,
     ServerFactory,
     http_request,
+    run_cli,
     tail,
     wait_until,
 )
@@ -141,6 +144,54 @@ async def test_workers_share_the_ports_and_serve_from_their_own_sessions(
     assert not any(_alive(pid) for pid in pids), pids
     for index in range(WORKERS):
         assert f"worker {index}" in server.log.read_text()
+
+
+async def test_https_and_the_admin_api_with_workers(
+    server_factory: ServerFactory,
+    redis_server: RedisServer,
+    python_backend: PythonBackend,
+    reaper: Reaper,
+    tmp_path: Path,
+) -> None:
+    """Every worker serves the HTTPS port with the configured certificate; worker 0 serves
+    the admin API, at the port the supervisor's pid file names."""
+    authority = trustme.CA()
+    leaf = authority.issue_cert("*.example.test")
+    certificate, key, root = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "root.pem"
+    certificate.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    root.write_bytes(authority.cert_pem.bytes())
+    server = await start_workers(
+        server_factory,
+        redis_server,
+        secureProxyPort=0,
+        httpsCertificate=str(certificate),
+        httpsKey=str(key),
+    )
+    client = await connected_client(server, python_backend, reaper, tmp_path / "client")
+    host, port = f"{client.registration_id}.example.test", server.ports["https"]
+    for _ in range(8):  # a new connection each: both workers' sockets get some
+        result = await run_cli(
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--cacert",
+                str(root),
+                "--resolve",
+                f"{host}:{port}:127.0.0.1",
+                "--data",
+                "sealed",
+                f"https://{host}:{port}/echo",
+            ],
+            check=False,
+            timeout=30,
+        )
+        assert (result.returncode, result.stdout) == (0, "sealed"), result
+
+    assert (await server.admin("/ping")).status == 200
+    registry = json.loads((await server.admin("/registry")).body)
+    assert [c["registeredId"] for c in registry["connections"]] == [client.registration_id]
 
 
 async def test_a_killed_worker_comes_back_with_its_sessions(

@@ -14,6 +14,7 @@ import trio.testing
 
 from petit.listen import (
     ACCEPT_RETRY,
+    bind_sockets,
     local_address,
     open_listeners,
     serve_listeners,
@@ -127,6 +128,45 @@ async def test_every_address_of_a_spec_listens_on_one_port(spec: str) -> None:
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+async def test_a_held_shared_port_takes_no_connection_and_keeps_others_out() -> None:
+    """What the workers' supervisor relies on: a bound, never listening, SO_REUSEPORT socket
+    reserves its port (port 0 resolved once) for sockets that share it, and is never chosen
+    for a connection; a socket that does not share it cannot bind the port."""
+    held = await bind_sockets(0, "127.0.0.1", shared=True)
+    port = held[0].getsockname()[1]
+    first = await open_listeners(port, "127.0.0.1", shared=True)
+    second = await open_listeners(port, "127.0.0.1", shared=True)
+    try:
+        with pytest.raises(OSError, match="Address already in use"):
+            await open_listeners(port, "127.0.0.1")
+        accepted = {id(first[0]): 0, id(second[0]): 0}
+        all_accepted = trio.Event()
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+
+                async def count(listener: trio.SocketListener) -> None:
+                    while True:
+                        stream = await listener.accept()
+                        accepted[id(listener)] += 1
+                        await stream.aclose()
+                        if sum(accepted.values()) == 32:
+                            all_accepted.set()
+
+                nursery.start_soon(count, first[0])
+                nursery.start_soon(count, second[0])
+                for _ in range(32):  # each connects: none lands on the held socket
+                    async with await trio.open_tcp_stream("127.0.0.1", port):
+                        pass
+                await all_accepted.wait()
+                nursery.cancel_scope.cancel()
+        assert all(accepted.values()), accepted  # both listeners took a share
+    finally:
+        for listener in [*first, *second]:
+            await listener.aclose()
+        for sock in held:
+            sock.close()
 
 
 async def test_an_address_that_cannot_be_bound_is_an_oserror_and_leaks_nothing() -> None:
