@@ -27,15 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
+from cluster import start_redis
 from run import (
     VENV_BIN,
-    Bench,
     Route,
     bench_environment,
     cpu_seconds,
     download_rounds,
-    free_port,
-    wait_listening,
     wrk,
 )
 
@@ -47,15 +45,6 @@ ROWS = [
     ("c64_cpu_us_server", "CPU µs/req server, 64 conns", False),
     ("c64_cpu_us_client", "CPU µs/req client, 64 conns", False),
 ]
-
-
-def start_redis(bench: Bench) -> str:
-    """A throwaway redis-server on loopback (in memory only) for the registry; its URL."""
-    port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    bench.spawn([*argv, "--appendonly", "no", "--dir", str(bench.root)], "redis.log")
-    wait_listening(port, "redis-server")
-    return f"redis://127.0.0.1:{port}/0"
 
 
 def with_workers(redis_url: str, workers: int, prefix: str) -> Callable[[Path], None]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from petit.daemon import Daemon, daemon_main
 from petit_server.config import load_server_config
 from petit_server.service import ServerService
-from petit_server.workers import Supervisor
 
 
 def open_daemon(config_path: Path) -> Daemon:
@@ -16,6 +15,8 @@ def open_daemon(config_path: Path) -> Daemon:
     one-line error from the command itself."""
     config = load_server_config(config_path)
     if config.workers > 1:
+        from petit_server.workers import Supervisor  # a single server needs none of it
+
         return Daemon("server", config.path, config.log, Supervisor(config).serve)
     return Daemon("server", config.path, config.log, ServerService(config).serve)
 

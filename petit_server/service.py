@@ -104,23 +104,17 @@ class ServerService:
         return registration.policy.over(defaults) if defaults else registration.policy
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
-        """The control port's commands: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands
-        (ADDALIAS, DELALIAS, TOKEN ...) that ``petit-server`` sends while the server runs.
-        ``actor`` (who commanded) goes to the log and the audit trail."""
-        if verb == "STOP":
-            log.info("STOP from %s", actor)
-            self._stop.set()
-            return {"success": True, "status": "stopping"}
-        if verb == "PING":
-            return {"success": True, "type": "didPing1", "version": __version__}
-        if verb == "STATUS" and len(args) <= 1:
-            return self.status(args[0] if args else None)
-        if verb == "LOG":
-            return set_level(args[0].lower() if args else "debug")
-        reply = await apply_command(self.registry, verb, args, actor=actor)
-        if reply is None:
-            return {"success": False, "error": f"unknown command {verb}"}
-        return reply
+        """The control port's commands (``answer_control``), with this server's STATUS."""
+
+        async def status(registration_id: str | None) -> dict[str, object]:
+            return self.status(registration_id)
+
+        async def set_log_level(level: str) -> dict[str, object]:
+            return set_level(level)
+
+        return await answer_control(
+            verb, args, actor, self._stop, self.registry, status, set_log_level
+        )
 
     def status(self, registration_id: str | None) -> dict[str, object]:
         """Every registration in brief, or one with its vitae and sessions."""
@@ -344,6 +338,35 @@ class ServerService:
             await self.hub.wait_idle()
         handlers.cancel_scope.cancel()
         log.info("stopped")
+
+
+async def answer_control(
+    verb: str,
+    args: list[str],
+    actor: str,
+    stop: trio.Event,
+    registry: Registry,
+    status: Callable[[str | None], Awaitable[dict[str, object]]],
+    set_log_level: Callable[[str], Awaitable[dict[str, object]]],
+) -> dict[str, object]:
+    """The control port's commands, as a server and the workers' supervisor both answer
+    them: STOP, PING, STATUS [ID], LOG [LEVEL], the registry commands (ADDALIAS, DELALIAS,
+    TOKEN ...) that ``petit-server`` sends while the server runs. ``actor`` (who commanded)
+    goes to the log and the audit trail."""
+    if verb == "STOP":
+        log.info("STOP from %s", actor)
+        stop.set()
+        return {"success": True, "status": "stopping"}
+    if verb == "PING":
+        return {"success": True, "type": "didPing1", "version": __version__}
+    if verb == "STATUS" and len(args) <= 1:
+        return await status(args[0] if args else None)
+    if verb == "LOG":
+        return await set_log_level(args[0].lower() if args else "debug")
+    reply = await apply_command(registry, verb, args, actor=actor)
+    if reply is None:
+        return {"success": False, "error": f"unknown command {verb}"}
+    return reply
 
 
 def _task_count() -> int:

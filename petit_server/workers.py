@@ -67,7 +67,8 @@ from petit.logs import set_level
 from petit_server.config import ClusterConfig, ServerConfig, WorkerPlace
 from petit_server.edge.https import certificate_source
 from petit_server.registry.backend import open_registry
-from petit_server.registry.base import Registry, apply_command
+from petit_server.registry.base import Registry
+from petit_server.service import answer_control
 
 log = logging.getLogger("petit.workers")
 
@@ -319,24 +320,20 @@ class Supervisor:
             worker.state = "stopped"
 
     async def handle_control(self, verb: str, args: list[str], actor: str) -> dict[str, object]:
-        """The control port's commands, as a single server answers them (``ServerService``);
-        STATUS and LOG ask every worker."""
-        if verb == "STOP":
-            log.info("STOP from %s", actor)
-            self._stop.set()
-            return {"success": True, "status": "stopping"}
-        if verb == "PING":
-            return {"success": True, "type": "didPing1", "version": __version__}
-        if verb == "STATUS" and len(args) <= 1:
-            return merge_status(await self._ask_workers(" ".join(["STATUS", *args])))
-        if verb == "LOG":
-            level = args[0].lower() if args else "debug"
+        """The control port's commands, as a single server answers them (``answer_control``);
+        STATUS and LOG ask every worker. Registry commands are applied here, once."""
+
+        async def status(registration_id: str | None) -> dict[str, object]:
+            command = "STATUS" if registration_id is None else f"STATUS {registration_id}"
+            return merge_status(await self._ask_workers(command))
+
+        async def set_log_level(level: str) -> dict[str, object]:
             await self._ask_workers(f"LOG {level}")
             return set_level(level)
-        reply = await apply_command(self.registry, verb, args, actor=actor)
-        if reply is None:
-            return {"success": False, "error": f"unknown command {verb}"}
-        return reply
+
+        return await answer_control(
+            verb, args, actor, self._stop, self.registry, status, set_log_level
+        )
 
     async def _ask_workers(self, command: str) -> list[tuple[_Worker, dict[str, object]]]:
         """Every worker's reply to a control command, side by side; a worker that does not

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,26 @@ async def connected_client(
     return client
 
 
+@dataclass
+class Served:
+    """A server with workers, and a client holding a session to each."""
+
+    server: PetitServer
+    client: PetitClient
+
+
+@pytest.fixture
+async def served(
+    server_factory: ServerFactory,
+    redis_server: RedisServer,
+    python_backend: PythonBackend,
+    reaper: Reaper,
+    tmp_path: Path,
+) -> Served:
+    server = await start_workers(server_factory, redis_server)
+    return Served(server, await connected_client(server, python_backend, reaper, tmp_path / "c"))
+
+
 async def _held_by_every_worker(server: PetitServer, registration_id: str) -> bool:
     status = await server.control("STATUS")
     workers = status.get("workers")
@@ -86,15 +107,8 @@ def _alive(pid: object) -> bool:
     return True
 
 
-async def test_workers_share_the_ports_and_serve_from_their_own_sessions(
-    server_factory: ServerFactory,
-    redis_server: RedisServer,
-    python_backend: PythonBackend,
-    reaper: Reaper,
-    tmp_path: Path,
-) -> None:
-    server = await start_workers(server_factory, redis_server)
-    client = await connected_client(server, python_backend, reaper, tmp_path / "client")
+async def test_workers_share_the_ports_and_serve_from_their_own_sessions(served: Served) -> None:
+    server, client = served.server, served.client
     client_status = await client.control_status()
     servers = client_status["servers"]
     assert isinstance(servers, list)
@@ -194,15 +208,8 @@ async def test_https_and_the_admin_api_with_workers(
     assert [c["registeredId"] for c in registry["connections"]] == [client.registration_id]
 
 
-async def test_a_killed_worker_comes_back_with_its_sessions(
-    server_factory: ServerFactory,
-    redis_server: RedisServer,
-    python_backend: PythonBackend,
-    reaper: Reaper,
-    tmp_path: Path,
-) -> None:
-    server = await start_workers(server_factory, redis_server)
-    client = await connected_client(server, python_backend, reaper, tmp_path / "client")
+async def test_a_killed_worker_comes_back_with_its_sessions(served: Served) -> None:
+    server, client = served.server, served.client
     before = _workers(await server.control("STATUS"))[1]
     os.kill(int(str(before["pid"])), signal.SIGKILL)
 
