@@ -26,6 +26,7 @@ from petit.flow import LARGEST_WINDOW
 
 NONCE_SIZE = 32  # bytes
 MAX_CLAIMS = 256  # registrations one session may claim
+MAX_WORKERS = 64  # processes of one server (petit_server.workers): sessions a client keeps
 MAX_VITAE_ITEMS = 64
 _HELLO_CONTEXT = b"petit hello v1\n"
 _REGISTER_CONTEXT = b"petit register v1\n"
@@ -128,6 +129,9 @@ class Hello:
     claims: Mapping[str, bytes]
     vitae: Mapping[str, str] = field(default_factory=dict)
     window: int | None = None  # the client's receive window per stream; None: an old client
+    # The server's workers (petit_server.workers) this client already has a session to: one
+    # of them answers with a welcome accepting nothing, and keeps no session.
+    held_workers: frozenset[int] = frozenset()
 
 
 def encode_hello(hello: Hello) -> bytes:
@@ -141,6 +145,8 @@ def encode_hello(hello: Hello) -> bytes:
     }
     if hello.window is not None:
         document["window"] = hello.window
+    if hello.held_workers:
+        document["heldWorkers"] = sorted(hello.held_workers)
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -162,7 +168,20 @@ def decode_hello(payload: bytes) -> Hello:
         claims=claims,
         vitae=decode_vitae(document.get("vitae", {})),
         window=decode_window(document, what="hello"),
+        held_workers=_decode_held_workers(document.get("heldWorkers", [])),
     )
+
+
+def _decode_held_workers(value: object) -> frozenset[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_WORKERS
+        or not all(type(index) is int and 0 <= index < MAX_WORKERS for index in value)
+    ):
+        raise RemoteProtocolError(
+            f"hello: 'heldWorkers' must list worker indices, 0 to {MAX_WORKERS - 1}"
+        )
+    return frozenset(value)
 
 
 def decode_window(document: Mapping[str, object], *, what: str) -> int | None:

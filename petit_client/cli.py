@@ -665,7 +665,7 @@ def _echo_servers(config: ClientConfig, reply: dict[str, object]) -> None:
         if server not in sessions:  # serverSessions < servers: a spare for a session that fails
             click.echo(f"Server {server}: standby (serverSessions = {config.session_count})")
             continue
-        for session in sorted(sessions[server], key=lambda s: str(s.get("worker", ""))):
+        for session in sorted(sessions[server], key=_worker_order):
             state = str(session.get("status"))
             if state == "connected":
                 state += f" since {_when(session.get('connectedSince'))}"
@@ -673,6 +673,12 @@ def _echo_servers(config: ClientConfig, reply: dict[str, object]) -> None:
                 state += f", last error: {session.get('lastError')}"
             worker = "" if session.get("worker") is None else f" worker {session['worker']}"
             click.echo(f"Server {server}{worker}: {state}")
+
+
+def _worker_order(session: dict[str, object]) -> int:
+    """A server's sessions by worker index; one without (still dialling) first."""
+    worker = session.get("worker")
+    return worker if isinstance(worker, int) else -1
 
 
 def _objects(value: object) -> list[dict[str, object]]:

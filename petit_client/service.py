@@ -35,6 +35,7 @@ import trio
 
 from petit import __version__
 from petit.auth import (
+    MAX_WORKERS,
     Hello,
     decode_window,
     encode_hello,
@@ -72,9 +73,7 @@ from petit_client.tenants import Tenant, registered_tenants
 log = logging.getLogger("petit.client")
 
 STABLE_SESSION = 10.0  # seconds up after which the backoff starts again from the bottom
-MAX_WORKERS = 64  # sessions kept to one server's workers, whatever its WELCOME says
 REDIAL_DELAY = 0.05  # seconds, first delay after reaching a worker already held; doubles
-MAX_REDIAL_DELAY = 2.0
 PING_TIMEOUT = 5.0  # seconds a control PING waits for the server's pong
 RETRYABLE = (
     ServerUnreachableError,
@@ -145,8 +144,12 @@ class _Link:
     """One tunnel session slot: the server it uses now and the state of its session."""
 
     server: ServerAddress
-    per_worker: bool = False  # added for one of the server's workers: stays on its server
+    # A link added for another worker of its parent's server (None: a configured link).
+    parent: _Link | None = None
+    workers: int = 1  # a configured link's server: its worker count, as last welcomed
     worker: int | None = None  # the server worker its session is with, if the server has them
+    # Set when its server no longer has a worker for it: its loop ends.
+    retired: trio.Event = field(default_factory=trio.Event)
     session: TunnelSession | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reconnect_now: trio.Event = field(default_factory=trio.Event)
@@ -185,8 +188,7 @@ class ClientService:
         self._links = [
             _Link(servers[(first + i) % len(servers)]) for i in range(config.session_count)
         ]
-        self._workers: dict[ServerAddress, int] = {}  # each server's worker count, if > 1
-        self._link_nursery: trio.Nursery | None = None  # where each link's loop runs
+        self._link_nursery: trio.Nursery | None = None  # where each link's loop runs, once up
         self._listening = False  # no registration to claim until RELOAD
         self._started = time.time()
         self._reconnects = 0  # dials after the first: after a failure, a drop or a RELOAD
@@ -406,15 +408,15 @@ class ClientService:
 
     async def _keep_connected(self, link: _Link) -> None:
         delays = backoff(self.config.reconnect_max_delay)
-        redials = backoff(MAX_REDIAL_DELAY, first=REDIAL_DELAY)
-        dialled = False
-        while True:
+        redials = backoff(self.config.reconnect_max_delay, first=REDIAL_DELAY)
+        dialled = held = False
+        while not link.retired.is_set():
             link.reconnect_now = trio.Event()
             if not self._tenants:
                 self._listening = True  # as the original: nothing to claim until RELOAD
                 await link.reconnect_now.wait()
                 continue
-            if dialled:
+            if dialled and not held:  # a dial again after a held worker is not a reconnect
                 self._reconnects += 1
             dialled = True
             began = trio.current_time()
@@ -429,16 +431,15 @@ class ClientService:
                     failure = str(group.exceptions[0])
             if link.reconnect_now.is_set() or trio.current_time() - began > STABLE_SESSION:
                 delays = backoff(self.config.reconnect_max_delay)
-                redials = backoff(MAX_REDIAL_DELAY, first=REDIAL_DELAY)
-            link.state = "disconnected"
+                redials = backoff(self.config.reconnect_max_delay, first=REDIAL_DELAY)
+            link.state, link.worker = "disconnected", None
             link.connected_since = None
             link.accepted = set()
-            if held:
-                if self._surplus(link):
-                    self._links.remove(link)  # the server has fewer workers now
-                    return
-                link.state = "connecting"  # not a failure: the next dial may reach another
-                with trio.move_on_after(next(redials)):
+            if link.retired.is_set():
+                break
+            if held:  # not a failure: the next dial may reach another worker
+                link.state = "connecting"
+                with trio.move_on_after(next(redials)):  # grows: a worker may be down long
                     await link.reconnect_now.wait()
                 continue
             link.record_error(failure or (link.session.close_reason if link.session else ""))
@@ -448,30 +449,43 @@ class ClientService:
             log.warning(
                 "tunnel to %s down (%s); reconnecting in %.1fs", link.server, link.last_error, delay
             )
-            if not link.per_worker:
-                link.server = self._next_server(link)
+            if link.parent is None and (server := self._next_server(link)) != link.server:
+                link.server = server
+                self._fit_family(link, workers=1)  # its workers were the old server's
             with trio.move_on_after(delay):
                 await link.reconnect_now.wait()
+        self._links.remove(link)
 
-    def _add_worker_links(self, server: ServerAddress, workers: int) -> None:
-        """A link per worker of ``server`` (its WELCOME says how many), each in its loop."""
-        self._workers[server] = workers
-        missing = workers - sum(link.server == server for link in self._links)
-        for _ in range(missing):
-            link = _Link(server, per_worker=True)
+    def _fit_family(self, primary: _Link, workers: int) -> None:
+        """A link per worker of ``primary``'s server: added links (each in its loop) up to
+        ``workers``, and those past it retired."""
+        primary.workers = workers
+        family = [m for m in self._links if m.parent is primary and not m.retired.is_set()]
+        for link in family[max(0, workers - 1) :]:
+            link.retired.set()
+            link.reconnect()
+        assert self._link_nursery is not None  # links run only once it is up
+        for _ in range(workers - 1 - len(family)):
+            link = _Link(primary.server, parent=primary)
             self._links.append(link)
-            if self._link_nursery is not None:
-                self._link_nursery.start_soon(self._keep_connected, link)
+            self._link_nursery.start_soon(self._keep_connected, link)
 
-    def _surplus(self, link: _Link) -> bool:
-        """True for an added link its server no longer has a worker for."""
-        serving = sum(other.server == link.server for other in self._links)
-        return link.per_worker and serving > self._workers.get(link.server, 1)
+    def _held_workers(self, link: _Link) -> set[int]:
+        """The workers of ``link``'s server that its family already has a session to."""
+        primary = link.parent or link
+        return {
+            other.worker
+            for other in self._links
+            if (other.parent or other) is primary
+            and other is not link
+            and other.state == "connected"
+            and other.worker is not None
+        }
 
     def _next_server(self, link: _Link) -> ServerAddress:
         """After a failure: the next server in the list that no other session uses, if any."""
         servers = self.config.tunnel_servers
-        taken = {other.server for other in self._links if other is not link}
+        taken = {other.server for other in self._links if other is not link and not other.parent}
         start = servers.index(link.server)
         for step in range(1, len(servers) + 1):
             candidate = servers[(start + step) % len(servers)]
@@ -504,7 +518,10 @@ class ClientService:
             transcript = hello_transcript(nonce, fingerprint, list(self._tenants))
             claims = {rid: sign(t.key(), transcript) for rid, t in self._tenants.items()}
             window = session.connection.offered_window
-            return encode_hello(Hello(claims=claims, vitae=self._vitae(), window=window))
+            held = frozenset(self._held_workers(link))
+            return encode_hello(
+                Hello(claims=claims, vitae=self._vitae(), window=window, held_workers=held)
+            )
 
         with trio.fail_after(self.config.handshake_timeout):
             welcome = parse_json_object(
@@ -518,15 +535,10 @@ class ClientService:
             log.error("the server refused registration(s) %s: their keys do not match", rejected)
         accepted = welcome.get("accepted")
         worker, workers = _worker_place(welcome)
-        if workers > 1:
-            self._add_worker_links(link.server, workers)
-        if worker is not None and any(
-            other is not link
-            and other.server == link.server
-            and other.worker == worker
-            and other.state == "connected"
-            for other in self._links
-        ):
+        primary = link.parent or link
+        if primary.server == link.server and workers != primary.workers:
+            self._fit_family(primary, workers)
+        if worker is not None and worker in self._held_workers(link):
             raise HeldWorkerError(f"worker {worker} of {link.server} already has a session")
         link.worker = worker
         link.accepted = {str(rid) for rid in accepted} if isinstance(accepted, list) else set()

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from petit.auth import MAX_WORKERS  # each holds a session per client: docs/many-cores.md
 from petit.config import Table, load_toml, root_table
 from petit.control import parse_networks
 from petit.errors import ConfigError
@@ -19,7 +20,6 @@ MIN_ADMIN_TOKEN = 16  # characters; init writes 43 (32 random bytes)
 MIN_CLUSTER_SECRET = 16  # characters of the shared cluster secret
 DEFAULT_REGISTRY_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REGISTRY_PREFIX = "petit:"  # of every Redis key petit writes
-MAX_WORKERS = 64  # each holds a session per client: see docs/many-cores.md, "Costs"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,7 +28,7 @@ from petit.memory import trim_after_bursts
 from petit.pki import certificate_fingerprint, pem_to_der, server_ssl_context
 from petit.statefile import remove_stale_temporaries
 from petit.websocket import serve_websocket
-from petit_server.config import ServerConfig, WorkerPlace
+from petit_server.config import ServerConfig
 from petit_server.edge.cluster import Cluster
 from petit_server.edge.gateway import Gateway, SourceRate
 from petit_server.edge.https import ReloadingContext, certificate_source, serve_https
@@ -43,8 +43,6 @@ from petit_server.usage import UsageStore
 
 log = logging.getLogger("petit.server")
 
-FIRST_WORKER = WorkerPlace(0, 1)  # a single server serves as worker 0 does: the admin API too
-
 
 class ServerService:
     """One running server: its registry, its live sessions and its listeners. In a worker
@@ -56,9 +54,7 @@ class ServerService:
     ) -> None:
         self.config = config
         self._on_ready = on_ready
-        # A bad or unreachable registry is a one-line error here, before start backgrounds.
-        self.registry: Registry = open_registry(config)
-        self.registry.close()
+        self.registry = check_registry(config)
         self.usage = UsageStore()
         self.hub = Hub(
             on_forget=self.usage.forget,
@@ -220,7 +216,7 @@ class ServerService:
                     shared=shared,
                 )
                 ports: dict[str, int] = {
-                    "tunnel": await _bind(
+                    "tunnel": await start_listener(
                         listeners, "tunnel endpoint", "backPort", public, config.back_port, tunnel
                     )
                 }
@@ -233,7 +229,7 @@ class ServerService:
                         handler_nursery=handlers,
                         shared=shared,
                     )
-                    ports["https"] = await _bind(
+                    ports["https"] = await start_listener(
                         listeners,
                         "HTTPS ingress",
                         "secureProxyPort",
@@ -248,11 +244,11 @@ class ServerService:
                     redirect_to_port=ports.get("https") if config.https_redirect else None,
                     shared=shared,
                 )
-                ports["http"] = await _bind(
+                ports["http"] = await start_listener(
                     listeners, "HTTP ingress", "proxyPort", public, config.proxy_port, http
                 )
                 control = partial(serve_control, self.handle_control, allow=config.listen_allow)
-                ports["control"] = await _bind(
+                ports["control"] = await start_listener(
                     listeners,
                     "control port",
                     "listenPort",
@@ -264,12 +260,11 @@ class ServerService:
                     ports["cluster"] = await self._join_cluster(
                         self.cluster, listeners, handlers, ssl_context, fingerprint
                     )
-                if config.admin_token is not None and (
-                    config.worker is None or not config.worker.index
-                ):
+                first_worker = config.worker is None or config.worker.index == 0
+                if config.admin_token is not None and first_worker:  # worker 0 serves it
                     api = self._admin_api(config.admin_token)
                     admin = partial(serve_api, api.answer, handler_nursery=handlers)
-                    ports["admin"] = await _bind(
+                    ports["admin"] = await start_listener(
                         listeners,
                         "admin API",
                         "adminPort",
@@ -317,7 +312,7 @@ class ServerService:
             handler_nursery=handlers,
         )
         internal = cluster.config
-        port: int = await _bind(
+        port: int = await start_listener(
             listeners,
             "cluster link port",
             "cluster.internalPort",
@@ -369,6 +364,14 @@ async def answer_control(
     return reply
 
 
+def check_registry(config: ServerConfig) -> Registry:
+    """The registry read once and closed: a bad or unreachable one is a one-line error here,
+    before ``start`` backgrounds the daemon, which opens it again to serve."""
+    registry = open_registry(config)
+    registry.close()
+    return registry
+
+
 def _task_count() -> int:
     """The trio tasks alive in this process: a count that keeps growing is a leak."""
     root = trio.lowlevel.current_root_task()
@@ -396,7 +399,7 @@ def _describe(config: ServerConfig, ports: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
-async def _bind(
+async def start_listener(
     listeners: trio.Nursery,
     what: str,
     key: str,
@@ -408,7 +411,12 @@ async def _bind(
     try:
         return await listeners.start(partial(serve, host=host, port=port))
     except OSError as exc:
-        raise PetitError(
-            f"cannot listen for the {what} on {host}:{port}: {exc.strerror or exc}; "
-            f"stop what uses the port or change {key}"
-        ) from None
+        raise cannot_listen(what, key, host, port, exc) from None
+
+
+def cannot_listen(what: str, key: str, host: str, port: int, exc: OSError) -> PetitError:
+    """The one line a port that cannot be bound ends the start with."""
+    return PetitError(
+        f"cannot listen for the {what} on {host}:{port}: {exc.strerror or exc}; "
+        f"stop what uses the port or change {key}"
+    )

@@ -7,15 +7,20 @@
   runs one trio loop on one core; the workers use N.
 - Ports. The supervisor binds each public port (tunnel endpoint, HTTP and HTTPS ingress)
   with ``SO_REUSEPORT`` and never listens on it: the port stays ours while workers come and
-  go, and a port 0 is chosen once for all. Each worker binds the same ports the same way and
-  listens; the kernel spreads new connections over the listening sockets by a hash of their
-  addresses. A registration's raw TCP port is bound that way by every worker that serves it.
+  go, and a port 0 is chosen once for all. It first binds each without ``SO_REUSEPORT``, so
+  a port some other process holds (another server's workers too) fails the start. Each
+  worker binds the same ports the same way and listens; the kernel spreads new connections
+  over the listening sockets by a hash of their addresses. A registration's raw TCP port
+  is bound that way by every worker that serves it (there, unchecked: any process of our
+  user that shares it too could take part of its connections).
 - Sessions. Each worker is a full server (``ServerService``) and a node of a cluster of its
   own on loopback: the node directory lives in the Redis registry under a prefix naming this
   host and tunnel port, and the link secret is made at each start and handed to the workers
   in their environment, so no other host's nodes can join. The WELCOME says ``worker`` and
   ``workers``, and a client keeps a session to every worker (``petit_client.service``): then
-  every worker serves every registration from its own session. A request that lands on a
+  every worker serves every registration from its own session. The client's hello names the
+  workers it holds already; one of those answers with a welcome accepting nothing and keeps
+  no session, so no request is routed to a session about to close. A request that lands on a
   worker without one (a client still dialling, or one older than workers) is forwarded over
   the link to a worker that has one, as between cluster nodes.
 - State. Registrations, aliases, tokens and usage live in Redis, shared by all (which is why
@@ -29,14 +34,18 @@
 - Logs. One rotating file cannot have several writers, so each worker writes its own log
   and audit files beside the configured ones (``server-w1.log``, ``audit-w1.log``); the
   supervisor's file says when workers start, stop and fail.
-- Failures. A worker that fails before it is ready at start fails the start, with its error
-  line. One that exits later is started again after a delay that doubles from 0.5 s to 30 s
-  (reset once it stays up); meanwhile the kernel gives its share of new connections to the
-  others, and its clients' sessions redial. A worker ends with its supervisor even when the
-  supervisor is killed (``PR_SET_PDEATHSIG``).
-- Stop (STOP, SIGINT, SIGTERM): SIGTERM to every worker, each drains as a single server
-  does (GOAWAY, ``shutdownGrace``); what is left after ``shutdownGrace`` + ``STOP_MARGIN``
-  seconds is killed. The supervisor then exits 0.
+- Failures. A worker that fails before it is ready at start (or is not ready within
+  ``WORKER_START_TIMEOUT``) fails the start, with its error line. One that exits later is
+  started again after a delay that doubles from 0.5 s to 30 s (reset once it stays up);
+  meanwhile the kernel gives its share of new connections to the others, and its clients'
+  sessions redial.
+- Stop. A worker's stdin is a pipe from the supervisor, and a worker stops at its end, as
+  a single server does on SIGTERM (GOAWAY, ``shutdownGrace``). So STOP, SIGINT or SIGTERM
+  to the supervisor closes every worker's stdin, and what is left after ``shutdownGrace`` +
+  ``STOP_MARGIN`` seconds is killed; then the supervisor exits 0. A supervisor that dies,
+  however it dies, closes the pipes too. Workers run in sessions of their own: a terminal's
+  Ctrl-C reaches the supervisor only, and systemd's SIGTERM to the whole service (its
+  default) is the one signal each worker gets, so each still drains.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from pathlib import Path
 import trio
 
 from petit import __version__
-from petit.control import ControlError, Handler, send_control, serve_control
+from petit.control import ControlError, send_control, serve_control
 from petit.errors import PetitError
 from petit.listen import bind_sockets, show_address
 from petit.lockfile import ProcessLock
@@ -67,19 +76,20 @@ from petit.logs import set_level
 from petit_server.config import ClusterConfig, ServerConfig, WorkerPlace
 from petit_server.edge.https import certificate_source
 from petit_server.registry.backend import open_registry
-from petit_server.registry.base import Registry
-from petit_server.service import answer_control
+from petit_server.service import answer_control, cannot_listen, check_registry, start_listener
 
 log = logging.getLogger("petit.workers")
 
 # The cluster link secret, made at each start (this is the variable's name, not a secret).
 SECRET_ENV = "PETIT_WORKER_SECRET"  # noqa: S105
 PORTS_ENV = "PETIT_WORKER_PORTS"  # JSON: the public ports the supervisor holds
-STOP_MARGIN = 5.0  # seconds past shutdownGrace a worker has to exit before it is killed
+LOG_LEVEL_ENV = "PETIT_WORKER_LOG_LEVEL"  # set by LOG since start: a restarted worker keeps it
+STOP_MARGIN = 5.0  # seconds past shutdownGrace a stopping worker has before it is killed
 ASK_TIMEOUT = 5.0  # seconds a worker has to answer the supervisor on its control port
 FIRST_RESTART_DELAY = 0.5  # seconds; doubles per failure up to MAX_RESTART_DELAY
 MAX_RESTART_DELAY = 30.0
 STABLE_WORKER = 60.0  # seconds up after which a worker's restart delay starts again
+WORKER_START_TIMEOUT = 30.0  # seconds a worker has to report ready
 PIPE_GRACE = 1.0  # seconds to read a worker's last output after it exited
 MAX_LINE = 8192  # bytes of one line a worker writes on stdout or stderr
 
@@ -152,13 +162,12 @@ class Supervisor:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        # A bad or unreachable registry is a one-line error here, before start backgrounds.
-        self.registry: Registry = open_registry(config)
-        self.registry.close()
+        self.registry = check_registry(config)
         self._workers = [_Worker(index) for index in range(config.workers)]
         self._secret = secrets.token_hex(32)
+        self._log_level: str | None = None  # set by LOG: restarted workers take it too
         self._stop = trio.Event()
-        self._stopping = False
+        self._starting = trio.CancelScope()  # the start, until every worker is ready
 
     async def serve(self, stop: trio.Event, lock: ProcessLock) -> None:
         """Hold the ports, run the workers until ``stop`` (or STOP), then stop them."""
@@ -170,22 +179,18 @@ class Supervisor:
             ports = await self._hold_ports(held)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.registry.run)
-                control = await _start_control(nursery, config, self.handle_control)
-                async with trio.open_nursery() as starting:  # all at once, each until ready
-                    for worker in self._workers:
-                        starting.start_soon(nursery.start, self._keep_running, worker, ports)
-                admin = self._workers[0].ports.get("admin")  # worker 0 serves the admin API
-                published = {"control": control, **ports, **({"admin": admin} if admin else {})}
-                lock.write_pid(control, ready=True, ports=published)
-                log.info(
-                    "server %s ready: %d workers, tunnel endpoint %s, HTTP ingress %s, control %s",
-                    __version__,
-                    len(self._workers),
-                    show_address(config.bind_addr, ports["tunnel"]),
-                    show_address(config.bind_addr, ports["http"]),
-                    show_address(config.listen_addr, control),
+                control = partial(serve_control, self.handle_control, allow=config.listen_allow)
+                ports["control"] = await start_listener(
+                    nursery,
+                    "control port",
+                    "listenPort",
+                    config.listen_addr,
+                    config.listen_port,
+                    control,
                 )
-                await self._stop.wait()
+                nursery.start_soon(self._start_workers, nursery, ports, lock)
+                await self._stop.wait()  # also while they start
+                self._starting.cancel()  # those not ready yet are ended at once
                 await self._stop_workers()
                 nursery.cancel_scope.cancel()
         finally:
@@ -195,7 +200,11 @@ class Supervisor:
         log.info("stopped")
 
     async def _hold_ports(self, held: list[trio.socket.SocketType]) -> dict[str, int]:
-        """Bind (never listen on) each public port; the ports, by name, for the workers."""
+        """Bind (never listen on) each public port; the ports, by name, for the workers.
+
+        Any process of our user may join a port shared with ``SO_REUSEPORT``, and would
+        silently take part of its connections: a port first bound without it is checked to
+        be free of every other socket (another server's workers too)."""
         config = self.config
         wanted = {"tunnel": ("tunnel endpoint", "backPort", config.back_port)}
         if certificate_source(config) is not None:
@@ -204,15 +213,41 @@ class Supervisor:
         ports: dict[str, int] = {}
         for name, (what, key, port) in wanted.items():
             try:
+                probes = await bind_sockets(port, config.bind_addr, shared=False)
+                port = probes[0].getsockname()[1]  # port 0 picked one
+                for probe in probes:
+                    probe.close()
                 sockets = await bind_sockets(port, config.bind_addr, shared=True)
             except OSError as exc:
-                raise PetitError(
-                    f"cannot listen for the {what} on {config.bind_addr}:{port}: "
-                    f"{exc.strerror or exc}; stop what uses the port or change {key}"
-                ) from None
+                raise cannot_listen(what, key, config.bind_addr, port, exc) from None
             held.extend(sockets)
-            ports[name] = sockets[0].getsockname()[1]
+            ports[name] = port
         return ports
+
+    async def _start_workers(
+        self, nursery: trio.Nursery, ports: dict[str, int], lock: ProcessLock
+    ) -> None:
+        """Start every worker at once; once all are ready, publish the pid file. A worker
+        that cannot start fails the start."""
+        with self._starting:
+            async with trio.open_nursery() as starting:
+                for worker in self._workers:
+                    starting.start_soon(nursery.start, self._keep_running, worker, ports)
+        if self._starting.cancelled_caught:
+            return  # stopped before every worker was ready
+        admin = self._workers[0].ports.get("admin")  # worker 0 serves the admin API
+        lock.write_pid(
+            ports["control"], ready=True, ports=ports | ({"admin": admin} if admin else {})
+        )
+        config = self.config
+        log.info(
+            "server %s ready: %d workers, tunnel endpoint %s, HTTP ingress %s, control %s",
+            __version__,
+            len(self._workers),
+            show_address(config.bind_addr, ports["tunnel"]),
+            show_address(config.bind_addr, ports["http"]),
+            show_address(config.listen_addr, ports["control"]),
+        )
 
     async def _keep_running(
         self,
@@ -222,25 +257,27 @@ class Supervisor:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run one worker slot: started once ready (a failure before that fails the start),
-        then restarted whenever it exits until the supervisor stops."""
-        delay = FIRST_RESTART_DELAY
+        then started again whenever it exits, until the supervisor stops."""
         await self._run_worker(worker, ports, task_status)
-        while not self._stopping:
+        if worker.started is None and not self._stop.is_set():
+            raise PetitError(f"worker {worker.index} did not start: {worker.last_error}")
+        delay = FIRST_RESTART_DELAY
+        while not self._stop.is_set():
             worker.state, worker.restarts = "restarting", worker.restarts + 1
             up = 0.0 if worker.started is None else time.time() - worker.started
             delay = FIRST_RESTART_DELAY if up > STABLE_WORKER else delay
             log.error(
-                "worker %d %s; starting it again in %g s",
+                "worker %d ended (%s); starting it again in %g s",
                 worker.index,
                 worker.last_error,
                 delay,
             )
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
             delay = min(MAX_RESTART_DELAY, delay * 2)
-            try:
-                await self._run_worker(worker, ports, None)
-            except PetitError as exc:  # it failed before it was ready: try again later
-                worker.last_error = str(exc)
+            await self._run_worker(worker, ports, None)
 
     async def _run_worker(
         self,
@@ -248,8 +285,8 @@ class Supervisor:
         ports: dict[str, int],
         task_status: trio.TaskStatus[None] | None,
     ) -> None:
-        """Start the worker's process and return when it exits; ``task_status`` is told
-        once it is ready. PetitError if it exits before it is ready."""
+        """Start the worker's process and return when it has ended; ``task_status`` is told
+        once it is ready. Why it ended goes to ``worker.last_error``."""
         worker.state, worker.started, worker.ports, worker.errors = "starting", None, {}, []
         argv = [
             sys.executable,
@@ -260,28 +297,43 @@ class Supervisor:
             str(worker.index),
             str(len(self._workers)),
         ]
-        environment = {**os.environ, SECRET_ENV: self._secret, PORTS_ENV: json.dumps(ports)}
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=environment,
-        )
+        environment = {
+            **os.environ,
+            SECRET_ENV: self._secret,
+            PORTS_ENV: json.dumps(ports),
+            **({LOG_LEVEL_ENV: self._log_level} if self._log_level else {}),
+        }
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.PIPE,  # its end is the worker's signal to stop
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=environment,
+                start_new_session=True,  # a terminal's Ctrl-C is for us, not for it
+            )
+        except OSError as exc:
+            worker.last_error = f"could not be started: {exc.strerror or exc}"
+            return
         worker.process = process
+        ready: dict[str, int] | None = None
         try:
             async with trio.open_nursery() as nursery:
                 assert process.stdout is not None
                 assert process.stderr is not None
                 nursery.start_soon(self._read_errors, worker, process.stderr)
                 output = _lines(process.stdout)
-                ready = await _ready_line(output)
+                with trio.move_on_after(WORKER_START_TIMEOUT) as starting:
+                    ready = await _ready_line(output)
                 if ready is not None:
                     nursery.start_soon(self._read_output, worker, output)
                     worker.ports, worker.started, worker.state = ready, time.time(), "running"
                     log.info("worker %d (pid %d) ready", worker.index, process.pid)
                     if task_status is not None:
                         task_status.started()
+                elif starting.cancelled_caught:  # it hangs (an exited one ended its stdout)
+                    worker.errors.append(f"error: not ready within {WORKER_START_TIMEOUT:g} s")
+                    await _end(process, STOP_MARGIN)
                 code = await process.wait()
                 # Its last lines may still be in the pipes: read them to EOF, boundedly.
                 nursery.cancel_scope.deadline = trio.current_time() + PIPE_GRACE
@@ -289,10 +341,6 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await _end(process, STOP_MARGIN)
         worker.last_error = _exit_reason(code, worker.errors)
-        if worker.started is None and not self._stopping:
-            raise PetitError(f"worker {worker.index} did not start: {worker.last_error}")
-        if not self._stopping:
-            worker.state = "restarting"
 
     async def _read_errors(self, worker: _Worker, stderr: trio.abc.ReceiveStream) -> None:
         """A worker's stderr into our log, line by line; its last lines kept for a failure."""
@@ -307,15 +355,19 @@ class Supervisor:
             log.info("worker %d: %s", worker.index, line)
 
     async def _stop_workers(self) -> None:
-        """SIGTERM to every worker (each drains), then wait for them, killing any left."""
-        self._stopping = True
+        """Ask every worker to stop (each drains as a single server does), wait for them,
+        and kill those left after ``shutdownGrace`` + ``STOP_MARGIN``."""
         running = [w.process for w in self._workers if w.process and w.process.returncode is None]
         log.info("stopping %d worker(s)", len(running))
         for process in running:
-            process.terminate()
+            await _ask_to_stop(process)
         with trio.move_on_after(self.config.shutdown_grace + STOP_MARGIN):
             for process in running:
                 await process.wait()
+        for process in running:
+            if process.returncode is None:
+                log.warning("worker pid %d did not stop in time: killed", process.pid)
+                process.kill()
         for worker in self._workers:
             worker.state = "stopped"
 
@@ -328,8 +380,18 @@ class Supervisor:
             return merge_status(await self._ask_workers(command))
 
         async def set_log_level(level: str) -> dict[str, object]:
-            await self._ask_workers(f"LOG {level}")
-            return set_level(level)
+            reply = set_level(level)
+            if not reply.get("success"):
+                return reply
+            self._log_level = level
+            missed = [
+                f"worker {worker.index}: {answer.get('error')}"
+                for worker, answer in await self._ask_workers(f"LOG {level}")
+                if not answer.get("success")
+            ]
+            if missed:  # a worker starting or restarting takes it when it starts
+                return {**reply, "success": False, "error": "not set in " + "; ".join(missed)}
+            return reply
 
         return await answer_control(
             verb, args, actor, self._stop, self.registry, status, set_log_level
@@ -360,8 +422,9 @@ class Supervisor:
 
 def merge_status(replies: list[tuple[_Worker, dict[str, object]]]) -> dict[str, object]:
     """The workers' STATUS replies as one server's: a registration is connected if a worker
-    holds its session (``workers`` says how many do), with every worker's remotes and
-    sessions; counts are added up. ``workers`` at the top lists the worker processes."""
+    holds its session (``connectedWorkers`` says how many do), with every worker's remotes
+    and sessions, and its TCP port listening if it listens anywhere; counts are added up.
+    ``workers`` lists the worker processes."""
     workers = [
         {
             **worker.to_json(),
@@ -371,9 +434,10 @@ def merge_status(replies: list[tuple[_Worker, dict[str, object]]]) -> dict[str, 
         for worker, reply in replies
     ]
     answered = [reply for _, reply in replies if reply.get("success") is True]
-    if not answered:  # e.g. an unknown ID: every worker says so
-        first = replies[0][1] if replies else {"error": "no worker"}
-        return {"success": False, "error": first.get("error"), "workers": workers}
+    if not answered:  # an unknown ID, which every worker that answered says
+        said = [reply for worker, reply in replies if worker.state == "running"]
+        error = next(iter(said or [reply for _, reply in replies]), {}).get("error")
+        return {"success": False, "error": error or "no worker is running", "workers": workers}
     seen: dict[str, _Seen] = {}
     for reply in answered:
         for entry in _objects(reply.get("connections")):
@@ -396,6 +460,8 @@ class _Seen:
     remotes: set[str] = field(default_factory=set)
     since: list[float] = field(default_factory=list)
     sessions: list[dict[str, object]] = field(default_factory=list)
+    tcp_listening: bool = False
+    tcp_errors: list[str] = field(default_factory=list)
 
     def add(self, entry: dict[str, object]) -> None:
         self.workers += entry.get("connected") is True
@@ -403,15 +469,21 @@ class _Seen:
         if isinstance(since := entry.get("since"), int | float):
             self.since.append(since)
         self.sessions.extend(_objects(entry.get("sessions")))
+        self.tcp_listening |= entry.get("tcpListening") is True
+        if isinstance(error := entry.get("tcpError"), str) and error:
+            self.tcp_errors.append(error)
 
     def to_json(self) -> dict[str, object]:
         merged = {
             **self.first,
             "connected": self.workers > 0,
-            "workers": self.workers,
+            "connectedWorkers": self.workers,
             "remotes": sorted(self.remotes),
             "since": min(self.since, default=None),
         }
+        if "tcpListening" in self.first:  # listening anywhere is listening: no error then
+            merged["tcpListening"] = self.tcp_listening
+            merged["tcpError"] = "" if self.tcp_listening else next(iter(self.tcp_errors), "")
         if "sessions" in self.first:
             merged["sessions"] = self.sessions
         return merged
@@ -427,26 +499,6 @@ def _objects(value: object) -> list[dict[str, object]]:
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) else 0
-
-
-async def _start_control(nursery: trio.Nursery, config: ServerConfig, handler: Handler) -> int:
-    """The supervisor's control port, where a single server has its own."""
-    try:
-        port: int = await nursery.start(
-            partial(
-                serve_control,
-                handler,
-                host=config.listen_addr,
-                port=config.listen_port,
-                allow=config.listen_allow,
-            )
-        )
-    except OSError as exc:
-        raise PetitError(
-            f"cannot listen for the control port on {config.listen_addr}:{config.listen_port}: "
-            f"{exc.strerror or exc}; stop what uses the port or change listenPort"
-        ) from None
-    return port
 
 
 async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
@@ -474,10 +526,16 @@ async def _ready_line(output: AsyncIterator[str]) -> dict[str, int] | None:
     return None
 
 
+async def _ask_to_stop(process: trio.Process) -> None:
+    """Close the worker's stdin: at its end it drains and exits (``petit_server.worker``)."""
+    if process.stdin is not None:
+        await process.stdin.aclose()
+
+
 async def _end(process: trio.Process, grace: float) -> None:
-    """Make sure a worker is gone: SIGTERM, then SIGKILL after ``grace``."""
+    """Make sure a worker is gone: ask it to stop, then SIGKILL after ``grace``."""
     if process.returncode is None:
-        process.terminate()
+        await _ask_to_stop(process)
         with trio.move_on_after(grace):
             await process.wait()
     if process.returncode is None:
@@ -490,6 +548,9 @@ def _exit_reason(code: int, errors: list[str]) -> str:
     said = next((line for line in reversed(errors) if line.startswith("error: ")), None)
     if said is not None:
         return said.removeprefix("error: ")
-    if code < 0:
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
         return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-code}"

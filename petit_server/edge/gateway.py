@@ -100,8 +100,15 @@ class Gateway:
         proven: list[str] = []
         vitae: dict[str, str] = {}
 
+        worker = self.config.worker  # None: a single server, not one of several workers
+        place = {} if worker is None else {"worker": worker.index, "workers": worker.count}
+
         async def check_hello(payload: bytes) -> bytes:
             hello = decode_hello(payload)
+            if worker is not None and worker.index in hello.held_workers:
+                # The client has a session to this worker: it dials again, and this session
+                # ends unattached, so no visitor is ever routed to it.
+                return json.dumps({"accepted": [], "rejected": [], **place}).encode()
             await self.registry.catch_up(sorted(hello.claims))
             ids = accepted_ids(
                 hello, nonce, self.certificate_fingerprint, self.registry.public_key_of
@@ -123,9 +130,8 @@ class Gateway:
                 "endpoints": {rid: self.config.endpoint_for(rid) for rid in ids},
                 "vitae": self.config.vitae,
                 "window": session.connection.offered_window,
+                **place,  # the client keeps a session to each worker
             }
-            if (worker := self.config.worker) is not None:  # the client keeps one per worker
-                welcome |= {"worker": worker.index, "workers": worker.count}
             return json.dumps(welcome).encode()
 
         try:
@@ -133,6 +139,9 @@ class Gateway:
                 await session.handshake_as_server(nonce, check_hello)
         except (PetitError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self._report(remote, "tunnel from %s refused: %s", str(exc) or "handshake timeout")
+            return
+        if not proven:  # a worker the client already holds (above): nothing to attach
+            log.debug("tunnel from %s: this worker is already held, the client dials again", remote)
             return
         attachment = Attachment(session, proven, remote, vitae)
         self.hub.attach(attachment)

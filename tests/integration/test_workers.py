@@ -22,6 +22,8 @@ from tests.integration.harness import (
     Reaper,
     RedisServer,
     ServerFactory,
+    edit_config,
+    free_port,
     http_request,
     run_cli,
     tail,
@@ -83,7 +85,7 @@ async def _held_by_every_worker(server: PetitServer, registration_id: str) -> bo
     status = await server.control("STATUS")
     workers = status.get("workers")
     running = isinstance(workers, list) and all(w["state"] == "running" for w in workers)
-    return running and _registration(status, registration_id).get("workers") == WORKERS
+    return running and _registration(status, registration_id).get("connectedWorkers") == WORKERS
 
 
 def _registration(status: dict[str, object], registration_id: str) -> dict[str, object]:
@@ -268,3 +270,39 @@ async def test_workers_need_the_redis_registry(server_factory: ServerFactory) ->
         "error: server.workers: 2 workers share their registrations through Redis: set "
         '[server.registry] backend = "redis" (scripts/bootstrap redis), or workers = 1'
     ), result
+
+
+async def test_the_client_follows_the_worker_count_across_restarts(
+    server_factory: ServerFactory,
+    redis_server: RedisServer,
+    python_backend: PythonBackend,
+    reaper: Reaper,
+    tmp_path: Path,
+) -> None:
+    """One process, then two workers, then one again, on the same port: the client holds a
+    session per worker each time, and no more (none left dialling for a worker gone)."""
+    registry = {"backend": "redis", "url": redis_server.url, "prefix": "petit:"}
+    server = await server_factory(workers=1, registry=registry, backPort=free_port())
+    client = PetitClient(tmp_path / "client", server, reaper)
+    await client.init(python_backend.port)
+    await client.register()
+    await client.start()
+
+    async def sessions(expected: list[int]) -> None:
+        async def held() -> bool:
+            servers = (await client.control_status())["servers"]
+            assert isinstance(servers, list)
+            connected = [s for s in servers if s["status"] == "connected"]
+            workers = sorted(int(s.get("worker", -1)) for s in servers)
+            return len(servers) == len(connected) and workers == expected
+
+        await wait_until(held, SETTLE, what=f"client sessions to workers {expected}")
+
+    await sessions([-1])  # no workers: one session, without an index
+    for workers, expected in ((2, [0, 1]), (1, [-1])):
+        await server.stop()
+        edit_config(server.config, "server", workers=workers)
+        await server.start()
+        await sessions(expected)
+        response = await http_request(server.http_port, client.host, "POST", "/echo", b"on")
+        assert response.status == 200, response

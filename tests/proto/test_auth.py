@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 import petit.auth
 from petit.auth import (
     MAX_CLAIMS,
+    MAX_WORKERS,
     NOBODY_KEY,
     Hello,
     accepted_ids,
@@ -79,6 +80,23 @@ def test_a_window_that_is_not_a_byte_count_is_a_remote_protocol_error(window: ob
         decode_window({"window": window}, what="welcome")
     with pytest.raises(RemoteProtocolError, match="'window'"):
         decode_hello(_hello_json([{"id": "1001", "signature": SIGNATURE}], window=window))
+
+
+def test_a_hello_names_the_workers_held_and_an_old_one_none() -> None:
+    hello = Hello(claims={"1001": b"sig"}, window=1, held_workers=frozenset({0, 3}))
+    assert json.loads(encode_hello(hello))["heldWorkers"] == [0, 3]
+    assert decode_hello(encode_hello(hello)) == hello
+    assert "heldWorkers" not in json.loads(encode_hello(Hello(claims={"1001": b"sig"})))
+    old = _hello_json([{"id": "1001", "signature": SIGNATURE}])
+    assert decode_hello(old).held_workers == frozenset()
+
+
+@pytest.mark.parametrize(
+    "held", [[-1], [MAX_WORKERS], [True], ["1"], [1.0], 3, [0] * (MAX_WORKERS + 1)]
+)
+def test_held_workers_that_are_not_indices_are_a_remote_protocol_error(held: object) -> None:
+    with pytest.raises(RemoteProtocolError, match="'heldWorkers'"):
+        decode_hello(_hello_json([{"id": "1001", "signature": SIGNATURE}], heldWorkers=held))
 
 
 def test_each_valid_claim_is_accepted() -> None:

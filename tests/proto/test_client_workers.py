@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from petit_client.service import MAX_WORKERS, _worker_place
+from petit.auth import MAX_WORKERS
+from petit_client.service import _worker_place
 
 
 @pytest.mark.parametrize(
