@@ -6,9 +6,9 @@ its own reconnect loop, so losing a node loses no registration: a session whose 
 moves to a server no other session uses. A server with several worker processes says so
 in its WELCOME (``worker``, ``workers``: petit_server.workers): the client then keeps a
 session to each of its workers, dialling the same address until it holds one per worker (the
-kernel picks the worker of each new connection; a session to a worker already held is
-dropped and dialled again shortly), so that every worker serves its registrations without
-forwarding. Each reconnect loop retries forever with capped
+kernel picks the worker of each new connection; the hello names the workers held, and one
+of those answers with nothing accepted, to be dialled again shortly), so that every worker
+serves its registrations without forwarding. Each reconnect loop retries forever with capped
 exponential backoff and full jitter, so a fleet of clients does not stampede a server that
 comes back. Each stream the server opens is
 dialled to its registration's local target (over verified TLS when the target says so)
