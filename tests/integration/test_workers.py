@@ -24,6 +24,7 @@ from tests.integration.harness import (
     ServerFactory,
     edit_config,
     free_port,
+    free_port_block,
     http_request,
     run_cli,
     tail,
@@ -42,8 +43,15 @@ WORKERS = 2
 async def start_workers(
     server_factory: ServerFactory, redis: RedisServer, *, start: bool = True, **settings: object
 ) -> PetitServer:
+    return await server_factory(start=start, **worker_settings(redis, WORKERS), **settings)
+
+
+def worker_settings(redis: RedisServer, workers: int) -> dict[str, object]:
+    """``workers`` on the Redis registry, with raw TCP ports of this test's own: workers
+    share theirs with SO_REUSEPORT, so another test's workers on the same ports would take
+    part of their connections (README, "Ports in use")."""
     registry = {"backend": "redis", "url": redis.url, "prefix": "petit:"}
-    return await server_factory(start=start, workers=WORKERS, registry=registry, **settings)
+    return {"workers": workers, "registry": registry, "firstPort": free_port_block()}
 
 
 async def connected_client(
@@ -281,8 +289,8 @@ async def test_the_client_follows_the_worker_count_across_restarts(
 ) -> None:
     """One process, then two workers, then one again, on the same port: the client holds a
     session per worker each time, and no more (none left dialling for a worker gone)."""
-    registry = {"backend": "redis", "url": redis_server.url, "prefix": "petit:"}
-    server = await server_factory(workers=1, registry=registry, backPort=free_port())
+    settings = worker_settings(redis_server, 1)
+    server = await server_factory(start=True, **settings, backPort=free_port())
     client = PetitClient(tmp_path / "client", server, reaper)
     await client.init(python_backend.port)
     await client.register()
