@@ -18,14 +18,21 @@
   so ``"::"`` and ``"0.0.0.0"`` can be bound side by side.
 - ``shared=True`` sets ``SO_REUSEPORT``: the server's workers (``petit_server.workers``)
   each bind the same public ports, and the kernel spreads new connections over their
-  listening sockets by a hash of the 4-tuple. Only processes of the same user can join.
+  listening sockets by a hash of the 4-tuple. Only processes of the same user can join,
+  but any of them can, and would silently take part of the connections: so a shared port
+  is refused when a process other than this one and its siblings (the other children of
+  its parent: the other workers) listens on it (``strangers_listening``, from Linux's
+  socket tables; a port the supervisor holds is checked by a plain bind instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import trio
 
@@ -94,6 +101,50 @@ async def open_listeners(
     for sock in sockets:
         sock.listen(0xFFFF)  # as trio does: the kernel caps it at somaxconn
     return [trio.SocketListener(sock) for sock in sockets]
+
+
+def strangers_listening(port: int) -> int:
+    """How many sockets listen on TCP ``port`` (any address) outside this process and its
+    siblings; 0 where Linux's /proc is not there to tell."""
+    listening = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(path) as table:
+            next(table, None)  # the column names
+            for fields in map(str.split, table):
+                if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listening.add(fields[9])  # the socket's inode
+    if not listening:
+        return 0
+    family = _siblings()
+    ours = {inode for pid in family for inode in _socket_inodes(pid)}
+    return len(listening - ours)
+
+
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
+
+
+def _siblings() -> set[int]:
+    """This process and every other child of its parent."""
+    parent, family = os.getppid(), {os.getpid()}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(entry.path, "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:  # after "pid (comm)"
+                    family.add(int(entry.name))
+    return family
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds (those we may read: our user's)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(entry.path)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return inodes
 
 
 async def bind_sockets(port: int, spec: str, *, shared: bool) -> list[trio.socket.SocketType]:

@@ -11,8 +11,8 @@
   a port some other process holds (another server's workers too) fails the start. Each
   worker binds the same ports the same way and listens; the kernel spreads new connections
   over the listening sockets by a hash of their addresses. A registration's raw TCP port
-  is bound that way by every worker that serves it (there, unchecked: any process of our
-  user that shares it too could take part of its connections).
+  is bound that way by every worker that serves it, once it found no other process than
+  the workers listening there (``petit.listen.strangers_listening``).
 - Sessions. Each worker is a full server (``ServerService``) and a node of a cluster of its
   own on loopback: the node directory lives in the Redis registry under a prefix naming this
   host and tunnel port, and the link secret is made at each start and handed to the workers

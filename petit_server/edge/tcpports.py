@@ -34,7 +34,7 @@ from functools import partial
 import trio
 
 from petit.connection import StreamKind, stream_target
-from petit.listen import open_listeners, serve_listeners, show_address
+from petit.listen import open_listeners, serve_listeners, show_address, strangers_listening
 from petit.logs import Throttled
 from petit.session import StreamRefusedError, splice
 from petit_server.edge.hub import Upstreams
@@ -153,6 +153,10 @@ class TcpPorts:
         self, registration_id: str, port: int, handler_nursery: trio.Nursery
     ) -> None:
         try:
+            if self._shared:  # SO_REUSEPORT would let another process's socket in: refuse
+                strangers: int = await trio.to_thread.run_sync(strangers_listening, port)
+                if strangers:
+                    raise OSError(errno.EADDRINUSE, "in use by another process")
             sockets = await open_listeners(port, self._host, shared=self._shared)
         except OSError as exc:
             reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror

@@ -47,9 +47,8 @@ async def start_workers(
 
 
 def worker_settings(redis: RedisServer, workers: int) -> dict[str, object]:
-    """``workers`` on the Redis registry, with raw TCP ports of this test's own: workers
-    share theirs with SO_REUSEPORT, so another test's workers on the same ports would take
-    part of their connections (README, "Ports in use")."""
+    """``workers`` on the Redis registry, with raw TCP ports of this test's own: tests run
+    side by side, and another test's server on the same ports would have them first."""
     registry = {"backend": "redis", "url": redis.url, "prefix": "petit:"}
     return {"workers": workers, "registry": registry, "firstPort": free_port_block()}
 
