@@ -27,7 +27,7 @@ from typing import Final, TypeAlias
 import trio
 
 from petit.errors import ConfigError, PetitError
-from petit.listen import open_listeners, serve_listeners
+from petit.listen import kernel_tcp_sockets, open_listeners, serve_listeners
 
 ETX: Final = b"\x03"
 MAX_COMMAND: Final = 4096  # bytes before ETX
@@ -41,7 +41,6 @@ Handler: TypeAlias = Callable[[str, list[str], str], Awaitable[dict[str, object]
 """(verb upper-cased, arguments, actor) -> the JSON reply. The actor says who commanded
 (``control:uid=0``, or ``control:ADDRESS`` for a peer not on loopback). Unknown verbs are the
 handler's to reject."""
-PROC_NET_TCP: Final = ("/proc/net/tcp", "/proc/net/tcp6")
 
 _Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -248,16 +247,12 @@ def loopback_peer_uid(peer: tuple[str, int], ours: tuple[str, int]) -> int | Non
     """
     wanted_local = _proc_forms(*peer)
     wanted_remote = _proc_forms(*ours)
-    tables = [path for path in PROC_NET_TCP if os.path.exists(path)]
-    if not tables:
+    sockets = kernel_tcp_sockets()
+    if sockets is None:
         return None
-    for path in tables:
-        with open(path) as table:
-            next(table, None)  # the column names
-            for line in table:
-                fields = line.split()
-                if fields[1] in wanted_local and fields[2] in wanted_remote:
-                    return int(fields[7])
+    for fields in sockets:
+        if fields[1] in wanted_local and fields[2] in wanted_remote:
+            return int(fields[7])
     return -1
 
 

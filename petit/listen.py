@@ -103,24 +103,37 @@ async def open_listeners(
     return [trio.SocketListener(sock) for sock in sockets]
 
 
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")  # the kernel's TCP socket tables
+TCP_LISTEN = "0A"  # the state column of those tables for a listening socket
+
+
+def kernel_tcp_sockets() -> list[list[str]] | None:
+    """Every TCP socket in the kernel's tables (Linux), a row of their columns each:
+    local and remote address, state, uid, inode...; None where there are no such tables."""
+    tables = [path for path in PROC_NET_TCP if os.path.exists(path)]
+    if not tables:
+        return None
+    rows: list[list[str]] = []
+    for path in tables:
+        with open(path) as table:
+            next(table, None)  # the column names
+            rows.extend(line.split() for line in table)
+    return rows
+
+
 def strangers_listening(port: int) -> int:
     """How many sockets listen on TCP ``port`` (any address) outside this process and its
     siblings; 0 where Linux's /proc is not there to tell."""
-    listening = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(path) as table:
-            next(table, None)  # the column names
-            for fields in map(str.split, table):
-                if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    listening.add(fields[9])  # the socket's inode
+    listening = {
+        fields[9]  # the socket's inode
+        for fields in kernel_tcp_sockets() or []
+        if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port
+    }
     if not listening:
         return 0
     family = _siblings()
     ours = {inode for pid in family for inode in _socket_inodes(pid)}
     return len(listening - ours)
-
-
-TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 
 def _siblings() -> set[int]:
